@@ -32,10 +32,10 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise KeyError(self.unknown_message(name)) from None
+        # ValueError rather than KeyError: KeyError quotes its message, which garbles the hint.
+        if name not in self._items:
+            raise ValueError(self.unknown_message(name))
+        return self._items[name]
 
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(str(name), self._items, n=1)
