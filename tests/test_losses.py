@@ -1,0 +1,176 @@
+import math
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from prh_stitch.losses import LOSSES, ContrastiveLoss, build_loss
+
+
+def _pair(b=6, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g, dtype=torch.float64), torch.randn(b, d, generator=g, dtype=torch.float64)
+
+
+def _reference_infonce(pred, target, temperature):
+    """Brute force: for every row, -log softmax of its own pair, in both directions, averaged."""
+    p = [row / row.norm() for row in pred]
+    t = [row / row.norm() for row in target]
+    n = len(p)
+
+    def direction(a, b):
+        total = 0.0
+        for i in range(n):
+            logits = [float(a[i] @ b[j]) / temperature for j in range(n)]
+            log_norm = math.log(sum(math.exp(v) for v in logits))
+            total += log_norm - logits[i]
+        return total / n
+
+    return 0.5 * (direction(p, t) + direction(t, p))
+
+
+def test_mse_matches_formula():
+    pred, target = _pair()
+    expected = sum(float((p - t) @ (p - t)) for p, t in zip(pred, target)) / pred.numel()
+    assert build_loss("mse")(pred, target).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_matches_formula():
+    pred, target = _pair()
+    expected = sum(1 - float(p @ t) / (float(p.norm()) * float(t.norm())) for p, t in zip(pred, target)) / len(pred)
+    assert build_loss("cosine")(pred, target).item() == pytest.approx(expected, rel=1e-12)
+    # scale invariance per row: cosine ignores feature norms
+    assert build_loss("cosine")(pred * 7.0, target).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.5])
+def test_contrastive_matches_per_row_log_softmax(temperature):
+    pred, target = _pair(b=7, d=4, seed=1)
+    loss = ContrastiveLoss(init_temperature=temperature).double()
+    assert loss.temperature.item() == pytest.approx(temperature)
+    # the parameter was created in float32, so compare at the temperature it actually holds
+    exact = loss.temperature.item()
+    assert loss(pred, target).item() == pytest.approx(_reference_infonce(pred, target, exact), rel=1e-10)
+
+
+def test_contrastive_is_small_for_matched_pairs_and_large_for_shuffled():
+    pred, _ = _pair(b=16, d=32, seed=2)
+    loss = build_loss("contrastive")
+    assert loss(pred, pred).item() < 0.01
+    assert loss(pred, pred.roll(1, 0)).item() > 5.0
+
+
+def test_temperature_gradient_flows_and_scale_is_clamped():
+    pred, target = _pair(seed=3)
+    loss = ContrastiveLoss().double()
+    loss(pred, target).backward()
+    grad = loss.log_logit_scale.grad
+    assert grad is not None and torch.isfinite(grad) and grad != 0
+
+    with torch.no_grad():
+        loss.log_logit_scale.fill_(math.log(1000.0))  # as if an optimiser step overshot
+    loss(pred, target)
+    assert loss.logit_scale.item() == pytest.approx(100.0)
+    assert loss.temperature.item() == pytest.approx(0.01)
+
+    frozen = ContrastiveLoss(learn_temperature=False).double()
+    frozen(pred.requires_grad_(), target).backward()
+    assert frozen.log_logit_scale.grad is None and pred.grad is not None
+
+
+def test_input_validation():
+    pred, target = _pair()
+    for name in LOSSES.names():
+        loss = build_loss(name)
+        with pytest.raises(ValueError, match=r"pred \(6, 5\) vs target \(6, 4\)"):
+            loss(pred, target[:, :4])
+        bad = target.clone()
+        bad[2, 1] = float("nan")
+        with pytest.raises(ValueError, match="NaN or Inf found in target"):
+            loss(pred, bad)
+        bad_pred = pred.clone()
+        bad_pred[0, 0] = float("inf")
+        with pytest.raises(ValueError, match="NaN or Inf found in pred"):
+            loss(bad_pred, target)
+    # opting out of the (syncing) check lets the NaN through
+    assert torch.isnan(build_loss("mse", check_finite=False)(pred, bad))
+    with pytest.raises(ValueError, match=r"expects \[B, D\] inputs, got \(2, 3, 5\)"):
+        build_loss("contrastive")(torch.randn(2, 3, 5), torch.randn(2, 3, 5))
+
+
+def test_build_loss_registry():
+    assert {"mse", "cosine", "contrastive"} <= set(LOSSES.names())
+    with pytest.raises(ValueError, match="unknown loss 'contrastiv'.*Did you mean 'contrastive'"):
+        build_loss("contrastiv")
+    assert build_loss("contrastive", init_temperature=0.2, gather_across_ranks=None).temperature.item() == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------- gather_across_ranks (2 gloo processes)
+
+# Per-rank batch sizes to check: equal, then unequal (which the loss reweights).
+GATHER_CASES = [(4, 4), (3, 5)]
+
+
+def _global_problem(sizes, seed):
+    """The full batch and a shared linear 'stitcher' weight, identical in every process."""
+    g = torch.Generator().manual_seed(seed)
+    source = torch.randn(sum(sizes), 6, generator=g, dtype=torch.float64)
+    target = torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64)
+    weight = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    return source, target, weight
+
+
+def _loss_and_grads(source, target, weight, gather):
+    w = weight.clone().requires_grad_()
+    loss = ContrastiveLoss(gather_across_ranks=gather).double()
+    value = loss(source @ w.T, target)
+    value.backward()
+    return value.detach(), w.grad, loss.log_logit_scale.grad
+
+
+def _gather_worker(rank, port, out_dir):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
+    try:
+        results = []
+        for case, sizes in enumerate(GATHER_CASES):
+            source, target, weight = _global_problem(sizes, seed=case)
+            rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+            gathered = _loss_and_grads(source[rows], target[rows], weight, gather=True)
+            local_only = _loss_and_grads(source[rows], target[rows], weight, gather=False)
+            results.append({"gathered": gathered, "local_only": local_only[0]})
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gather_across_ranks_equals_full_batch_loss_and_grads(tmp_path):
+    mp.spawn(_gather_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    for case, sizes in enumerate(GATHER_CASES):
+        source, target, weight = _global_problem(sizes, seed=case)
+        full_loss, full_w_grad, full_scale_grad = _loss_and_grads(source, target, weight, gather=False)
+        per_rank = [r[case]["gathered"] for r in ranks]
+        # DDP averages over ranks: the averaged losses and gradients must be the full-batch ones.
+        mean = [torch.stack(parts).mean(0) for parts in zip(*per_rank)]
+        torch.testing.assert_close(mean[0], full_loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(mean[1], full_w_grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(mean[2], full_scale_grad, rtol=1e-10, atol=1e-14)
+
+        # Without gathering each rank only sees its own rows as negatives.
+        start = 0
+        for r, n in enumerate(sizes):
+            local, *_ = _loss_and_grads(source[start : start + n], target[start : start + n], weight, gather=False)
+            torch.testing.assert_close(ranks[r][case]["local_only"], local, rtol=1e-12, atol=0)
+            start += n
