@@ -67,7 +67,7 @@ class TimmEncoder(FrozenEncoder):
             except Exception as exc:
                 if not use_hub:
                     raise
-                raise RuntimeError(
+                raise ValueError(
                     f"could not fetch pretrained weights for timm model {model_name!r} "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Offline? Download them "
                     "once where the hub is reachable (they stay in the Hugging Face cache), or pass "
