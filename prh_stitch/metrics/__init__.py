@@ -1,0 +1,35 @@
+"""Alignment and retrieval metrics for the Platonic Representation Hypothesis, exact and blocked.
+
+Functional metrics take two paired feature tensors ``a`` (N × Da) and ``b`` (N × Db) on any device (float32,
+float16 or bfloat16; work is done in float32) and return a Python float. All take ``normalize=True``: rows are
+L2-normalised first, as the paper does before every metric. Bad input raises ``ValueError`` naming the problem.
+
+- kNN family (``mutual_knn``, ``cycle_knn``, ``lcs_knn``, ``edit_distance_knn``): blocked neighbour search, no
+  N × N matrix; self excluded; ties broken by lower index.
+- Kernel family (``cka``, ``unbiased_cka``, ``cknna``) and ``svcca`` (deterministic).
+- ``retrieval``: recall@k both ways, ranks, mean cosine; ``groups`` counts same-caption items as correct.
+- ``layer_alignment``: every layer pair, best/last pair; ``calibrate``: chance, permutation null, bootstrap.
+- ``METRICS``: registry name → functional metric; torchmetrics wrappers (``MutualKNN`` … ``Retrieval``).
+"""
+
+from prh_stitch.registry import Registry
+
+from .calibration import calibrate
+from .cca import svcca
+from .kernels import cka, cknna, unbiased_cka
+from .knn import cycle_knn, edit_distance_knn, lcs_knn, mutual_knn
+from .layers import layer_alignment
+from .neighbors import knn
+from .retrieval import retrieval
+from .wrappers import CKA, CKNNA, LCSKNN, SVCCA, CycleKNN, EditDistanceKNN, MutualKNN, Retrieval, UnbiasedCKA
+
+METRICS = Registry("metric")
+for _fn in (mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, cka, unbiased_cka, cknna, svcca):
+    METRICS.register(_fn.__name__)(_fn)
+del _fn
+
+__all__ = [
+    "METRICS", "calibrate", "cka", "cknna", "cycle_knn", "edit_distance_knn", "knn", "layer_alignment", "lcs_knn",
+    "mutual_knn", "retrieval", "svcca", "unbiased_cka",
+    "CKA", "CKNNA", "CycleKNN", "EditDistanceKNN", "LCSKNN", "MutualKNN", "Retrieval", "SVCCA", "UnbiasedCKA",
+]

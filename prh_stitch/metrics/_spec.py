@@ -1,0 +1,72 @@
+"""The two-stage shape every alignment metric shares, so layers and calibration can reuse per-side work.
+
+A metric is ``pair(prepare(a), prepare(b))``: ``prepare`` does the per-side work (normalisation, neighbour
+search, Gram norms, SVD) and ``pair`` combines two prepared sides. ``layer_alignment`` prepares each layer once
+and pairs every combination; ``calibrate`` prepares once and pairs against permuted copies of side b
+(``permute``), and bootstraps either per-item scores (``per_item``) or resampled rows.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ._checks import check_pair
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    prepare: Callable[..., Any]  # prepare(x, name, opts, origin=None) -> side state
+    pair: Callable[..., float]  # pair(state_a, state_b, opts) -> score
+    permute: Callable[..., Any]  # permute(state, perm, opts) -> state of x[perm]
+    check: Callable[[int, Dict[str, Any]], None]  # check(n, opts): validate options against N
+    per_item: Optional[Callable[..., Tensor]] = None  # per_item(sa, sb, opts) -> N scores whose mean is the score
+    chance: Optional[Callable[[int, Dict[str, Any]], Optional[float]]] = None  # analytic chance level
+    defaults: Dict[str, Any] = field(default_factory=dict)
+
+
+_SPECS: Dict[str, MetricSpec] = {}
+
+
+def defaults_of(fn: Callable) -> Dict[str, Any]:
+    """Keyword defaults of a functional metric (everything after ``a, b``)."""
+    params = list(inspect.signature(fn).parameters.values())[2:]
+    return {p.name: p.default for p in params}
+
+
+def attach(fn: Callable, **parts: Any) -> MetricSpec:
+    spec = MetricSpec(name=fn.__name__, defaults=defaults_of(fn), **parts)
+    _SPECS[spec.name] = spec
+    fn.spec = spec  # type: ignore[attr-defined]
+    return spec
+
+
+def spec_of(metric: Any) -> MetricSpec:
+    """The spec of a metric given by name or as the functional metric itself."""
+    if isinstance(metric, str):
+        if metric not in _SPECS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(sorted(_SPECS))}")
+        return _SPECS[metric]
+    spec = getattr(metric, "spec", None)
+    if not isinstance(spec, MetricSpec):
+        raise ValueError(f"{metric!r} is not a prh_stitch metric (pass a name or a function from prh_stitch.metrics)")
+    return spec
+
+
+def options(spec: MetricSpec, kw: Dict[str, Any]) -> Dict[str, Any]:
+    unknown = set(kw) - set(spec.defaults)
+    if unknown:
+        raise ValueError(f"{spec.name} got unknown option(s) {sorted(unknown)}; it takes {sorted(spec.defaults)}")
+    return {**spec.defaults, **kw}
+
+
+def run(spec: MetricSpec, a: Tensor, b: Tensor, opts: Dict[str, Any]) -> float:
+    """Validate, prepare both sides, pair: the body of every functional metric."""
+    n = check_pair(a, b)
+    spec.check(n, opts)
+    return float(spec.pair(spec.prepare(a, "a", opts), spec.prepare(b, "b", opts), opts))
