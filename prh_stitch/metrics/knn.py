@@ -52,7 +52,7 @@ def _check(n: int, opts: Dict[str, Any]) -> None:
 def mutual_items(sa: KnnSide, sb: KnnSide) -> Tensor:
     """|N_A(i) ∩ N_B(i)| / k for every i."""
     ia, ib = sa.indices, sb.indices
-    return (ia[:, :, None] == ib[:, None, :]).any(-1).sum(-1).float() / ia.shape[1]
+    return (ia[:, :, None] == ib[:, None, :]).any(-1).sum(-1).double() / ia.shape[1]
 
 
 def cycle_items(sa: KnnSide, sb: KnnSide) -> Tensor:
@@ -60,7 +60,7 @@ def cycle_items(sa: KnnSide, sb: KnnSide) -> Tensor:
     n = sa.indices.shape[0]
     hops = sa.indices[sb.indices]  # (N, k, k): A-neighbours of each B-neighbour of i
     me = torch.arange(n, device=hops.device)[:, None, None]
-    return (hops == me).flatten(1).any(1).float()
+    return (hops == me).flatten(1).any(1).double()
 
 
 def lcs_items(sa: KnnSide, sb: KnnSide) -> Tensor:
@@ -75,7 +75,7 @@ def lcs_items(sa: KnnSide, sb: KnnSide) -> Tensor:
         match = (ia[:, r : r + 1] == ib).to(torch.int32)
         t = torch.maximum(prev[:, 1:], prev[:, :-1] + match)
         prev = torch.cat([prev[:, :1], torch.cummax(t, dim=1).values], dim=1)
-    return prev[:, -1].float() / k
+    return prev[:, -1].double() / k
 
 
 def edit_items(sa: KnnSide, sb: KnnSide) -> Tensor:
@@ -93,12 +93,12 @@ def edit_items(sa: KnnSide, sb: KnnSide) -> Tensor:
         t = torch.minimum(prev[:, 1:] + 1, prev[:, :-1] + cost)
         t = torch.cat([torch.full((n, 1), r, dtype=torch.int32, device=ia.device), t], dim=1)
         prev = cols + torch.cummin(t - cols, dim=1).values
-    return 1.0 - prev[:, -1].float() / k
+    return 1.0 - prev[:, -1].double() / k
 
 
 def _parts(items, chance=None) -> Dict[str, Any]:
     return dict(prepare=_prepare, permute=_permute, check=_check, chance=chance,
-                pair=lambda sa, sb, opts: float(items(sa, sb).mean()),
+                pair=lambda sa, sb, opts: float(items(sa, sb).double().mean()),
                 per_item=lambda sa, sb, opts: items(sa, sb))
 
 

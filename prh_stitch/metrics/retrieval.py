@@ -62,6 +62,9 @@ def retrieval(a: Tensor, b: Tensor, groups: Optional[Tensor] = None, normalize: 
     ranks by raw inner product.
     """
     n = check_pair(a, b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"retrieval compares a and b directly, so their widths must match: a has {a.shape[1]} "
+                         f"features, b has {b.shape[1]} (stitch one side first)")
     groups = _check_groups(groups, n)
     check_block_size(block_size)
     ks = tuple(ks)
