@@ -72,7 +72,10 @@ def _read_caption_rows(captions_file: Path) -> Tuple[List[str], Iterator[Dict[st
 
             def rows() -> Iterator[Dict[str, Any]]:
                 with handle:
-                    yield from reader
+                    try:
+                        yield from reader
+                    except (UnicodeDecodeError, csv.Error) as exc:
+                        raise ValueError(f"cannot read captions file {captions_file} near line {reader.line_num}: {exc}") from None
 
             return columns, rows()
         if suffix in (".jsonl", ".ndjson"):
