@@ -7,8 +7,10 @@ check can say which sample arrived and which one is missing.
 import io
 import json
 import logging
+import os
 import tarfile
-from collections import Counter
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -174,11 +176,46 @@ def test_pipe_urls_read_and_failed_commands_are_counted(four_shards):
     assert dict(stats.skipped) == {"pipe_failed": 2}
 
 
-def test_stopping_early_ends_the_pipe_command(four_shards):
+def _child_pids(pid=None):
+    """Children of a process, from Linux /proc (zombies included until reaped)."""
+    pids = set()
+    for children in Path(f"/proc/{pid or os.getpid()}/task").glob("*/children"):
+        pids.update(children.read_text().split())
+    return pids
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_stopping_early_ends_the_whole_pipe_command(four_shards):
     urls, _ = four_shards
-    iterator = iter(PairedShards(f"pipe:cat {urls[0]} {urls[0]} {urls[0]}"))
+    before = _child_pids()
+    # "sleep" keeps the command alive after it has written, as a slow download would; the trailing
+    # "true" stops the shell from exec-ing sleep in its own place, so sleep is a grandchild.
+    iterator = iter(PairedShards(f"pipe:cat {urls[0]}; sleep 30; true"))
     next(iterator)
-    iterator.close()  # must not hang or leave the process behind (it is killed and reaped)
+    (shell,) = _child_pids() - before
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        grandchildren = _child_pids(shell)
+        if any(Path(f"/proc/{pid}/comm").read_text().strip() == "sleep" for pid in grandchildren):
+            break
+        time.sleep(0.02)
+    else:
+        raise AssertionError("the pipe command's sleep never started")
+    started = time.monotonic()
+    iterator.close()
+    assert time.monotonic() - started < 5  # did not wait for the sleep
+    assert _child_pids() == before  # the shell is killed and reaped
+    deadline = time.monotonic() + 2
+    while any(map(_alive, grandchildren)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_alive, grandchildren))  # the whole process group went, not only the shell
 
 
 def test_shuffle_is_reproducible_and_complete(four_shards):

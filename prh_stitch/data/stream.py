@@ -39,7 +39,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import signal
 import subprocess
 import tarfile
 import zlib
@@ -212,7 +214,8 @@ def _read_shard(url: str) -> Iterator[Union[_RawSample, _ShardProblem]]:
     process = None
     try:
         if url.startswith("pipe:"):
-            process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+            # Own process group, so stopping early can end the whole pipeline, not only the shell.
+            process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, start_new_session=True)
             stream = process.stdout
         else:
             stream = open(url, "rb")
@@ -238,7 +241,10 @@ def _read_shard(url: str) -> Iterator[Union[_RawSample, _ShardProblem]]:
             stream.close()
             process.wait()
         else:  # the consumer stopped early: stop the command too
-            process.kill()
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone
             stream.close()
             process.wait()
     if process is not None and process.returncode != 0:
@@ -341,7 +347,11 @@ class PairedShards(IterableDataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the shuffle of the next pass (call before creating the epoch's DataLoader iterator)."""
+        """Change the shuffle of the next pass.
+
+        Call it before the epoch's DataLoader iterator is created: workers get a copy of the dataset
+        then, so with ``persistent_workers=True`` they keep the epoch they started with.
+        """
         self.epoch = int(epoch)
 
     def consumer(self) -> Tuple[int, int]:
