@@ -1,0 +1,54 @@
+"""Loading trained stitchers from Lightning checkpoints without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import torch
+
+from prh_stitch.encoders.base import EncoderSpec
+from prh_stitch.stitchers import Stitcher
+
+CHECKPOINT_KEY = "prh_stitch"
+
+
+def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never arbitrary classes."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"refusing to load {path!r}: it is not a checkpoint that loads safely as plain tensors and data "
+            f"({first_line[:200]}). prh_stitch never unpickles arbitrary objects; was the file tampered with "
+            "or written by another program?"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path!r} is not a Lightning checkpoint (top level is {type(checkpoint).__name__})")
+    return checkpoint
+
+
+def load_stitcher(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Stitcher:
+    """The trained stitcher of a checkpoint, ready to map source features to the target space.
+
+    The returned module (in eval mode) includes the fitted input/output normalisation and carries what it
+    expects as attributes: ``source_spec`` / ``target_spec`` (:class:`EncoderSpec`: encoder name, layer,
+    pooling, weights) and ``source_layer`` / ``target_layer`` (resolved layer names).
+    """
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(meta, dict) or "stitcher" not in meta or "state_dict" not in checkpoint:
+        raise ValueError(f"{os.fspath(path)!r} is not a prh_stitch checkpoint (no {CHECKPOINT_KEY!r} section)")
+    prefix = "stitcher."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    stitcher = Stitcher(**meta["stitcher"])
+    stitcher.load_state_dict(state, strict=True)
+    stitcher.source_spec = EncoderSpec.coerce(meta["source"])
+    stitcher.target_spec = EncoderSpec.coerce(meta["target"])
+    stitcher.source_layer = meta.get("source_layer")
+    stitcher.target_layer = meta.get("target_layer")
+    return stitcher.to(map_location).eval()

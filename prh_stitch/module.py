@@ -1,0 +1,213 @@
+"""The LightningModule: two frozen encoders, one trainable stitcher, one objective.
+
+The encoders are held but deliberately kept *outside* the module tree (not registered submodules): they run
+once, before training, to fill the feature store, and after that training touches only cached features. So
+they are never moved to the training device, never wrapped by DDP, never in the optimizer and never in a
+checkpoint; the checkpoint stores their specs (name, layer, pooling, weights source) instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from prh_stitch import __version__
+from prh_stitch.checkpoint import CHECKPOINT_KEY
+from prh_stitch.data.datamodule import FeatureRequest, StitchingDataModule
+from prh_stitch.encoders import EncoderSpec, FrozenEncoder, encoder_from_spec
+from prh_stitch.losses import LOSSES, build_loss
+from prh_stitch.stitchers import STITCHERS, Stitcher
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class StitcherSpec:
+    """Which stitcher to train: a registered name, normalisation of its input and output, core options."""
+
+    name: str = "linear"
+    input_norm: str = "standard"
+    output_norm: str = "none"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveSpec:
+    """Training objective: ``mse``, ``cosine`` or ``contrastive``, with its options."""
+
+    name: str = "contrastive"
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+def _coerce(cls, value):
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        return cls(name=value)
+    if isinstance(value, dict):
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} setting(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**value)
+    raise TypeError(f"cannot read a {cls.__name__} from {type(value).__name__}")
+
+
+@dataclass
+class _EncoderPair:
+    """Plain holder (not an nn.Module), so the encoders stay out of the module tree."""
+
+    source: FrozenEncoder
+    target: FrozenEncoder
+
+
+class StitchingModule(pl.LightningModule):
+    def __init__(
+        self,
+        source: Union[EncoderSpec, Dict[str, Any]] = EncoderSpec(name="efficientnet_lite0"),
+        target: Union[EncoderSpec, Dict[str, Any]] = EncoderSpec(name="minilm_l6", pooling="mean"),
+        stitcher: Union[StitcherSpec, Dict[str, Any]] = StitcherSpec(),
+        objective: Union[ObjectiveSpec, Dict[str, Any]] = ObjectiveSpec(),
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        schedule: str = "cosine",
+    ) -> None:
+        """
+        Args:
+            source: the frozen encoder whose features are stitched (name, layer, pooling, weights).
+            target: the frozen encoder whose feature space the stitcher maps into.
+            stitcher: the trainable map from source to target features.
+            objective: the training loss between stitched source and target features.
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            warmup_steps: linear warm-up steps before the schedule.
+            schedule: ``cosine`` (decay to 0 over the run) or ``constant``.
+        """
+        super().__init__()
+        self.source_spec = EncoderSpec.coerce(source)
+        self.target_spec = EncoderSpec.coerce(target)
+        self.stitcher_spec = _coerce(StitcherSpec, stitcher)
+        self.objective_spec = _coerce(ObjectiveSpec, objective)
+        if schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
+        STITCHERS.get(self.stitcher_spec.name)  # fail on a bad name before loading any encoder
+        LOSSES.get(self.objective_spec.name)
+        # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters({
+            "source": self.source_spec.to_dict(), "target": self.target_spec.to_dict(),
+            "stitcher": asdict(self.stitcher_spec), "objective": asdict(self.objective_spec),
+            "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "schedule": schedule,
+        })
+        self.encoders = _EncoderPair(encoder_from_spec(self.source_spec), encoder_from_spec(self.target_spec))
+        in_dim = self.encoders.source.feature_dim(self.source_spec.layer, self.source_spec.pooling)
+        out_dim = self.encoders.target.feature_dim(self.target_spec.layer, self.target_spec.pooling)
+        spec = self.stitcher_spec
+        self.stitcher = Stitcher(spec.name, in_dim, out_dim, spec.input_norm, spec.output_norm, **spec.options)
+        self.objective = build_loss(self.objective_spec.name, **self.objective_spec.options)
+        from prh_stitch.metrics import Retrieval
+
+        self.val_retrieval = Retrieval(ks=(1, 5, 10))
+
+    # ---- encoders and features ------------------------------------------------------------------
+    @property
+    def source_encoder(self) -> FrozenEncoder:
+        return self.encoders.source
+
+    @property
+    def target_encoder(self) -> FrozenEncoder:
+        return self.encoders.target
+
+    def feature_requests(self):
+        return (
+            FeatureRequest(self.encoders.source, self.source_spec.layer, self.source_spec.pooling),
+            FeatureRequest(self.encoders.target, self.target_spec.layer, self.target_spec.pooling),
+        )
+
+    def _datamodule(self) -> StitchingDataModule:
+        dm = getattr(self.trainer, "datamodule", None)
+        if not isinstance(dm, StitchingDataModule):
+            raise TypeError("StitchingModule trains from cached features: pass a StitchingDataModule to the Trainer")
+        return dm
+
+    def prepare_data(self) -> None:
+        # Once per node, before any process trains: extraction on the device this process will use.
+        self._datamodule().prepare_features(list(self.feature_requests()), self.trainer.strategy.root_device)
+
+    def setup(self, stage: str) -> None:
+        dm = self._datamodule()
+        dm.setup_features(*self.feature_requests())
+        if stage == "fit":
+            # Deterministic given the training features, so every rank fits the same statistics; a resumed run
+            # then overwrites them with the checkpoint's (identical) ones.
+            self.stitcher.fit_normalization(*dm.training_tensors())
+
+    # ---- steps --------------------------------------------------------------------------------
+    def forward(self, source_features: Tensor) -> Tensor:
+        return self.stitcher(source_features)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        source, target, _, _ = batch
+        loss = self.objective(self.stitcher(source), target)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(source))
+        temperature = getattr(self.objective, "temperature", None)
+        if temperature is not None:
+            self.log("train/temperature", temperature, on_step=False, on_epoch=True, batch_size=len(source))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        source, target, index, group = batch
+        pred = self.stitcher(source)
+        self.log("val/loss", self.objective(pred, target), on_epoch=True, sync_dist=True, batch_size=len(source))
+        self.val_retrieval.update(pred, target, index=index, groups=group)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() gathers every rank's rows and drops the sampler's padded repeats: whole-set metrics.
+        scores = self.val_retrieval.compute()
+        self.val_retrieval.reset()
+        self.log_dict({
+            "val/recall@1": scores["a2b/recall@1"],
+            "val/recall@5": scores["a2b/recall@5"],
+            "val/recall@10": scores["a2b/recall@10"],
+            "val/recall@1_target_to_source": scores["b2a/recall@1"],
+            "val/mean_rank": scores["a2b/mean_rank"],
+            "val/mean_cosine": scores["mean_cosine"],
+        }, prog_bar=False)
+        self.log("val/r@1", scores["a2b/recall@1"], prog_bar=True, logger=False)
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_steps)
+        cosine = self.hparams.schedule == "cosine"
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        # Everything load_stitcher needs, as plain data next to the weights.
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "version": __version__,
+            "stitcher": self.stitcher.config(),
+            "source": self.source_spec.to_dict(),
+            "target": self.target_spec.to_dict(),
+            "source_layer": self.encoders.source.layer_names[self.encoders.source.resolve_layer(self.source_spec.layer)],
+            "target_layer": self.encoders.target.layer_names[self.encoders.target.resolve_layer(self.target_spec.layer)],
+            "objective": asdict(self.objective_spec),
+        }
