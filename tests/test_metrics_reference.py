@@ -287,7 +287,7 @@ def test_ties_broken_by_lower_index():
     a = torch.eye(5)[torch.randint(5, (40,), generator=g)]
     b = torch.eye(7)[torch.randint(7, (40,), generator=g)]
     na, nb = a.double().numpy(), b.double().numpy()
-    from prh_stitch.metrics import knn
+    from prh_stitch.metrics.neighbors import knn
 
     for bs in (1, 3, 16, None):
         assert (knn(a, 6, block_size=bs)[1].numpy() == ref_knn(na, 6)).all()

@@ -19,7 +19,6 @@ from .cca import svcca
 from .kernels import cka, cknna, unbiased_cka
 from .knn import cycle_knn, edit_distance_knn, lcs_knn, mutual_knn
 from .layers import layer_alignment
-from .neighbors import knn
 from .retrieval import retrieval
 from .wrappers import CKA, CKNNA, LCSKNN, SVCCA, CycleKNN, EditDistanceKNN, MutualKNN, Retrieval, UnbiasedCKA
 
@@ -29,7 +28,7 @@ for _fn in (mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, cka, unbiased_cka
 del _fn
 
 __all__ = [
-    "METRICS", "calibrate", "cka", "cknna", "cycle_knn", "edit_distance_knn", "knn", "layer_alignment", "lcs_knn",
+    "METRICS", "calibrate", "cka", "cknna", "cycle_knn", "edit_distance_knn", "layer_alignment", "lcs_knn",
     "mutual_knn", "retrieval", "svcca", "unbiased_cka",
     "CKA", "CKNNA", "CycleKNN", "EditDistanceKNN", "LCSKNN", "MutualKNN", "Retrieval", "SVCCA", "UnbiasedCKA",
 ]

@@ -39,6 +39,8 @@ def top_directions(x: Tensor, dim: int, name: str) -> Tensor:
 
 def _prepare(x: Tensor, name: str, opts: Dict[str, Any], origin: Optional[Tensor] = None) -> Tensor:
     check_matrix(x, name)
+    if x.shape[1] < opts["dim"]:
+        raise ValueError(f"dim={opts['dim']} exceeds the width of {name} ({x.shape[1]})")
     return top_directions(to_float32(x, opts["normalize"], name), opts["dim"], name)
 
 
@@ -59,9 +61,6 @@ def svcca(a: Tensor, b: Tensor, dim: int = 10, normalize: bool = True) -> float:
 
     ``dim`` must not exceed either width nor N − 1 (``ValueError`` if a side has fewer directions).
     """
-    for x, name in ((a, "a"), (b, "b")):
-        if isinstance(x, Tensor) and x.ndim == 2 and x.shape[1] < dim:
-            raise ValueError(f"dim={dim} exceeds the width of {name} ({x.shape[1]})")
     return run(svcca.spec, a, b, dict(dim=dim, normalize=normalize))
 
 

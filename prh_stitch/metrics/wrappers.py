@@ -62,7 +62,7 @@ class _PairedFeatures(Metric):
 
     def rows(self) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """All rows seen (across ranks after sync), de-duplicated and ordered by ``index`` when given."""
-        if not self.a or (isinstance(self.a, Tensor) and self.a.numel() == 0):
+        if not _nonempty(self.a):
             raise ValueError(f"{type(self).__name__}.compute() called before any update()")
         a, b = dim_zero_cat(self.a), dim_zero_cat(self.b)
         groups = dim_zero_cat(self.groups) if _nonempty(self.groups) else None

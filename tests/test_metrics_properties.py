@@ -1,0 +1,167 @@
+"""Invariances, chance levels, block-size independence, dtypes, registry, layers and calibration."""
+
+import math
+
+import pytest
+import torch
+
+from prh_stitch.metrics import (METRICS, calibrate, cka, cknna, cycle_knn, layer_alignment, mutual_knn,
+                                retrieval, svcca, unbiased_cka)
+from prh_stitch.metrics.neighbors import knn
+from test_metrics_reference import make_data, np_pair, ref_mutual
+
+ALL = METRICS.names()
+BLOCKED = ["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna", "cka", "unbiased_cka"]
+
+
+def test_registry_maps_names_to_functions():
+    assert ALL == sorted(["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cka", "unbiased_cka", "cknna",
+                          "svcca"])
+    assert METRICS.get("mutual_knn") is mutual_knn
+    with pytest.raises(ValueError, match="mutual_knn"):
+        METRICS.get("mutual_kn")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_returns_python_float_for_all_dtypes(name):
+    a, b = make_data("noisy", n=64)
+    fn = METRICS.get(name)
+    ref = fn(a, b)
+    assert type(ref) is float and math.isfinite(ref)
+    for dt in (torch.float16, torch.bfloat16):
+        # low-precision input is cast to float32 first: the same as casting it yourself
+        assert fn(a.to(dt), b.to(dt)) == fn(a.to(dt).float(), b.to(dt).float())
+
+
+def test_identical_inputs_score_one():
+    a, _ = make_data("clusters", n=100)
+    assert mutual_knn(a, a, k=10) == 1.0
+    assert cka(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert unbiased_cka(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert cknna(a, a, k=10) == pytest.approx(1.0, abs=1e-6)
+    assert svcca(a, a, dim=5) == pytest.approx(1.0, abs=1e-6)
+    r = retrieval(a, a)
+    assert r["a2b/recall@1"] == r["b2a/recall@1"] == 1.0 and r["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rotation_and_scaling_invariance():
+    a, b = make_data("noisy", n=150)
+    q, _ = torch.linalg.qr(torch.randn(24, 24, generator=torch.Generator().manual_seed(5)))
+    moved = 3.5 * (a @ q)
+    # one flipped neighbour at a float32 near-tie would change mutual_knn by 1/(N·k)
+    assert mutual_knn(moved, b) == pytest.approx(mutual_knn(a, b), abs=1 / (150 * 10) + 1e-12)
+    assert cka(moved, b) == pytest.approx(cka(a, b), abs=1e-5)
+    assert cka(moved, b, normalize=False) == pytest.approx(cka(a, b, normalize=False), abs=1e-5)
+
+
+def test_independent_features_land_near_chance():
+    g = torch.Generator().manual_seed(11)
+    n, k = 1000, 10
+    a, b = torch.randn(n, 64, generator=g), torch.randn(n, 64, generator=g)
+    chance = k / (n - 1)
+    assert abs(mutual_knn(a, b, k=k) - chance) < 0.004
+    assert abs(cycle_knn(a, b, k=k) - (1 - (1 - chance) ** k)) < 0.04
+    assert abs(unbiased_cka(a, b)) < 0.02
+    assert cka(a, b) < 0.1  # the biased estimator sits above 0 at this N/D: why the unbiased one exists
+    rep = calibrate("mutual_knn", a, b, permutations=20, seed=0)
+    assert rep["chance"] == pytest.approx(chance)
+    assert abs(rep["null_mean"] - chance) < 0.002
+    assert abs(rep["calibrated"]) < 0.005 and rep["p_value"] > 0.01
+
+
+@pytest.mark.parametrize("name", BLOCKED)
+def test_block_size_does_not_change_results(name):
+    a, b = make_data("clusters", n=70)
+    fn = METRICS.get(name)
+    kw = {"method": "samples"} if "cka" in name else {}
+    ref = fn(a, b, **kw)
+    # kNN lists are identical; kernel values may differ in the last float32 bit between matmul shapes
+    tol = 0.0 if name.endswith("_knn") else 1e-6
+    for bs in (1, 9, 64, 1000):
+        assert fn(a, b, block_size=bs, **kw) == pytest.approx(ref, abs=tol)
+    if "cka" in name:
+        assert fn(a, b, kernel="rbf", block_size=7) == pytest.approx(fn(a, b, kernel="rbf"), abs=1e-6)
+
+
+def test_retrieval_block_size_and_keys():
+    a, b = make_data("noisy", n=70)
+    ref = retrieval(a, b)
+    assert list(ref) == ["a2b/recall@1", "a2b/recall@5", "a2b/recall@10", "b2a/recall@1", "b2a/recall@5",
+                         "b2a/recall@10", "a2b/mean_rank", "a2b/median_rank", "b2a/mean_rank", "b2a/median_rank",
+                         "mean_cosine"]
+    for bs in (1, 8, 500):
+        assert retrieval(a, b, block_size=bs) == ref
+
+
+def test_knn_lists_sorted_and_exclude_self():
+    a, _ = make_data("clusters", n=50)
+    v, i = knn(torch.nn.functional.normalize(a, dim=1), 7, block_size=6)
+    assert (i != torch.arange(50)[:, None]).all()
+    assert (v[:, :-1] >= v[:, 1:]).all()
+    same = torch.arange(50) // 5  # excluded groups: never neighbours of each other
+    _, i2 = knn(a, 7, exclude=same)
+    assert (same[i2] != same[:, None]).all()
+
+
+def test_layer_alignment_matrix_best_last_concat():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(90, 12, generator=g)
+    fa = [torch.randn(90, 10, generator=g), base @ torch.randn(12, 20, generator=g), base]
+    fb = [base + 0.1 * torch.randn(90, 12, generator=g), torch.randn(90, 7, generator=g)]
+    out = layer_alignment(fa, fb, "mutual_knn", k=5, concat=True)
+    assert out["scores"].shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            assert out["scores"][i, j] == pytest.approx(mutual_knn(fa[i], fb[j], k=5))
+    assert out["best"] == pytest.approx(float(out["scores"].max()))
+    assert out["best_index"] == (2, 0) and out["last_index"] == (2, 1)
+    assert out["last"] == pytest.approx(mutual_knn(fa[2], fb[1], k=5))
+    assert out["concat"] == pytest.approx(mutual_knn(torch.cat(fa, 1), torch.cat(fb, 1), k=5))
+    cka_out = layer_alignment(fa, fb, cka)
+    assert cka_out["scores"][1, 0] == pytest.approx(cka(fa[1], fb[0]), abs=1e-9) and cka_out["concat"] is None
+    for name in ALL:
+        s = layer_alignment(fa[:1], fb[:1], name)["scores"]
+        assert s[0, 0] == pytest.approx(METRICS.get(name)(fa[0], fb[0]), abs=1e-9), name
+
+
+def test_layer_alignment_searches_each_layer_once(monkeypatch):
+    import importlib
+
+    knn_mod = importlib.import_module("prh_stitch.metrics.knn")
+
+    calls = []
+    real = knn_mod.knn
+    monkeypatch.setattr(knn_mod, "knn", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    fa = [torch.randn(40, 6) for _ in range(3)]
+    fb = [torch.randn(40, 5) for _ in range(4)]
+    layer_alignment(fa, fb, "cycle_knn", k=3)
+    assert len(calls) == 3 + 4
+
+
+def test_permutation_null_reuses_lists_and_matches_fresh_search():
+    a, b = make_data("clusters", n=80)
+    rep = calibrate("mutual_knn", a, b, permutations=5, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    fresh = [mutual_knn(a, b[torch.randperm(80, generator=gen)]) for _ in range(5)]
+    assert rep["null_mean"] == pytest.approx(sum(fresh) / 5, abs=1e-12)
+    for name in ALL:  # every metric's permuted side equals recomputing on the permuted rows
+        gen = torch.Generator().manual_seed(4)
+        one = calibrate(name, a, b, permutations=1, seed=4)["null_mean"]
+        tol = 0.0 if name.endswith("_knn") else 1e-6  # row order changes float32 sums in the last bits
+        assert one == pytest.approx(METRICS.get(name)(a, b[torch.randperm(80, generator=gen)]), abs=tol), name
+
+
+def test_calibrate_report_on_aligned_data():
+    a, b = make_data("noisy", n=120)
+    na, nb = np_pair(a, b)
+    rep = calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=1)
+    assert rep["score"] == pytest.approx(ref_mutual(na, nb, 5))
+    assert rep["p_value"] == pytest.approx(1 / 31) and rep["z"] > 10
+    assert rep["calibrated"] == pytest.approx((rep["score"] - rep["null_mean"]) / (1 - rep["null_mean"]))
+    assert rep["ci_low"] < rep["score"] < rep["ci_high"]
+    assert calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=1) == rep  # seeded
+    for name in ("cka", "cknna", "svcca"):
+        r = calibrate(name, a, b, permutations=3, bootstrap=4, seed=0)
+        assert r["ci_low"] <= r["ci_high"] and r["null_mean"] < r["score"], name
+    assert calibrate("unbiased_cka", a, b, permutations=0)["chance"] == 0.0
+    assert calibrate("lcs_knn", a, b, permutations=2)["chance"] is None
