@@ -181,8 +181,13 @@ class StitchingModule(pl.LightningModule):
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # Weight decay on the stitcher only: decaying the objective's temperature would bias it, not regularise.
+        groups = [
+            {"params": [p for p in self.stitcher.parameters() if p.requires_grad]},
+            {"params": [p for p in self.objective.parameters() if p.requires_grad], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.hparams.warmup_steps)
         cosine = self.hparams.schedule == "cosine"
