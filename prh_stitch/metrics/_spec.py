@@ -21,7 +21,7 @@ from ._checks import check_pair
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    prepare: Callable[..., Any]  # prepare(x, name, opts, origin=None) -> side state
+    prepare: Callable[..., Any]  # prepare(x, name, opts, origin=None) -> side state; x already validated
     pair: Callable[..., float]  # pair(state_a, state_b, opts) -> score
     permute: Callable[..., Any]  # permute(state, perm, opts) -> state of x[perm]
     check: Callable[[int, Dict[str, Any]], None]  # check(n, opts): validate options against N

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_matrix, to_float32
+from ._checks import to_float32
 from ._spec import attach, run
 
 _RANK_TOL = 1e-10  # relative eigenvalue below which a direction counts as absent
@@ -38,7 +38,6 @@ def top_directions(x: Tensor, dim: int, name: str) -> Tensor:
 
 
 def _prepare(x: Tensor, name: str, opts: Dict[str, Any], origin: Optional[Tensor] = None) -> Tensor:
-    check_matrix(x, name)
     if x.shape[1] < opts["dim"]:
         raise ValueError(f"dim={opts['dim']} exceeds the width of {name} ({x.shape[1]})")
     return top_directions(to_float32(x, opts["normalize"], name), opts["dim"], name)

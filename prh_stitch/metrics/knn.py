@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_block_size, check_k, check_matrix, to_float32
+from ._checks import check_block_size, check_k, to_float32
 from ._spec import attach, options, run
 from .neighbors import knn, permute_lists
 
@@ -35,7 +35,6 @@ class KnnSide:
 
 
 def _prepare(x: Tensor, name: str, opts: Dict[str, Any], origin: Optional[Tensor] = None) -> KnnSide:
-    check_matrix(x, name)
     v, i = knn(to_float32(x, opts["normalize"], name), opts["k"], opts["block_size"], exclude=origin)
     return KnnSide(v, i)
 

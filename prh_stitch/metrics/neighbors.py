@@ -32,12 +32,18 @@ def auto_block_size(n: int) -> int:
     return max(1, min(n, _MAX_BLOCK, max(_MIN_BLOCK, _BLOCK_BYTES // (4 * max(n, 1)))))
 
 
-def lex_sort(vals: Tensor, idx: Tensor) -> Tuple[Tensor, Tensor]:
-    """Sort each row of candidates by (−value, index): decreasing similarity, lower index first on ties."""
-    idx_sorted, order = idx.sort(dim=1)
-    vals_sorted = vals.gather(1, order)
-    vals_out, order2 = vals_sorted.sort(dim=1, descending=True, stable=True)
-    return vals_out, idx_sorted.gather(1, order2)
+def _order_keys(vals: Tensor, idx: Tensor) -> Tensor:
+    """int64 keys whose descending order is (−value, index): float32 bits made order-preserving in the high word,
+    the complement of the index in the low word. −0.0 is folded into +0.0 first."""
+    bits = (vals.to(torch.float32) + 0.0).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotone in the float value, as a signed integer
+    return (ordered.to(torch.int64) << 32) | (0xFFFFFFFF - idx)
+
+
+def lex_top(vals: Tensor, idx: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """The first k candidates of each row by (−value, index): decreasing similarity, lower index first on ties."""
+    _, pos = _order_keys(vals, idx).topk(min(k, vals.shape[1]), dim=1)
+    return vals.gather(1, pos), idx.gather(1, pos)
 
 
 def _block_topk(s: Tensor, k: int, col_offset: int) -> Tuple[Tensor, Tensor]:
@@ -61,11 +67,9 @@ def _block_topk(s: Tensor, k: int, col_offset: int) -> Tuple[Tensor, Tensor]:
 
 
 def _merge(best_v: Tensor, best_i: Tensor, rows: slice, new_v: Tensor, new_i: Tensor, k: int) -> None:
-    v = torch.cat([best_v[rows], new_v], dim=1)
-    i = torch.cat([best_i[rows], new_i], dim=1)
-    v, i = lex_sort(v, i)
-    best_v[rows] = v[:, :k]
-    best_i[rows] = i[:, :k]
+    v, i = lex_top(torch.cat([best_v[rows], new_v], dim=1), torch.cat([best_i[rows], new_i], dim=1), k)
+    best_v[rows] = v
+    best_i[rows] = i
 
 
 def knn(x: Tensor, k: int, block_size: Optional[int] = None, exclude: Optional[Tensor] = None
@@ -94,7 +98,7 @@ def knn(x: Tensor, k: int, block_size: Optional[int] = None, exclude: Optional[T
     x = x.to(torch.float32)
     bs = block_size or auto_block_size(n)
     best_v = torch.full((n, k), -torch.inf, dtype=torch.float32, device=x.device)
-    best_i = torch.full((n, k), -1, dtype=torch.int64, device=x.device)
+    best_i = torch.full((n, k), n, dtype=torch.int64, device=x.device)  # placeholders, all replaced
     for i0 in range(0, n, bs):
         i1 = min(n, i0 + bs)
         s = x[i0:i1] @ x[i0:].T  # rows I against columns i0:N (upper block triangle)
@@ -121,4 +125,4 @@ def permute_lists(vals: Tensor, idx: Tensor, perm: Tensor) -> Tuple[Tensor, Tens
     """
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(len(perm), device=perm.device)
-    return lex_sort(vals[perm], inv[idx[perm]])
+    return lex_top(vals[perm], inv[idx[perm]], idx.shape[1])
