@@ -1,0 +1,407 @@
+"""Closed-form stitchers: least squares, ridge and orthogonal Procrustes, from one streaming pass.
+
+A closed-form fit writes the ``core.weight`` (and ``core.bias``) of an ordinary ``linear`` or ``affine``
+:class:`~prh_stitch.stitchers.Stitcher`, so checkpoints, ``load_stitcher``, evaluation and TensorBoard do not
+know or care how the weights were obtained.
+
+Statistics
+    :class:`NormalEquations` accumulates, in float64, the sufficient statistics of paired features
+    (row count, ``Σx``, ``Σy``, ``XᵀX``, ``XᵀY``, ``Σy²`` per feature) chunk by chunk, so the feature store is
+    read once and memory is ``O(Dx² + Dx·Dy)`` whatever N is. All statistics are plain sums: streaming over
+    shards, merging and a DDP ``all_reduce`` (:meth:`NormalEquations.all_reduce`) give the one-shot answer.
+    Centring happens after accumulation (``XᵀX − n·x̄x̄ᵀ``), which in float64 is exact enough unless feature
+    means exceed their spread by ~10⁶.
+
+Where the fit happens
+    In the stitcher's *normalised* space: with ``x' = input_norm(x)`` and ``y' = (y − shift)/scale`` of the
+    output norm, the core is fitted to predict ``y'`` from ``x'``; the statistics above are transformed
+    exactly (affine maps of sums), so the normalisations must be fitted first (``Stitcher.fit_normalization``,
+    identical on every rank). The intercept is fitted iff the core has a bias (``affine``); a ``linear`` core
+    is fitted without one (uncentred moments), its centring then comes from the feature norms.
+
+Methods (``METHODS``)
+    ``lstsq``      ``W = argmin ‖X'W − Y'‖²``. Rank-deficient ``X'ᵀX'`` (fewer rows than features, duplicated or
+                   dead features) has no unique solution: a warning is issued and the fit falls back to ridge
+                   with ``λ = RANK_FALLBACK_RIDGE`` (relative, see below), the minimum-norm-like regularised
+                   answer.
+    ``ridge``      ``W = (X'ᵀX'/n + λ·τ·I)⁻¹ X'ᵀY'/n`` with ``τ = tr(X'ᵀX'/n)/Dx`` (the mean feature variance),
+                   so ``λ`` is *relative*: the same grid means the same thing for any feature scale. With a
+                   grid, every ``λ`` is solved from one eigendecomposition and the best on held-out features is
+                   kept (``select_by``: ``recall@1`` of stitched source → target retrieval, the metric
+                   stitchers are judged by, ties broken by lower MSE; or ``mse``). The grid must be non-empty,
+                   finite and positive (λ = 0 is ``lstsq``).
+    ``procrustes`` ``W = s · U Vᵀ`` from the SVD ``X'ᵀY' = U Σ Vᵀ`` (centred when the intercept is fitted or
+                   ``center=True``). ``scaling``: ``none`` (a pure rotation), ``isotropic`` (one optimal global
+                   scale ``s = tr Σ / tr(Qᵀ X'ᵀX' Q)``) or ``standard`` (both sides z-scored per feature before the
+                   rotation; the map is then ``D_x⁻¹ Q D_y``). Unequal widths: zero-pad the narrower side to the
+                   wider width, solve the square orthogonal problem, crop back to ``Dx × Dy``. The cropped block is
+                   ``U Vᵀ`` of the thin SVD (the padded zero directions add nothing to ``X'ᵀY'``), a semi-orthogonal
+                   map maximising ``tr(Wᵀ X'ᵀY')``. For ``Dx ≤ Dy`` (orthonormal rows, ``‖X'W‖ = ‖X'‖``) it is also
+                   the least-squares optimum among such maps; for ``Dx > Dy`` it is the padded problem's optimum,
+                   which also asks the dropped source directions to map to zero, so it is *not* the minimum-error
+                   semi-orthogonal projection (that one has no closed form). Use ``ridge`` when error matters more
+                   than orthogonality.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from prh_stitch.stitchers import Stitcher
+
+__all__ = [
+    "METHODS", "SELECT_BY", "SCALINGS", "DEFAULT_RIDGE_GRID", "RANK_FALLBACK_RIDGE",
+    "NormalEquations", "ClosedFormResult", "fit_closed_form", "check_ridge_grid",
+]
+
+METHODS = ("lstsq", "ridge", "procrustes")
+SELECT_BY = ("recall@1", "mse")
+SCALINGS = ("none", "isotropic", "standard")
+DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)
+# Relative ridge used when least squares is rank-deficient: small enough to leave well-determined directions
+# untouched (relative to the mean variance), large enough to make the system solvable in float64.
+RANK_FALLBACK_RIDGE = 1e-6
+# Eigenvalues below this fraction of the largest count as zero (float64 round-off on an N x D Gram matrix).
+RANK_RTOL = 1e-10
+
+Pairs = Union[Tuple[Tensor, Tensor], "NormalEquations", Iterable[Tuple[Tensor, Tensor]]]
+
+
+class NormalEquations:
+    """Float64 sums of paired features ``x`` (N × Dx) and ``y`` (N × Dy): enough for every linear fit here."""
+
+    def __init__(self, in_dim: int, out_dim: int, device: Union[str, torch.device] = "cpu") -> None:
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        f64 = {"dtype": torch.float64, "device": device}
+        # The count is a tensor too, so one all_reduce covers it like the other sums.
+        self.count = torch.zeros((), **f64)
+        self.sum_x = torch.zeros(self.in_dim, **f64)
+        self.sum_y = torch.zeros(self.out_dim, **f64)
+        self.xtx = torch.zeros(self.in_dim, self.in_dim, **f64)
+        self.xty = torch.zeros(self.in_dim, self.out_dim, **f64)
+        self.sum_yy = torch.zeros(self.out_dim, **f64)
+
+    def _tensors(self) -> Tuple[Tensor, ...]:
+        return (self.count, self.sum_x, self.sum_y, self.xtx, self.xty, self.sum_yy)
+
+    @property
+    def n(self) -> int:
+        return int(round(float(self.count)))
+
+    @torch.no_grad()
+    def update(self, x: Tensor, y: Tensor) -> "NormalEquations":
+        """Add a chunk of paired rows."""
+        if x.ndim != 2 or y.ndim != 2 or x.shape[1] != self.in_dim or y.shape[1] != self.out_dim:
+            raise ValueError(f"expected paired chunks of shape (n, {self.in_dim}) and (n, {self.out_dim}), got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"paired chunks must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+        x = x.detach().to(self.xtx.device, torch.float64)
+        y = y.detach().to(self.xtx.device, torch.float64)
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise ValueError("features contain NaN or Inf; a closed-form fit needs finite features")
+        self.count += x.shape[0]
+        self.sum_x += x.sum(0)
+        self.sum_y += y.sum(0)
+        self.xtx.addmm_(x.T, x)
+        self.xty.addmm_(x.T, y)
+        self.sum_yy += y.square().sum(0)
+        return self
+
+    @classmethod
+    def from_pairs(cls, pairs: Pairs, chunk_rows: int = 65536) -> "NormalEquations":
+        """From ``(x, y)`` tensors (processed in ``chunk_rows`` chunks) or an iterable of ``(x, y)`` chunks."""
+        if isinstance(pairs, NormalEquations):
+            return pairs
+        if isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(t, Tensor) for t in pairs):
+            x, y = pairs
+            pairs = zip(x.split(chunk_rows), y.split(chunk_rows))
+        stats: Optional[NormalEquations] = None
+        for x, y in pairs:
+            if stats is None:
+                stats = cls(x.shape[-1], y.shape[-1])
+            stats.update(x, y)
+        if stats is None or stats.n == 0:
+            raise ValueError("no training pairs were given to the closed-form fit")
+        return stats
+
+    def merge(self, other: "NormalEquations") -> "NormalEquations":
+        """Add another accumulator's sums (e.g. from another shard)."""
+        if (other.in_dim, other.out_dim) != (self.in_dim, self.out_dim):
+            raise ValueError(f"cannot merge {other.in_dim}->{other.out_dim} statistics into {self.in_dim}->{self.out_dim}")
+        for mine, theirs in zip(self._tensors(), other._tensors()):
+            mine += theirs.to(mine.device)
+        return self
+
+    def all_reduce(self, group=None) -> "NormalEquations":
+        """Sum the statistics over all processes of ``group`` (no-op outside torch.distributed).
+
+        NCCL reduces only GPU tensors, so the sums travel through the current CUDA device there and come back.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        via_cuda = dist.get_backend(group) == "nccl" and self.xtx.device.type != "cuda"
+        for tensor in self._tensors():
+            work = tensor.cuda() if via_cuda else tensor
+            dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
+            if via_cuda:
+                tensor.copy_(work)
+        return self
+
+    # ---- moments in a normalised space ---------------------------------------------------------
+    def moments(self, shift_x: Tensor, scale_x: Tensor, shift_y: Tensor, scale_y: Tensor, center: bool
+                ) -> "_Moments":
+        """Per-sample second moments of ``x' = (x − shift_x)/scale_x``, ``y' = (y − shift_y)/scale_y``.
+
+        ``center=True``: covariances around the means (for a fit with intercept); else raw moments about 0.
+        """
+        n = float(self.count)
+        if n < 1:
+            raise ValueError("no training pairs were accumulated")
+        f64 = lambda t: t.detach().to(self.xtx.device, torch.float64)  # noqa: E731
+        shift_x, scale_x, shift_y, scale_y = map(f64, (shift_x, scale_x, shift_y, scale_y))
+        mean_x, mean_y = self.sum_x / n, self.sum_y / n
+        cov_xx = self.xtx / n - torch.outer(mean_x, mean_x)
+        cov_xy = self.xty / n - torch.outer(mean_x, mean_y)
+        var_y = self.sum_yy / n - mean_y.square()
+        if not center:  # raw moments about the normalisation's shift: covariance plus the offset's outer product
+            dx, dy = mean_x - shift_x, mean_y - shift_y
+            cov_xx = cov_xx + torch.outer(dx, dx)
+            cov_xy = cov_xy + torch.outer(dx, dy)
+            var_y = var_y + dy.square()
+        cov_xx = (cov_xx + cov_xx.T) / 2  # exact symmetry for eigh
+        return _Moments(
+            n=n,
+            mean_x=(mean_x - shift_x) / scale_x,
+            mean_y=(mean_y - shift_y) / scale_y,
+            xx=cov_xx / torch.outer(scale_x, scale_x),
+            xy=cov_xy / torch.outer(scale_x, scale_y),
+            yy=var_y / scale_y.square(),
+        )
+
+
+@dataclass
+class _Moments:
+    n: float
+    mean_x: Tensor
+    mean_y: Tensor
+    xx: Tensor  # Dx x Dx, per sample
+    xy: Tensor  # Dx x Dy, per sample
+    yy: Tensor  # Dy, per-feature second moment
+
+
+@dataclass
+class ClosedFormResult:
+    """What a closed-form fit did: method, chosen ridge (relative), held-out scores per grid value."""
+
+    method: str
+    ridge: Optional[float] = None
+    select_by: Optional[str] = None
+    scores: Dict[str, float] = field(default_factory=dict)  # str(lambda) -> held-out score
+    rank_deficient: bool = False
+    n_train: int = 0
+    scaling: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_ridge_grid(grid: Sequence[float]) -> Tuple[float, ...]:
+    """A non-empty sequence of finite, positive relative ridge strengths (sorted, deduplicated)."""
+    try:
+        values = [float(v) for v in grid]
+    except (TypeError, ValueError):
+        raise ValueError(f"ridge_grid must be a list of numbers, e.g. [1e-4, 1e-2, 1.0], got {grid!r}") from None
+    if not values:
+        raise ValueError("ridge_grid is empty; give at least one positive ridge strength, e.g. [1e-4, 1e-2, 1.0]")
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ValueError(f"ridge_grid values must be finite and > 0 (use method 'lstsq' for no ridge), got {bad}; "
+                         "e.g. [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]")
+    return tuple(sorted(set(values)))
+
+
+def _linear_core(stitcher: Stitcher):
+    core = stitcher.core
+    if not isinstance(core, torch.nn.Linear):
+        raise ValueError(f"closed-form fits write a single linear map: use stitcher 'linear' or 'affine', "
+                         f"not {stitcher.name!r} (or train it with fit: gradient)")
+    return core
+
+
+def _check_norms(stitcher: Stitcher) -> None:
+    for norm, side in ((stitcher.input_norm, "input"), (stitcher.output_norm, "output")):
+        if not norm.is_fitted:
+            raise ValueError(f"the stitcher's {side} normalization ({norm.kind!r}) is not fitted; call "
+                             "stitcher.fit_normalization(source, target) on the training features first")
+
+
+@torch.no_grad()
+def _write(stitcher: Stitcher, weight: Tensor, bias: Optional[Tensor]) -> None:
+    core = _linear_core(stitcher)
+    core.weight.copy_(weight.T)  # ours is x @ W (Dx x Dy); nn.Linear stores W^T
+    if core.bias is not None:
+        core.bias.copy_(bias if bias is not None else torch.zeros(core.out_features, dtype=torch.float64))
+
+
+def _intercept(m: _Moments, weight: Tensor, fit_bias: bool) -> Optional[Tensor]:
+    return m.mean_y - m.mean_x @ weight if fit_bias else None
+
+
+class _RidgePath:
+    """``W(λ) = (A + λτI)⁻¹ B`` for many λ from one eigendecomposition of ``A``."""
+
+    def __init__(self, m: _Moments) -> None:
+        self.eigvals, self.eigvecs = torch.linalg.eigh(m.xx)
+        self.eigvals = self.eigvals.clamp_min(0.0)  # round-off can make a zero eigenvalue slightly negative
+        self.rotated = self.eigvecs.T @ m.xy
+        self.tau = float(m.xx.diagonal().mean()) or 1.0  # all-zero features: any scale works
+        top = float(self.eigvals[-1]) if len(self.eigvals) else 0.0
+        self.rank_deficient = bool(self.eigvals[0] <= RANK_RTOL * top) or top == 0.0
+
+    def solve(self, ridge: float) -> Tensor:
+        return self.eigvecs @ (self.rotated / (self.eigvals + ridge * self.tau)[:, None])
+
+
+def _procrustes(m: _Moments, scaling: str) -> Tensor:
+    xy = m.xy
+    if scaling == "standard":
+        sx = m.xx.diagonal().clamp_min(1e-24).sqrt()
+        # Root mean squares in the same frame as the moments (about the mean when centred, about 0 otherwise).
+        sy = m.yy.clamp_min(1e-24).sqrt()
+        xy = xy / torch.outer(sx, sy)
+    u, s, vh = torch.linalg.svd(xy, full_matrices=False)
+    q = u @ vh
+    if scaling == "standard":
+        return q / sx[:, None] * sy[None, :]
+    if scaling == "isotropic":
+        denominator = float(torch.einsum("ij,ik,kj->", q, m.xx, q))
+        return q * (float(s.sum()) / denominator if denominator > 0 else 1.0)
+    return q
+
+
+@torch.no_grad()
+def _score(stitcher: Stitcher, val: Tuple[Tensor, Tensor], groups: Optional[Tensor]) -> Tuple[float, float]:
+    from prh_stitch.metrics import retrieval
+
+    x, y = val
+    was_training = stitcher.training
+    pred = stitcher.eval()(x.float())
+    stitcher.train(was_training)
+    mse = float((pred.double() - y.double()).square().mean())
+    r1 = retrieval(pred, y.float(), groups=groups, ks=(1,))["a2b/recall@1"]
+    return r1, mse
+
+
+def fit_closed_form(
+    stitcher: Stitcher,
+    train: Pairs,
+    method: str = "ridge",
+    *,
+    val: Optional[Tuple[Tensor, Tensor]] = None,
+    val_groups: Optional[Tensor] = None,
+    ridge: Optional[float] = None,
+    ridge_grid: Sequence[float] = DEFAULT_RIDGE_GRID,
+    select_by: str = "recall@1",
+    scaling: str = "none",
+    center: Optional[bool] = None,
+    chunk_rows: int = 65536,
+    distributed: bool = False,
+) -> ClosedFormResult:
+    """Fit ``stitcher``'s linear core in closed form and write its weight (and bias) in place.
+
+    Args:
+        stitcher: a ``linear`` or ``affine`` :class:`Stitcher` whose normalisations are fitted.
+        train: ``(source, target)`` tensors, an iterable of such chunks, or a :class:`NormalEquations`.
+        method: ``lstsq``, ``ridge`` or ``procrustes`` (see the module docstring).
+        val: held-out ``(source, target)`` features to choose the ridge strength from ``ridge_grid``
+            (needed when the grid has more than one value and ``ridge`` is not given).
+        val_groups: caption-group ids of ``val`` rows (same-caption items count as correct in recall@1).
+        ridge: a fixed relative ridge strength (skips the grid).
+        ridge_grid: candidate relative ridge strengths.
+        select_by: ``recall@1`` (higher is better, ties -> lower MSE) or ``mse``.
+        scaling: Procrustes scaling: ``none``, ``isotropic`` or ``standard``.
+        center: Procrustes centring; None = centre iff the core has a bias. ``True`` without a bias requires
+            an input normalisation that centres (``center``/``standard``), since the offset has nowhere to go.
+        chunk_rows: rows per float64 chunk when ``train`` is a pair of tensors.
+        distributed: all-reduce the statistics over the default process group (each rank passed its shard).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown closed-form method {method!r}; choose one of {', '.join(METHODS)}")
+    if select_by not in SELECT_BY:
+        raise ValueError(f"unknown select_by {select_by!r}; choose one of {', '.join(SELECT_BY)}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown Procrustes scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+    core = _linear_core(stitcher)
+    _check_norms(stitcher)
+    fit_bias = core.bias is not None
+    if method == "procrustes":
+        if center is None:
+            center = fit_bias
+        elif center and not fit_bias and stitcher.input_norm.kind == "none":
+            raise ValueError("Procrustes with center=True needs somewhere to put the offset: use the 'affine' "
+                             "stitcher, or input_norm 'center'/'standard' with the 'linear' one")
+    else:
+        center = fit_bias
+    stats = NormalEquations.from_pairs(train, chunk_rows)
+    if (stats.in_dim, stats.out_dim) != (stitcher.in_dim, stitcher.out_dim):
+        raise ValueError(f"features are {stats.in_dim}-d -> {stats.out_dim}-d but the stitcher maps "
+                         f"{stitcher.in_dim}-d -> {stitcher.out_dim}-d")
+    if distributed:
+        stats.all_reduce()
+    inorm, onorm = stitcher.input_norm, stitcher.output_norm
+    m = stats.moments(inorm.mean, inorm.scale, onorm.mean, onorm.scale, center=bool(center))
+    result = ClosedFormResult(method=method, n_train=stats.n)
+
+    if method == "procrustes":
+        result.scaling = scaling
+        weight = _procrustes(m, scaling)
+        _write(stitcher, weight, _intercept(m, weight, fit_bias))
+        return result
+
+    path = _RidgePath(m)
+    if method == "lstsq":
+        lam = 0.0
+        if path.rank_deficient:
+            warnings.warn(
+                f"least squares: the {stats.in_dim}x{stats.in_dim} source Gram matrix is rank-deficient "
+                f"({stats.n} rows; duplicated or constant features?), so the solution is not unique; falling "
+                f"back to ridge with relative strength {RANK_FALLBACK_RIDGE:g}",
+                RuntimeWarning, stacklevel=2)
+            lam = RANK_FALLBACK_RIDGE
+            result.rank_deficient = True
+        result.ridge = lam
+        weight = path.solve(lam)
+        _write(stitcher, weight, _intercept(m, weight, fit_bias))
+        return result
+
+    grid = check_ridge_grid([ridge] if ridge is not None else ridge_grid)
+    result.rank_deficient = path.rank_deficient
+    if len(grid) == 1:
+        result.ridge = grid[0]
+        weight = path.solve(grid[0])
+        _write(stitcher, weight, _intercept(m, weight, fit_bias))
+        return result
+    if val is None:
+        raise ValueError(f"choosing the ridge strength from a grid of {len(grid)} values needs held-out features "
+                         "(val=(source, target)); or give one value with ridge=...")
+    result.select_by = select_by
+    best_key, best_weight = None, None
+    for lam in grid:
+        weight = path.solve(lam)
+        _write(stitcher, weight, _intercept(m, weight, fit_bias))
+        r1, mse = _score(stitcher, val, val_groups)
+        result.scores[repr(lam)] = r1 if select_by == "recall@1" else mse
+        key = (-r1, mse) if select_by == "recall@1" else (mse,)
+        if best_key is None or key < best_key:
+            best_key, best_weight, result.ridge = key, weight, lam
+    _write(stitcher, best_weight, _intercept(m, best_weight, fit_bias))
+    return result

@@ -1,0 +1,212 @@
+"""Closed-form stitchers against planted answers and NumPy references written here."""
+
+import os
+import socket
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from prh_stitch.closed_form import NormalEquations, check_ridge_grid, fit_closed_form
+from prh_stitch.metrics import retrieval
+from prh_stitch.stitchers import Stitcher
+
+
+def _features(n, d, seed, spread=None):
+    g = torch.Generator().manual_seed(seed)
+    scales = spread if spread is not None else torch.logspace(0, -1, d)  # an uneven spectrum, like real features
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) * scales + 0.5).float()
+
+
+def _orthogonal(d, seed):
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def _stitcher(name, x, y, input_norm="none", output_norm="none"):
+    return Stitcher(name, x.shape[1], y.shape[1], input_norm, output_norm).fit_normalization(x, y)
+
+
+def test_a_random_rotation_is_recovered_by_procrustes_and_least_squares():
+    x = _features(500, 32, 0)
+    q = _orthogonal(32, 1)
+    y = x @ q
+    for method in ("procrustes", "lstsq"):
+        s = _stitcher("linear", x, y)
+        fit_closed_form(s, (x, y), method)
+        assert (s.core.weight.T - q).abs().max() < 1e-4, method
+        torch.testing.assert_close(s(x), y, atol=1e-4, rtol=1e-4)
+    # With an affine core, centring and a planted offset and isotropic scale.
+    y2 = 2.5 * x @ q + torch.linspace(-1, 1, 32)
+    s = _stitcher("affine", x, y2)
+    result = fit_closed_form(s, (x, y2), "procrustes", scaling="isotropic")
+    assert result.method == "procrustes" and result.scaling == "isotropic"
+    torch.testing.assert_close(s.core.weight.T, 2.5 * q, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(s.core.bias, torch.linspace(-1, 1, 32), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dx, dy", [(24, 10), (10, 24)])
+def test_unequal_widths_recover_a_semi_orthogonal_map(dx, dy):
+    x = _features(400, dx, 2)
+    full = _orthogonal(max(dx, dy), 3)
+    planted = full[:dx, :dy]  # orthonormal columns (dx > dy) or rows (dx < dy)
+    y = x @ planted
+    s = _stitcher("linear", x, y)
+    fit_closed_form(s, (x, y), "procrustes")
+    w = s.core.weight.detach().T.double()
+    gram = w.T @ w if dx >= dy else w @ w.T
+    torch.testing.assert_close(gram, torch.eye(min(dx, dy), dtype=torch.float64), atol=1e-5, rtol=0)
+    if dx <= dy:  # ||XW|| = ||X|| for orthonormal rows: least squares and Procrustes agree, the map comes back
+        torch.testing.assert_close(s.core.weight.T, planted, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(s(x), y, atol=1e-4, rtol=1e-4)
+    else:  # zero-pad / rotate / crop: the semi-orthogonal map maximising tr(W^T X^T Y) = nuclear norm of X^T Y
+        xty = x.double().numpy().T @ y.double().numpy()
+        achieved = np.trace(w.numpy().T @ xty)
+        np.testing.assert_allclose(achieved, np.linalg.norm(xty, ord="nuc"), rtol=1e-6)
+        assert achieved >= np.trace(planted.double().numpy().T @ xty) - 1e-6
+
+
+def _numpy_ridge(x, y, lam, input_norm, bias):
+    x, y = x.double().numpy(), y.double().numpy()
+    mu, sd = (x.mean(0), x.std(0)) if input_norm == "standard" else (0.0, 1.0)
+    x = (x - mu) / sd
+    if bias:
+        xc, yc = x - x.mean(0), y - y.mean(0)
+    else:
+        xc, yc = x, y
+    n, d = xc.shape
+    gram = xc.T @ xc / n
+    tau = np.trace(gram) / d
+    w = np.linalg.solve(gram + lam * tau * np.eye(d), xc.T @ yc / n)
+    b = y.mean(0) - x.mean(0) @ w if bias else np.zeros(y.shape[1])
+    return lambda q: (q.double().numpy() - mu) / sd @ w + b
+
+
+@pytest.mark.parametrize("name, input_norm", [("linear", "none"), ("affine", "standard"), ("linear", "standard")])
+def test_ridge_equals_the_numpy_normal_equations(name, input_norm):
+    x, noise = _features(300, 20, 4), _features(300, 7, 5)
+    y = x @ torch.randn(20, 7, generator=torch.Generator().manual_seed(6)) + noise
+    s = _stitcher(name, x, y, input_norm=input_norm)
+    result = fit_closed_form(s, (x, y), "ridge", ridge=0.3)
+    assert result.ridge == 0.3
+    expected = _numpy_ridge(x, y, 0.3, input_norm, bias=(name == "affine"))(x)
+    np.testing.assert_allclose(s(x).double().detach().numpy(), expected, atol=1e-4)
+
+
+def test_streaming_over_shards_and_merging_equal_one_shot():
+    x, y = _features(1000, 16, 7), _features(1000, 6, 8)
+    one_shot = NormalEquations(16, 6).update(x, y)
+    streamed = NormalEquations.from_pairs(zip(x.split(97), y.split(97)))
+    merged = NormalEquations(16, 6).update(x[:400], y[:400]).merge(NormalEquations(16, 6).update(x[400:], y[400:]))
+    for other in (streamed, merged):
+        assert other.n == 1000
+        for a, b in zip(one_shot._tensors(), other._tensors()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-9)
+    # And the fitted maps agree.
+    a, b = _stitcher("affine", x, y, "standard"), _stitcher("affine", x, y, "standard")
+    fit_closed_form(a, (x, y), "ridge", ridge=1e-2, chunk_rows=10_000)
+    fit_closed_form(b, zip(x.split(33), y.split(33)), "ridge", ridge=1e-2)
+    torch.testing.assert_close(a.core.weight, b.core.weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(a.core.bias, b.core.bias, atol=1e-6, rtol=1e-6)
+
+
+def _ddp_worker(rank, world, port, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = _features(600, 12, 9), _features(600, 5, 10)
+        x, y = x[rank::world], y[rank::world]  # each process sees only its shard
+        s = Stitcher("affine", 12, 5)
+        fit_closed_form(s, (x, y), "ridge", ridge=0.05, distributed=True)
+        if rank == 0:
+            torch.save({k: v.clone() for k, v in s.state_dict().items()}, path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_all_reduce_equals_one_process(tmp_path):
+    path = str(tmp_path / "rank0.pt")
+    mp.spawn(_ddp_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    x, y = _features(600, 12, 9), _features(600, 5, 10)
+    single = Stitcher("affine", 12, 5)
+    fit_closed_form(single, (x, y), "ridge", ridge=0.05)
+    state = torch.load(path, weights_only=True)
+    torch.testing.assert_close(state["core.weight"], single.core.weight, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(state["core.bias"], single.core.bias, atol=1e-6, rtol=1e-6)
+
+
+def test_grid_choice_is_the_best_held_out_recall():
+    g = torch.Generator().manual_seed(11)
+    x = _features(700, 40, 12)
+    y = x @ torch.randn(40, 16, generator=g) + 4.0 * torch.randn(700, 16, generator=g)  # noisy: ridge matters
+    train, val = (x[:200], y[:200]), (x[200:], y[200:])
+    grid = [1e-4, 1e-2, 1.0, 100.0]
+    s = _stitcher("affine", *train, input_norm="standard")
+    result = fit_closed_form(s, train, "ridge", ridge_grid=grid, val=val)
+    scores = {}
+    for lam in grid:  # reference: fit each value alone and score it with the metric itself
+        alone = _stitcher("affine", *train, input_norm="standard")
+        fit_closed_form(alone, train, "ridge", ridge=lam)
+        with torch.no_grad():
+            scores[lam] = retrieval(alone(val[0]), val[1], ks=(1,))["a2b/recall@1"]
+    assert result.scores == {repr(k): v for k, v in scores.items()}
+    assert scores[result.ridge] == max(scores.values())
+    chosen = _stitcher("affine", *train, input_norm="standard")
+    fit_closed_form(chosen, train, "ridge", ridge=result.ridge)
+    torch.testing.assert_close(s.core.weight, chosen.core.weight)
+    mse = fit_closed_form(_stitcher("affine", *train), train, "ridge", ridge_grid=grid, val=val, select_by="mse")
+    assert mse.select_by == "mse" and min(mse.scores.values()) == mse.scores[repr(mse.ridge)]
+
+
+def test_rank_deficient_least_squares_warns_and_falls_back_to_ridge():
+    x = _features(200, 8, 13)
+    x = torch.cat([x, x[:, :3]], 1)  # duplicated features: X^T X is singular
+    y = x[:, :5] * 2.0
+    s = _stitcher("affine", x, y)
+    with pytest.warns(RuntimeWarning, match="rank-deficient.*falling back to ridge"):
+        result = fit_closed_form(s, (x, y), "lstsq")
+    assert result.rank_deficient and result.ridge > 0
+    assert torch.isfinite(s.core.weight).all()
+    torch.testing.assert_close(s(x), y, atol=1e-3, rtol=1e-3)
+    with warnings.catch_warnings():  # a well-posed problem stays silent
+        warnings.simplefilter("error")
+        fit_closed_form(_stitcher("affine", x[:, :8], y), (x[:, :8], y), "lstsq")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"method": "ridge", "ridge_grid": []}, "ridge_grid is empty"),
+        ({"method": "ridge", "ridge_grid": [0.0, -1.0]}, r"finite and > 0.*\[0.0, -1.0\]"),
+        ({"method": "ridge", "ridge_grid": [float("nan")]}, "finite and > 0"),
+        ({"method": "ridge", "ridge_grid": "abc"}, "list of numbers"),
+        ({"method": "ridge", "ridge_grid": [1.0, 2.0]}, "needs held-out features"),
+        ({"method": "cholesky"}, "unknown closed-form method 'cholesky'"),
+        ({"method": "procrustes", "scaling": "anisotropic"}, "unknown Procrustes scaling"),
+        ({"method": "procrustes", "center": True}, "needs somewhere to put the offset"),
+    ],
+)
+def test_bad_options_are_clear_errors(kwargs, message):
+    x, y = _features(50, 6, 14), _features(50, 4, 15)
+    with pytest.raises(ValueError, match=message):
+        fit_closed_form(_stitcher("linear", x, y), (x, y), **kwargs)
+
+
+def test_unsupported_stitchers_and_unfitted_norms_are_refused():
+    x, y = _features(50, 6, 16), _features(50, 4, 17)
+    with pytest.raises(ValueError, match="use stitcher 'linear' or 'affine'"):
+        fit_closed_form(Stitcher("mlp", 6, 4, hidden_dim=8), (x, y))
+    with pytest.raises(ValueError, match="input normalization .* is not fitted"):
+        fit_closed_form(Stitcher("linear", 6, 4, input_norm="standard"), (x, y), ridge=1.0)
+    with pytest.raises(ValueError, match="features are 6-d -> 4-d but the stitcher maps 6-d -> 3-d"):
+        fit_closed_form(Stitcher("linear", 6, 3), (x, y), ridge=1.0)
+    assert check_ridge_grid([1.0, 0.1, 1.0]) == (0.1, 1.0)
