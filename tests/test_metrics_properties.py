@@ -28,6 +28,7 @@ def test_returns_python_float_for_all_dtypes(name):
     fn = METRICS.get(name)
     ref = fn(a, b)
     assert type(ref) is float and math.isfinite(ref)
+    assert fn(a.clone(), b.clone()) == ref  # deterministic (SVCCA included: exact eigendecomposition, no random SVD)
     for dt in (torch.float16, torch.bfloat16):
         # low-precision input is cast to float32 first: the same as casting it yourself
         assert fn(a.to(dt), b.to(dt)) == fn(a.to(dt).float(), b.to(dt).float())
