@@ -1,0 +1,160 @@
+"""How good a model is, and how alignment relates to it: bits per byte of causal LMs, correlations with intervals.
+
+Bits per byte (the paper's language-modelling competence) of a causal LM on a list of texts:
+
+    bpb = (Σ over texts and tokens of −ln p(token | preceding tokens)) / ln 2 / (Σ over texts of UTF-8 bytes)
+
+Each text is scored on its own, after a start token (the tokenizer's BOS, else EOS as GPT-2 uses it, else CLS),
+so every token of the text is predicted and every byte is paid for. Dividing by bytes instead of tokens makes
+models with different tokenizers comparable. Lower is better.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def start_token_id(tokenizer: Any) -> int:
+    for attr in ("bos_token_id", "eos_token_id", "cls_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError("bits per byte needs a start token to condition the first token on; the tokenizer has "
+                     "no BOS, EOS or CLS token")
+
+
+@torch.inference_mode()
+def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
+                  device: Optional[str | torch.device] = None) -> Dict[str, float]:
+    """Bits per byte of a causal LM (``model(input_ids, attention_mask).logits``) on ``texts``.
+
+    Returns ``bits_per_byte``, ``nats`` (total NLL), ``bytes``, ``tokens`` (scored) and ``texts``.
+    Texts longer than the model's context are an error: truncating them would drop bytes from the score.
+    """
+    texts = list(texts)
+    if not texts:
+        raise ValueError("bits per byte needs at least one text")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    start = start_token_id(tokenizer)
+    context = getattr(getattr(model, "config", None), "n_positions", None) or \
+        getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    encoded = [[start] + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    for text, ids in zip(texts, encoded):
+        if len(ids) < 2:
+            raise ValueError(f"text {text!r} has no tokens to score")
+        if context is not None and len(ids) > context:
+            raise ValueError(f"text of {len(ids)} tokens exceeds the model's context of {context}: {text[:60]!r}...")
+    total_nats = 0.0
+    tokens = 0
+    model.eval()
+    for i0 in range(0, len(encoded), batch_size):
+        chunk = encoded[i0:i0 + batch_size]
+        width = max(len(ids) for ids in chunk)
+        # Right padding: with causal attention, real tokens never see the padding after them.
+        ids = torch.full((len(chunk), width), start, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        scored = mask[:, 1:].bool()
+        total_nats += float(nll[scored].double().sum())
+        tokens += int(scored.sum())
+    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    return {"bits_per_byte": total_nats / math.log(2) / total_bytes, "nats": total_nats, "bytes": total_bytes,
+            "tokens": tokens, "texts": len(texts)}
+
+
+def load_causal_lm(name_or_path: str, device: str | torch.device = "cpu"):
+    """A Hugging Face causal LM and its tokenizer (``hf:`` prefix allowed), frozen, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = name_or_path[3:] if name_or_path.startswith("hf:") else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"bits per byte needs a causal language model; {name_or_path!r} did not load as one "
+                         f"({first[:200]}). Give its competence as a number instead.") from None
+    return model.to(device).eval(), tokenizer
+
+
+# ---- correlation ---------------------------------------------------------------------------------------
+
+def _rank(values: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share the mean rank), as Spearman's rho needs."""
+    order = values.argsort(stable=True)
+    ranks = torch.empty_like(values)
+    ranks[order] = torch.arange(len(values), dtype=values.dtype)
+    for v in values.unique():
+        tied = values == v
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Pearson's r; None when either side is constant (undefined)."""
+    a = torch.tensor(list(x), dtype=torch.float64)
+    b = torch.tensor(list(y), dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float((a * b).sum()) / den if den > 0 else None
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    return pearson(_rank(torch.tensor(list(x), dtype=torch.float64)).tolist(),
+                   _rank(torch.tensor(list(y), dtype=torch.float64)).tolist())
+
+
+def correlation_report(competence: Sequence[float], scores: Sequence[float],
+                       replicates: Optional[List[List[float]]] = None, ci: float = 0.95) -> Dict[str, Any]:
+    """Pearson and Spearman between competence and alignment, with percentile intervals over ``replicates``.
+
+    ``replicates[r][m]`` is model m's alignment in resample r (the same resampled items for every model), so
+    the interval reflects which *items* were measured. It cannot reflect which *models* were chosen: with n
+    models a perfect rank correlation arises by chance with probability 1/n!, reported as ``p_rank_perfect``.
+    """
+    n = len(scores)
+    out: Dict[str, Any] = {"n_models": n, "pearson": None, "spearman": None, "pearson_ci": [None, None],
+                           "spearman_ci": [None, None], "p_rank_perfect": 1.0 / math.factorial(n) if n else None}
+    if n < 3:
+        return out
+    out["pearson"] = pearson(competence, scores)
+    out["spearman"] = spearman(competence, scores)
+    if replicates:
+        q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
+        for key, fn in (("pearson", pearson), ("spearman", spearman)):
+            values = [fn(competence, rep) for rep in replicates]
+            values = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
+            if len(values):
+                out[f"{key}_ci"] = torch.quantile(values, q).tolist()
+    return out
+
+
+def trend_sentence(report: Dict[str, Any], higher_is_better: bool, competence_name: str) -> str:
+    """One plain-language sentence: does alignment rise with competence on this data?"""
+    n = report["n_models"]
+    if report["spearman"] is None:
+        return f"no clear trend on this data (n = {n} models; a correlation needs at least 3 with distinct values)"
+    rho, (lo, hi) = report["spearman"], report["spearman_ci"]
+    sign = 1 if higher_is_better else -1
+    ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+    better = "" if higher_is_better else f" (lower {competence_name} is better)"
+    rises = lo is not None and ((sign > 0 and lo > 0) or (sign < 0 and hi < 0))
+    falls = lo is not None and ((sign > 0 and hi < 0) or (sign < 0 and lo > 0))
+    stat = f"Spearman ρ = {rho:.2f}{ci}, Pearson r = {report['pearson']:.2f}" if report["pearson"] is not None \
+        else f"Spearman ρ = {rho:.2f}{ci}"
+    chance_note = f"; with n = {n} models a perfect ranking occurs by chance with p = {report['p_rank_perfect']:.3g}"
+    if rises:
+        return f"alignment rises with competence{better}: {stat}{chance_note}"
+    if falls:
+        return f"alignment falls as competence rises{better}: {stat}{chance_note}"
+    return f"no clear trend on this data (n = {n} models): {stat}"

@@ -1,0 +1,380 @@
+"""``python evaluate.py study --config configs/study_*.yaml``: does alignment rise with competence?
+
+A study config lists vision and text encoders, one or more datasets, the metrics and the competence of the
+models (published numbers such as ImageNet top-1, or measured: bits per byte of causal LMs on the captions).
+For every dataset it runs the ``align`` measurement (every layer pair of every vision–text pair, calibrated),
+then, per metric, relates each model's alignment (its best layer pair, averaged over its partners of the other
+modality) to its competence: Pearson and Spearman correlations with intervals from half-sample rescoring, a
+scatter plot, and one plain sentence.
+
+Resuming: features live in the feature store (per encoder and dataset) and every pair's scores in the score
+cache, so an interrupted study picks up where it stopped and a finished one reruns in seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+from prh_stitch import competence as comp
+from prh_stitch import reports
+from prh_stitch.evaluation import (EvalError, Extraction, Model, ScoreCache, ScoreSettings, alignment_outputs,
+                                   cache_root, check_metrics, encoder_record, extract_models, parse_pairs,
+                                   pick_device, score_models)
+
+
+# ---- config -------------------------------------------------------------------------------------------
+
+@dataclass
+class ScenesData:
+    n: int = 1024  # evaluated scenes (the validation split)
+    seed: int = 0
+    image_size: int = 224
+    n_train: int = 4096  # size of the (unused here) training split; 4096 shares the default training run's shards
+
+
+@dataclass
+class FashionMnistData:
+    n: int = 1000  # first n images of the split
+    split: str = "test"
+
+
+@dataclass
+class DataBlock:
+    name: str
+    shards: Optional[str] = None
+    scenes: Optional[ScenesData] = None
+    fashion_mnist: Optional[FashionMnistData] = None
+    optional: bool = False  # skip with a note (instead of failing) when the dataset is not installed
+
+
+@dataclass
+class CompetenceBlock:
+    label: str = "competence"
+    higher_is_better: bool = True
+    scores: Union[Dict[str, float], str, None] = None  # {model: value}, or "imagenet_top1" (built-in table)
+    measure: Optional[str] = None  # "bits_per_byte" (text, causal LMs): measured on the dataset's captions
+
+
+@dataclass
+class StudyConfig:
+    vision: List[Any]
+    text: List[Any]
+    data: List[DataBlock]
+    metrics: List[str] = field(default_factory=lambda: ["mutual_knn"])
+    k: int = 10
+    permutations: int = 20
+    bootstrap: int = 200
+    max_null: int = 5
+    half_samples: int = 100
+    seed: int = 0
+    pairs: str = "vt"
+    competence: Dict[str, CompetenceBlock] = field(default_factory=dict)
+    out: str = "runs/study"
+    cache_dir: Optional[str] = None
+    device: Optional[str] = None
+    batch_size: int = 64
+    num_workers: int = 0
+    feature_dtype: str = "float32"
+
+
+def _strict(cls, value: Any, where: str):
+    """Build a dataclass from a mapping; unknown or missing keys are errors that name the valid ones."""
+    if not isinstance(value, dict):
+        raise EvalError(f"{where} must be a mapping, got {type(value).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        raise EvalError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise EvalError(f"{where} lacks required key(s) {missing}")
+    return cls(**value)
+
+
+def load_config(path: str) -> StudyConfig:
+    from prh_stitch.encoders import EncoderSpec
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise EvalError(f"cannot read study config {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise EvalError(f"study config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    cfg = _strict(StudyConfig, raw, f"study config {path}")
+    for side in ("vision", "text"):
+        specs = getattr(cfg, side)
+        if not isinstance(specs, list):
+            raise EvalError(f"{side} must be a list of encoders")
+        setattr(cfg, side, [EncoderSpec.coerce(s) for s in specs])
+    blocks = []
+    for i, block in enumerate(cfg.data if isinstance(cfg.data, list) else [None]):
+        b = _strict(DataBlock, block, f"data[{i}]")
+        b.scenes = _strict(ScenesData, b.scenes, f"data[{i}].scenes") if b.scenes is not None else None
+        b.fashion_mnist = (_strict(FashionMnistData, b.fashion_mnist, f"data[{i}].fashion_mnist")
+                           if b.fashion_mnist is not None else None)
+        if sum(x is not None for x in (b.shards, b.scenes, b.fashion_mnist)) != 1:
+            raise EvalError(f"data[{i}] ({b.name}) needs exactly one of shards, scenes or fashion_mnist")
+        blocks.append(b)
+    if not blocks:
+        raise EvalError("the study config lists no data")
+    cfg.data = blocks
+    if not isinstance(cfg.competence, dict) or set(cfg.competence) - {"vision", "text"}:
+        raise EvalError("competence must be a mapping with keys 'vision' and/or 'text'")
+    cfg.competence = {side: _strict(CompetenceBlock, block, f"competence.{side}")
+                      for side, block in cfg.competence.items()}
+    for side, block in cfg.competence.items():
+        if block.measure not in (None, "bits_per_byte") or (block.measure and side != "text"):
+            raise EvalError(f"competence.{side}.measure: only 'bits_per_byte' for text models is supported")
+        if isinstance(block.scores, str) and block.scores != "imagenet_top1":
+            raise EvalError(f"competence.{side}.scores: a mapping {{model: value}} or 'imagenet_top1'")
+    cfg.metrics = list(check_metrics(cfg.metrics))
+    parse_pairs(cfg.pairs)
+    return cfg
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+
+def resolve_data(block: DataBlock, root: Path) -> Optional[List[str]]:
+    """Shard URLs of a data block (built-in datasets written into the cache once); None = skipped."""
+    from prh_stitch.data.shards import ensure_scene_shards, expand_urls
+
+    if block.shards is not None:
+        return expand_urls(block.shards)
+    if block.scenes is not None:
+        s = block.scenes
+        _, val = ensure_scene_shards(root / "scenes", s.n_train, s.n, seed=s.seed, size=s.image_size)
+        return expand_urls(val)
+    return _fashion_mnist_shards(block, root)
+
+
+def _fashion_mnist_shards(block: DataBlock, root: Path) -> Optional[List[str]]:
+    import json
+    import os
+    import shutil
+    import uuid
+
+    from prh_stitch.data.shards import expand_urls, manifest_path, write_shards
+    from prh_stitch.data.sources import SOURCES, fashion_mnist_dir
+
+    fm = block.fashion_mnist
+    folder = root / "fashion_mnist" / f"{fm.split}-{fm.n}"
+    manifest = manifest_path(folder, fm.split)
+    if manifest.is_file():
+        return expand_urls(str(folder / json.loads(manifest.read_text())["pattern"]))
+    try:
+        samples = SOURCES.get("fashion_mnist")(split=fm.split, limit=fm.n)
+    except ValueError as exc:
+        if block.optional:
+            print(f"evaluate.py study: note: skipping {block.name!r}: Fashion-MNIST is not installed in "
+                  f"{fashion_mnist_dir()} (apt-get install dataset-fashion-mnist)")
+            return None
+        raise EvalError(str(exc)) from None
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write_shards(samples, tmp, prefix=fm.split, samples_per_shard=1000, source="fashion_mnist",
+                     image_format="png")  # lossless: 28 px images would lose their only signal to JPEG
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return expand_urls(str(folder / json.loads(manifest.read_text())["pattern"]))
+
+
+# ---- competence ---------------------------------------------------------------------------------------
+
+def competence_values(block: CompetenceBlock, models: List[Model], feature_sets: Dict[str, Any], device,
+                      cache: ScoreCache) -> Tuple[Dict[str, float], List[str]]:
+    """Competence per model label, and a note for each model left out (no score, or not a causal LM)."""
+    from prh_stitch.encoders import IMAGENET_TOP1
+
+    values: Dict[str, float] = {}
+    excluded: List[str] = []
+    if block.measure == "bits_per_byte":
+        for m in models:
+            captions = feature_sets[m.label].captions
+            key = cache.key({"bpb": m.spec.to_dict(), "data": encoder_record(feature_sets[m.label])})
+            hit = cache.get(key)
+            if hit is None:
+                try:
+                    model, tokenizer = comp.load_causal_lm(m.spec.name, device)
+                except ValueError as exc:
+                    excluded.append(f"{m.label}: {exc}")
+                    continue
+                hit = comp.bits_per_byte(model, tokenizer, captions, device=device)
+                cache.put(key, hit)
+            values[m.label] = hit["bits_per_byte"]
+        return values, excluded
+    table = IMAGENET_TOP1 if block.scores == "imagenet_top1" else dict(block.scores or {})
+    for m in models:
+        if m.label in table:
+            values[m.label] = float(table[m.label])
+        else:
+            excluded.append(f"{m.label}: no {block.label} given")
+    return values, excluded
+
+
+def _average(values: List[List[float]]) -> List[float]:
+    return [sum(col) / len(col) for col in zip(*values)]
+
+
+def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], values: Dict[str, float],
+                        records: List[Dict], metric: str, out: Path, dataset: str) -> Dict[str, Any]:
+    """Points (model, competence, alignment), correlations with intervals, a sentence and a scatter plot."""
+    points = []
+    reps_best: List[List[float]] = []
+    reps_last: List[List[float]] = []
+    for m in models:
+        if m.label not in values:
+            continue
+        mine = [r for r in records if r["metric"] == metric and m.label in (r["model_a"], r["model_b"])
+                and r["kind"] == "vision-text"]
+        if not mine:
+            continue
+        best = sum(r["score"] for r in mine) / len(mine)
+        point = {"model": m.label, "competence": values[m.label], "score": best,
+                 "last": sum(r["last"]["score"] for r in mine) / len(mine),
+                 "max_calibrated": _mean_or_none([r.get("max_calibrated") for r in mine]),
+                 "partners": [r["model_b"] if r["model_a"] == m.label else r["model_a"] for r in mine],
+                 "layers": [[r["layer_a_name"], r["layer_b_name"]] for r in mine]}
+        if len(mine) == 1:  # the interval of the score itself: calibrate()'s bootstrap
+            point.update(ci_low=mine[0]["ci_low"], ci_high=mine[0]["ci_high"])
+        if all("half_samples" in r for r in mine):
+            reps_best.append(_average([r["half_samples"]["best"] for r in mine]))
+            reps_last.append(_average([r["half_samples"]["last"] for r in mine]))
+            if len(mine) > 1:
+                import torch
+
+                q = torch.quantile(torch.tensor(reps_best[-1], dtype=torch.float64),
+                                   torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+                point.update(ci_low=q[0] + best - sum(reps_best[-1]) / len(reps_best[-1]),
+                             ci_high=q[1] + best - sum(reps_best[-1]) / len(reps_best[-1]))
+        points.append(point)
+    xs = [p["competence"] for p in points]
+    transpose = (lambda reps: [list(r) for r in zip(*reps)]) if len(reps_best) == len(points) else (lambda _: None)
+    best = comp.correlation_report(xs, [p["score"] for p in points], transpose(reps_best))
+    last = comp.correlation_report(xs, [p["last"] for p in points], transpose(reps_last))
+    sentence = comp.trend_sentence(best, block.higher_is_better, block.label)
+    chance = next((r.get("chance") for r in records if r["metric"] == metric), None)
+    figure = None
+    if points:
+        figure = reports.competence_scatter(
+            points, block.label, metric, chance,
+            f"{dataset}: {metric} (best layer pair, the paper's max) vs {block.label}",
+            _wrap(sentence), out / f"competence_{metric}_{side}.png").name
+    return {"side": side, "metric": metric, "competence": block.label, "higher_is_better": block.higher_is_better,
+            "points": points, "correlation_best": best, "correlation_last": last, "sentence": sentence,
+            "figure": figure,
+            "interval_method": "half-sample rescoring at each model's best layer pair (same halves for every model)"}
+
+
+def _mean_or_none(values: List[Optional[float]]) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _wrap(text: str, width: int = 95) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width))
+
+
+# ---- run ----------------------------------------------------------------------------------------------
+
+def run_study(config_path: str, out: Optional[str] = None, device: Optional[str] = None,
+              progress: bool = True) -> int:
+    from prh_stitch.data.features import FeatureStore
+
+    started = time.perf_counter()
+    cfg = load_config(config_path)
+    settings = ScoreSettings(metrics=tuple(cfg.metrics), k=cfg.k, permutations=cfg.permutations,
+                             bootstrap=cfg.bootstrap, max_null=cfg.max_null, half_samples=cfg.half_samples,
+                             seed=cfg.seed)
+    kinds = parse_pairs(cfg.pairs)
+    dev = pick_device(device or cfg.device)
+    root = cache_root(cfg.cache_dir)
+    out_dir = Path(out or cfg.out)
+    models = [Model(s.name, s, "vision") for s in cfg.vision] + [Model(s.name, s, "text") for s in cfg.text]
+    if len({m.label for m in models}) != len(models):
+        raise EvalError("an encoder is listed twice in the study config")
+    ex = Extraction(FeatureStore(root / "features", cfg.feature_dtype), dev, cfg.batch_size, cfg.num_workers,
+                    progress)
+    cache = ScoreCache(root / "scores")
+    datasets, notes = [], []
+    for block in cfg.data:
+        t0 = time.perf_counter()
+        urls = resolve_data(block, root)
+        if urls is None:
+            notes.append(f"{block.name}: skipped (dataset not installed)")
+            continue
+        feature_sets = extract_models(models, urls, ex)
+        t1 = time.perf_counter()
+        records = score_models(models, feature_sets, kinds, settings, dev, cache, progress)
+        t2 = time.perf_counter()
+        target = out_dir / block.name
+        header = reports.provenance(
+            "study", {"config_file": str(config_path), "data": asdict(block)}, str(dev), cfg.seed,
+            {label: encoder_record(fs) for label, fs in feature_sets.items()}, settings=asdict(settings))
+        analyses = []
+        for side, block_c in cfg.competence.items():
+            side_models = [m for m in models if m.modality == side]
+            values, excluded = competence_values(block_c, side_models, feature_sets, dev, cache)
+            analyses += [dict(competence_analysis(side, block_c, side_models, values, records, metric, target,
+                                                  block.name), excluded=excluded) for metric in settings.metrics]
+        alignment_outputs(target, models, records, header, f"Alignment on {block.name}")
+        datasets.append({"name": block.name, "n": records[0]["n"], "records": records, "competence": analyses,
+                         "seconds": {"features": round(t1 - t0, 2), "scores": round(t2 - t1, 2),
+                                     "total": round(time.perf_counter() - t0, 2)}})
+    if not datasets:
+        raise EvalError("no dataset of the study could be read: " + "; ".join(notes))
+    summary = {
+        **reports.provenance("study", _config_dict(cfg, config_path), str(dev), cfg.seed, {}, settings=asdict(settings)),
+        "datasets": [{k: v for k, v in d.items() if k != "records"} | {"alignment": f"{d['name']}/alignment.json"}
+                     for d in datasets],
+        "notes": notes, "seconds": round(time.perf_counter() - started, 2),
+    }
+    reports.write_text(out_dir / "study.md", study_markdown(summary, datasets))
+    reports.write_json(out_dir / "study.json", summary)
+    for d in datasets:
+        for a in d["competence"]:
+            print(f"{d['name']} / {a['metric']} / {a['side']}: {a['sentence']}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"evaluate.py study: report in {out_dir / 'study.md'} ({summary['seconds']:.1f} s)")
+    return 0
+
+
+def _config_dict(cfg: StudyConfig, path: str) -> Dict[str, Any]:
+    d = asdict(cfg)
+    d["vision"] = [s.to_dict() for s in cfg.vision]
+    d["text"] = [s.to_dict() for s in cfg.text]
+    d["config_file"] = str(path)
+    return d
+
+
+def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
+    s = summary["settings"]
+    text = (f"# Convergence study\n\nprh_stitch {summary['version']}, device {summary['device']}, k = {s['k']}, "
+            f"{s['permutations']} permutations, {s['bootstrap']} bootstrap resamples, {s['half_samples']} "
+            f"half-samples, seed {s['seed']}; {summary['seconds']:.1f} s in all.\n")
+    for d in datasets:
+        text += f"\n## {d['name']} (N = {d['n']})\n\n"
+        rows = [[r["model_a"], r["model_b"], r["metric"],
+                 f"{r['score']:.3f} ({r['layer_a_name']}, {r['layer_b_name']})",
+                 reports.interval(r["ci_low"], r["ci_high"]), reports.fmt(r.get("max_null_mean"), 3),
+                 f"{r['last']['score']:.3f}", reports.interval(r["last"]["ci_low"], r["last"]["ci_high"]),
+                 reports.fmt(r["last"]["chance"], 3), reports.fmt(r["last"]["calibrated"], 3)] for r in d["records"]]
+        text += reports.markdown_table(["model A", "model B", "metric", "best (max over layer pairs)", "95% CI",
+                                        "null of max", "last layers", "95% CI", "chance", "calibrated"], rows)
+        for a in d["competence"]:
+            text += f"\n**{a['metric']} vs {a['competence']}** ({a['side']} models): {a['sentence']}."
+            if a["figure"]:
+                text += f" ![{a['metric']}]({d['name']}/{a['figure']})"
+            text += "\n"
+    for note in summary["notes"]:
+        text += f"\nNote: {note}\n"
+    return text

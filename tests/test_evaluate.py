@@ -1,0 +1,248 @@
+"""evaluate.py end to end with tiny random encoders and shards written here: stitch, align, study, bad input."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prh_stitch.checkpoint import CHECKPOINT_KEY
+from prh_stitch.data.datamodule import caption_groups
+from prh_stitch.data.features import FeatureStore, align_by_key, default_cache_dir
+from prh_stitch.data.shards import write_shards
+from prh_stitch.data.sources import scenes
+from prh_stitch.encoders import EncoderSpec, build_encoder
+from prh_stitch.evaluation import main
+from prh_stitch.losses import build_loss
+from prh_stitch.metrics import calibrate, layer_alignment, mutual_knn, retrieval
+from prh_stitch.stitchers import Stitcher
+
+FAST = ["--permutations", "5", "--bootstrap", "10", "--max-null", "2", "--no-progress", "--device", "cpu"]
+
+
+def write_scene_shards(folder, n, shuffle_captions=False, prefix="val"):
+    samples = list(scenes(n, seed=3, size=48, split="val"))
+    if shuffle_captions:  # a planted null: captions describe other images
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+        samples = [(k, img, samples[order[i]][2], meta) for i, (k, img, _, meta) in enumerate(samples)]
+    write_shards(samples, folder, prefix=prefix, samples_per_shard=64)
+    return str(Path(folder) / f"{prefix}-*.tar")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_scene_shards(tmp_path_factory.mktemp("scenes"), 96)
+
+
+def store_features(name, pattern, layers=None, pooling=None):
+    """The feature store read directly, as the reports should have read it."""
+    from prh_stitch.data.shards import expand_urls
+
+    encoder = build_encoder(name)
+    layers = list(range(encoder.num_layers)) if layers is None else layers
+    return FeatureStore(default_cache_dir() / "features").get(encoder, expand_urls(pattern), layers, pooling,
+                                                              progress=False)
+
+
+def ordered(fs):
+    return [fs.features[n] for n in fs.info["layers"]]
+
+
+def identity_checkpoint(path, name="tiny_bert", objective="contrastive", scale=20.0):
+    """A StitchingModule-style checkpoint whose stitcher is exactly the identity."""
+    dim = build_encoder(name).feature_dim(-1, None)
+    stitcher = Stitcher("linear", dim, dim, "none", "none")
+    with torch.no_grad():
+        stitcher.core.weight.copy_(torch.eye(dim))
+    state = {f"stitcher.{k}": v for k, v in stitcher.state_dict().items()}
+    if objective == "contrastive":
+        state["objective.log_logit_scale"] = torch.tensor(math.log(scale))
+    spec = EncoderSpec(name=name).to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state, "global_step": 7, CHECKPOINT_KEY: {
+        "format": 1, "version": "0.1.0", "stitcher": stitcher.config(), "source": spec, "target": dict(spec),
+        "source_layer": "layers.1", "target_layer": "layers.1",
+        "objective": {"name": objective, "options": {}}}}, path)
+    return path
+
+
+def test_align_reports_equal_the_metric_functions_and_rerun_from_the_caches(data, tmp_path):
+    out = tmp_path / "align"
+    args = ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--out", str(out),
+            "--metrics", "mutual_knn,cka", "--k", "5", *FAST]
+    assert main(args) == 0
+    report = json.loads((out / "alignment.json").read_text())
+    for key in ("version", "config", "encoders", "device", "seed", "settings"):
+        assert key in report, key
+    assert {r["metric"] for r in report["records"]} == {"mutual_knn", "cka"}
+    fa, fb = store_features("tiny_vit", data), store_features("tiny_bert", data)
+    ia, ib = align_by_key(fa, fb)
+    a, b = [x[ia] for x in ordered(fa)], [x[ib] for x in ordered(fb)]
+    for r in report["records"]:
+        for field in ("model_a", "model_b", "metric", "score", "layer_a", "layer_b", "chance", "null_mean",
+                      "null_std", "calibrated", "ci_low", "ci_high"):
+            assert field in r, field
+        opts = {"k": 5} if r["metric"] == "mutual_knn" else {}
+        table = layer_alignment(a, b, r["metric"], **opts)
+        assert r["matrix"] == table["scores"].tolist()
+        assert (r["layer_a"], r["layer_b"]) == tuple(table["best_index"])
+        cal = calibrate(r["metric"], a[r["layer_a"]], b[r["layer_b"]], permutations=5, bootstrap=10, seed=0, **opts)
+        for key in ("score", "chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high"):
+            assert r[key] == pytest.approx(cal[key], abs=1e-12), key
+        last = calibrate(r["metric"], a[-1], b[-1], permutations=5, bootstrap=10, seed=0, **opts)
+        assert r["last"]["score"] == pytest.approx(last["score"]) and r["last"]["layer_a"] == len(a) - 1
+        vit = build_encoder("tiny_vit")
+        assert r["fingerprint_a"]["encoder_fingerprint"] == vit.fingerprint(list(range(vit.num_layers)), None)
+    rows = (out / "alignment.csv").read_text().splitlines()
+    assert rows[0].startswith("model_a,model_b,metric,pair,score") and len(rows) == 1 + 2 * 2
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["layers_cka_tiny_vit__tiny_bert.png", "layers_mutual_knn_tiny_vit__tiny_bert.png",
+                    "models_cka.png", "models_mutual_knn.png"]
+    assert "maximum over all layer pairs" in (out / "alignment.md").read_text()
+    # A second run reads features and pair scores back: identical records.
+    assert main(args + ["--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "alignment.json").read_text())
+    assert again["records"] == report["records"]
+
+
+def test_identity_stitcher_between_identical_encoders_is_perfect(data, tmp_path):
+    ckpt = identity_checkpoint(tmp_path / "run" / "version_0" / "checkpoints" / "last.ckpt")
+    out = tmp_path / "stitch"
+    assert main(["stitch", "--ckpt", str(ckpt), "--data", data, "--out", str(out), "--metrics", "mutual_knn,cka",
+                 "--k", "5", "--loss-batch-size", "32", *FAST]) == 0
+    report = json.loads((out / "stitch.json").read_text())
+    assert report["retrieval"]["a2b/recall@1"] == 1.0 and report["retrieval"]["b2a/recall@1"] == 1.0
+    assert report["retrieval"]["mean_cosine"] == pytest.approx(1.0)
+    assert report["alignment"]["mutual_knn"]["stitched"]["score"] == 1.0
+    assert report["alignment"]["mutual_knn"]["raw"]["score"] == 1.0
+    assert report["alignment"]["cka"]["stitched"]["score"] == pytest.approx(1.0)
+    # The loss is the checkpoint's objective with its trained temperature, over consecutive batches of 32.
+    feats = store_features("tiny_bert", data)
+    x = feats.features["layers.1"]
+    loss = build_loss("contrastive")
+    loss.log_logit_scale.data.fill_(math.log(20.0))
+    expected = sum(float(loss(x[i:i + 32], x[i:i + 32])) * len(x[i:i + 32]) for i in range(0, len(x), 32)) / len(x)
+    assert report["loss"]["value"] == pytest.approx(expected, rel=1e-5)
+    for key in ("version", "config", "encoders", "device", "seed", "settings", "n"):
+        assert key in report, key
+    bert = build_encoder("tiny_bert")
+    assert report["n"] == 96
+    assert report["encoders"]["source"]["encoder_fingerprint"] == bert.fingerprint(list(range(bert.num_layers)), None)
+    # Source is text here: zero-shot applies to image features only when the target embeds the prompts; it does.
+    assert "zero_shot" in report
+    assert list((tmp_path / "run" / "version_0" / "evaluate").glob("events.out.tfevents.*"))
+    assert "| a2b | 1.0000" in (out / "stitch.md").read_text()
+
+
+def test_zero_shot_and_retrieval_equal_brute_force(data, tmp_path):
+    vit_dim, bert_dim = build_encoder("tiny_vit").feature_dim(-1), build_encoder("tiny_bert").feature_dim(-1)
+    stitcher = Stitcher("affine", vit_dim, bert_dim, "none", "none")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        stitcher.core.weight.normal_()
+    ckpt = tmp_path / "vit2bert.ckpt"
+    torch.save({"state_dict": {f"stitcher.{k}": v for k, v in stitcher.state_dict().items()}, CHECKPOINT_KEY: {
+        "stitcher": stitcher.config(), "source": EncoderSpec("tiny_vit").to_dict(),
+        "target": EncoderSpec("tiny_bert").to_dict(), "objective": {"name": "mse", "options": {}}}}, ckpt)
+    out = tmp_path / "zs"
+    assert main(["stitch", "--ckpt", str(ckpt), "--data", data, "--out", str(out), "--metrics", "mutual_knn",
+                 "--k", "5", "--source", "tiny_vit", "--tensorboard", "none", *FAST]) == 0
+    report = json.loads((out / "stitch.json").read_text())
+    fa, fb = store_features("tiny_vit", data), store_features("tiny_bert", data)
+    ia, ib = align_by_key(fa, fb)
+    with torch.no_grad():
+        mapped = stitcher(fa.features["pre_logits"][ia])
+    target = fb.features["layers.1"][ib]
+    captions = [fa.captions[i] for i in ia.tolist()]
+    expected = retrieval(mapped, target, groups=caption_groups(captions))
+    for key, value in expected.items():
+        assert report["retrieval"][key] == pytest.approx(value), key
+    assert report["loss"]["value"] == pytest.approx(float(F.mse_loss(mapped, target)), rel=1e-5)
+    # Zero-shot by hand: scene labels are shape classes; prompts embedded by the target text encoder.
+    from prh_stitch.data.scenes import SHAPES
+
+    labels = torch.tensor([fa.labels[i] for i in ia.tolist()])
+    classes = sorted(set(labels.tolist()))
+    bert = build_encoder("tiny_bert")
+    prompts = bert.encode(bert.collate([bert.transform(f"a photo of a {SHAPES[c]}") for c in classes]), [-1])[0]
+    brute = 0
+    for row, label in zip(mapped, labels.tolist()):
+        sims = [float(F.cosine_similarity(row, p, dim=0)) for p in prompts]
+        brute += classes[max(range(len(sims)), key=sims.__getitem__)] == label
+    zs = report["zero_shot"]
+    assert zs["classes"] == [SHAPES[c] for c in classes]
+    assert zs["accuracy"] == pytest.approx(brute / len(labels))
+    assert zs["chance_uniform"] == pytest.approx(1 / len(classes))
+    assert zs["chance_majority"] == pytest.approx(max(labels.tolist().count(c) for c in classes) / len(labels))
+
+
+def test_independent_encoders_land_near_chance(tmp_path):
+    # Captions shuffled against their images: any image–text alignment would be an artefact.
+    data = write_scene_shards(tmp_path / "null", 128, shuffle_captions=True)
+    out = tmp_path / "null_report"
+    assert main(["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--out", str(out),
+                 "--metrics", "mutual_knn", "--k", "5", "--permutations", "20", "--bootstrap", "10",
+                 "--max-null", "5", "--no-progress", "--device", "cpu"]) == 0
+    (r,) = json.loads((out / "alignment.json").read_text())["records"]
+    last = r["last"]
+    assert last["chance"] == pytest.approx(5 / 127)
+    assert abs(last["calibrated"]) < 0.05 and abs(last["z"]) < 3.5
+    assert abs(last["score"] - last["chance"]) < 0.03
+    # The max over layer pairs is inflated above a single pair's chance; its own null explains it.
+    assert r["score"] >= last["score"] and r["max_null_mean"] > last["chance"]
+    assert abs(r["max_calibrated"]) < 0.05
+
+
+def test_study_end_to_end_with_measured_bits_per_byte_and_resume(data, tmp_path):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from prh_stitch.competence import bits_per_byte
+    from prh_stitch.encoders.builtins import minilm_folder
+
+    lm_dir = tmp_path / "tiny_gpt2"
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(lm_dir)
+    tokenizer.save_pretrained(lm_dir)
+    config = tmp_path / "study.yaml"
+    config.write_text(f"""
+vision: [tiny_vit, tiny_resnet]
+text: [tiny_bert, "hf:{lm_dir}"]
+data:
+  - {{name: mine, shards: "{data}"}}
+  - {{name: absent, fashion_mnist: {{n: 10}}, optional: true}}
+metrics: [mutual_knn]
+k: 5
+permutations: 5
+bootstrap: 10
+max_null: 1
+half_samples: 8
+competence:
+  vision: {{label: made-up score, scores: {{tiny_vit: 1.0, tiny_resnet: 2.0}}}}
+  text: {{label: bits per byte, higher_is_better: false, measure: bits_per_byte}}
+out: {tmp_path / "study"}
+device: cpu
+""")
+    os.environ["PRH_STITCH_FASHION_MNIST"] = str(tmp_path / "no_such_dir")
+    try:
+        assert main(["study", "--config", str(config), "--no-progress"]) == 0
+    finally:
+        del os.environ["PRH_STITCH_FASHION_MNIST"]
+    out = tmp_path / "study"
+    summary = json.loads((out / "study.json").read_text())
+    assert [d["name"] for d in summary["datasets"]] == ["mine"] and "absent" in summary["notes"][0]
+    (mine,) = summary["datasets"]
+    text_side = next(a for a in mine["competence"] if a["side"] == "text")
+    gpt = next(p for p in text_side["points"] if p["model"].startswith("hf:"))
+    captions = store_features("tiny_bert", data).captions
+    model = GPT2LMHeadModel.from_pretrained(lm_dir)
+    assert gpt["competence"] == pytest.approx(bits_per_byte(model, tokenizer, captions)["bits_per_byte"], rel=1e-6)
+    assert len(text_side["points"]) == 1 and "tiny_bert" in text_side["excluded"][0]  # not a causal LM
+    vision_side = next(a for a in mine["competence"] if a["side"] == "vision")
+    assert {p["model"] for p in vision_side["points"]} == {"tiny_vit", "tiny_resnet"}
+    assert "no clear trend" in vision_side["sentence"] and "n = 2" in vision_side["sentence"]
+    assert (out / "mine" / "competence_mutual_knn_vision.png").is_file()
+    assert (out / "mine" / "alignment.json").is_file() and (out / "study.md").is_file()
