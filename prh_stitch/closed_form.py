@@ -10,7 +10,9 @@ Statistics
     read once and memory is ``O(Dx² + Dx·Dy)`` whatever N is. All statistics are plain sums: streaming over
     shards, merging and a DDP ``all_reduce`` (:meth:`NormalEquations.all_reduce`) give the one-shot answer.
     Centring happens after accumulation (``XᵀX − n·x̄x̄ᵀ``), which in float64 is exact enough unless feature
-    means exceed their spread by ~10⁶.
+    means exceed their spread by ~10⁶. ``precision="mixed"`` computes each chunk's products in float32 on rows
+    centred on the chunk's mean (then corrects them exactly to raw sums in float64): about twice as fast on a
+    CPU, with moments accurate to ~1e-6 relative, plenty for ridge; ``float64`` (the default) is exact.
 
 Where the fit happens
     In the stitcher's *normalised* space: with ``x' = input_norm(x)`` and ``y' = (y − shift)/scale`` of the
@@ -26,7 +28,7 @@ Methods (``METHODS``)
                    answer.
     ``ridge``      ``W = (X'ᵀX'/n + λ·τ·I)⁻¹ X'ᵀY'/n`` with ``τ = tr(X'ᵀX'/n)/Dx`` (the mean feature variance),
                    so ``λ`` is *relative*: the same grid means the same thing for any feature scale. With a
-                   grid, every ``λ`` is solved from one eigendecomposition and the best on held-out features is
+                   grid, every ``λ`` is solved (one Cholesky factorisation each) and the best on held-out features is
                    kept (``select_by``: ``recall@1`` of stitched source → target retrieval, the metric
                    stitchers are judged by, ties broken by lower MSE; or ``mse``). The grid must be non-empty,
                    finite and positive (λ = 0 is ``lstsq``).
@@ -56,11 +58,12 @@ from torch import Tensor
 from prh_stitch.stitchers import Stitcher
 
 __all__ = [
-    "METHODS", "SELECT_BY", "SCALINGS", "DEFAULT_RIDGE_GRID", "RANK_FALLBACK_RIDGE",
+    "METHODS", "PRECISIONS", "SELECT_BY", "SCALINGS", "DEFAULT_RIDGE_GRID", "RANK_FALLBACK_RIDGE",
     "NormalEquations", "ClosedFormResult", "fit_closed_form", "check_ridge_grid",
 ]
 
 METHODS = ("lstsq", "ridge", "procrustes")
+PRECISIONS = ("float64", "mixed")
 SELECT_BY = ("recall@1", "mse")
 SCALINGS = ("none", "isotropic", "standard")
 DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)
@@ -76,8 +79,12 @@ Pairs = Union[Tuple[Tensor, Tensor], "NormalEquations", Iterable[Tuple[Tensor, T
 class NormalEquations:
     """Float64 sums of paired features ``x`` (N × Dx) and ``y`` (N × Dy): enough for every linear fit here."""
 
-    def __init__(self, in_dim: int, out_dim: int, device: Union[str, torch.device] = "cpu") -> None:
+    def __init__(self, in_dim: int, out_dim: int, device: Union[str, torch.device] = "cpu",
+                 precision: str = "float64") -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        self.precision = precision
         f64 = {"dtype": torch.float64, "device": device}
         # The count is a tensor too, so one all_reduce covers it like the other sums.
         self.count = torch.zeros((), **f64)
@@ -109,13 +116,24 @@ class NormalEquations:
         self.count += x.shape[0]
         self.sum_x += x.sum(0)
         self.sum_y += y.sum(0)
-        self.xtx.addmm_(x.T, x)
-        self.xty.addmm_(x.T, y)
         self.sum_yy += y.square().sum(0)
+        if self.precision == "float64":
+            self.xtx.addmm_(x.T, x)
+            self.xty.addmm_(x.T, y)
+            return self
+        # "mixed": the products of rows centred on the chunk's own (float32-rounded) mean run in float32, where
+        # the entries are small and cancel little, and the exact corrections back to raw sums
+        # (x = d + c  =>  Σxxᵀ = dᵀd + c(Σd)ᵀ + (Σd)cᵀ + n·ccᵀ) are added in float64.
+        n = x.shape[0]
+        cx, cy = x.mean(0).float().double(), y.mean(0).float().double()
+        dx, dy = (x - cx).float(), (y - cy).float()
+        sdx, sdy = dx.double().sum(0), dy.double().sum(0)
+        self.xtx += (dx.T @ dx).double() + torch.outer(cx, sdx) + torch.outer(sdx, cx) + n * torch.outer(cx, cx)
+        self.xty += (dx.T @ dy).double() + torch.outer(cx, sdy) + torch.outer(sdx, cy) + n * torch.outer(cx, cy)
         return self
 
     @classmethod
-    def from_pairs(cls, pairs: Pairs, chunk_rows: int = 65536) -> "NormalEquations":
+    def from_pairs(cls, pairs: Pairs, chunk_rows: int = 16384, precision: str = "float64") -> "NormalEquations":
         """From ``(x, y)`` tensors (processed in ``chunk_rows`` chunks) or an iterable of ``(x, y)`` chunks."""
         if isinstance(pairs, NormalEquations):
             return pairs
@@ -125,7 +143,7 @@ class NormalEquations:
         stats: Optional[NormalEquations] = None
         for x, y in pairs:
             if stats is None:
-                stats = cls(x.shape[-1], y.shape[-1])
+                stats = cls(x.shape[-1], y.shape[-1], precision=precision)
             stats.update(x, y)
         if stats is None or stats.n == 0:
             raise ValueError("no training pairs were given to the closed-form fit")
@@ -177,7 +195,7 @@ class NormalEquations:
             cov_xx = cov_xx + torch.outer(dx, dx)
             cov_xy = cov_xy + torch.outer(dx, dy)
             var_y = var_y + dy.square()
-        cov_xx = (cov_xx + cov_xx.T) / 2  # exact symmetry for eigh
+        cov_xx = (cov_xx + cov_xx.T) / 2  # exact symmetry for the factorisations
         return _Moments(
             n=n,
             mean_x=(mean_x - shift_x) / scale_x,
@@ -257,18 +275,31 @@ def _intercept(m: _Moments, weight: Tensor, fit_bias: bool) -> Optional[Tensor]:
 
 
 class _RidgePath:
-    """``W(λ) = (A + λτI)⁻¹ B`` for many λ from one eigendecomposition of ``A``."""
+    """``W(λ) = (A + λτI)⁻¹ B`` by one Cholesky factorisation per λ.
+
+    A Cholesky factorisation costs ``D³/3`` and parallelises well; an eigendecomposition reused over the grid costs
+    ~9·D³ up front, so the grid sizes used in practice (< 20 values) are cheaper this way.
+    """
 
     def __init__(self, m: _Moments) -> None:
-        self.eigvals, self.eigvecs = torch.linalg.eigh(m.xx)
-        self.eigvals = self.eigvals.clamp_min(0.0)  # round-off can make a zero eigenvalue slightly negative
-        self.rotated = self.eigvecs.T @ m.xy
+        self.a, self.b = m.xx, m.xy
         self.tau = float(m.xx.diagonal().mean()) or 1.0  # all-zero features: any scale works
-        top = float(self.eigvals[-1]) if len(self.eigvals) else 0.0
-        self.rank_deficient = bool(self.eigvals[0] <= RANK_RTOL * top) or top == 0.0
+
+    def rank_deficient(self) -> bool:
+        """Whether ``A`` is numerically singular: a pivot of its Cholesky factorisation is (close to) zero.
+
+        Without pivoting, a column that depends on earlier ones leaves a zero Schur complement, so its pivot
+        vanishes (or goes negative by round-off, which cholesky_ex reports as a failure).
+        """
+        factor, info = torch.linalg.cholesky_ex(self.a)
+        if int(info) != 0:
+            return True
+        pivots = factor.diagonal().square()
+        return bool(pivots.min() <= RANK_RTOL * max(float(self.a.diagonal().max()), 1e-300))
 
     def solve(self, ridge: float) -> Tensor:
-        return self.eigvecs @ (self.rotated / (self.eigvals + ridge * self.tau)[:, None])
+        eye = torch.eye(len(self.a), dtype=self.a.dtype, device=self.a.device)
+        return torch.cholesky_solve(self.b, torch.linalg.cholesky(self.a + (ridge * self.tau) * eye))
 
 
 def _procrustes(m: _Moments, scaling: str) -> Tensor:
@@ -290,15 +321,18 @@ def _procrustes(m: _Moments, scaling: str) -> Tensor:
 
 @torch.no_grad()
 def _score(stitcher: Stitcher, val: Tuple[Tensor, Tensor], groups: Optional[Tensor]) -> Tuple[float, float]:
-    from prh_stitch.metrics import retrieval
+    from prh_stitch.metrics.retrieval import ranks
 
-    x, y = val
+    device = stitcher.core.weight.device
+    x, y = (t.to(device, torch.float32) for t in val)
     was_training = stitcher.training
-    pred = stitcher.eval()(x.float())
+    pred = stitcher.eval()(x)
     stitcher.train(was_training)
     mse = float((pred.double() - y.double()).square().mean())
-    r1 = retrieval(pred, y.float(), groups=groups, ks=(1,))["a2b/recall@1"]
-    return r1, mse
+    # Source -> target only, as val/recall@1 is: the same ranks the retrieval metric computes, half the work.
+    unit = lambda t: torch.nn.functional.normalize(t, dim=1)  # noqa: E731
+    rank = ranks(unit(pred), unit(y), None if groups is None else groups.to(device))
+    return float((rank <= 1).double().mean()), mse
 
 
 def fit_closed_form(
@@ -313,7 +347,8 @@ def fit_closed_form(
     select_by: str = "recall@1",
     scaling: str = "none",
     center: Optional[bool] = None,
-    chunk_rows: int = 65536,
+    chunk_rows: int = 16384,
+    precision: str = "float64",
     distributed: bool = False,
 ) -> ClosedFormResult:
     """Fit ``stitcher``'s linear core in closed form and write its weight (and bias) in place.
@@ -331,7 +366,9 @@ def fit_closed_form(
         scaling: Procrustes scaling: ``none``, ``isotropic`` or ``standard``.
         center: Procrustes centring; None = centre iff the core has a bias. ``True`` without a bias requires
             an input normalisation that centres (``center``/``standard``), since the offset has nowhere to go.
-        chunk_rows: rows per float64 chunk when ``train`` is a pair of tensors.
+        chunk_rows: rows per chunk when ``train`` is a pair of tensors.
+        precision: ``float64`` (every product in float64) or ``mixed`` (products of chunk-centred rows in float32,
+            sums in float64: ~2x faster on CPUs, relative error ~1e-6 on the moments; see NormalEquations).
         distributed: all-reduce the statistics over the default process group (each rank passed its shard).
     """
     if method not in METHODS:
@@ -351,7 +388,7 @@ def fit_closed_form(
                              "stitcher, or input_norm 'center'/'standard' with the 'linear' one")
     else:
         center = fit_bias
-    stats = NormalEquations.from_pairs(train, chunk_rows)
+    stats = NormalEquations.from_pairs(train, chunk_rows, precision)
     if (stats.in_dim, stats.out_dim) != (stitcher.in_dim, stitcher.out_dim):
         raise ValueError(f"features are {stats.in_dim}-d -> {stats.out_dim}-d but the stitcher maps "
                          f"{stitcher.in_dim}-d -> {stitcher.out_dim}-d")
@@ -370,7 +407,7 @@ def fit_closed_form(
     path = _RidgePath(m)
     if method == "lstsq":
         lam = 0.0
-        if path.rank_deficient:
+        if path.rank_deficient():
             warnings.warn(
                 f"least squares: the {stats.in_dim}x{stats.in_dim} source Gram matrix is rank-deficient "
                 f"({stats.n} rows; duplicated or constant features?), so the solution is not unique; falling "
@@ -384,7 +421,6 @@ def fit_closed_form(
         return result
 
     grid = check_ridge_grid([ridge] if ridge is not None else ridge_grid)
-    result.rank_deficient = path.rank_deficient
     if len(grid) == 1:
         result.ridge = grid[0]
         weight = path.solve(grid[0])

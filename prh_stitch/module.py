@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +18,8 @@ from torch import Tensor
 
 from prh_stitch import __version__
 from prh_stitch.checkpoint import CHECKPOINT_KEY
+from prh_stitch.closed_form import METHODS as CLOSED_FORM_METHODS
+from prh_stitch.closed_form import ClosedFormResult, check_ridge_grid, fit_closed_form
 from prh_stitch.data.datamodule import FeatureRequest, StitchingDataModule
 from prh_stitch.encoders import EncoderSpec, FrozenEncoder, encoder_from_spec
 from prh_stitch.losses import LOSSES, build_loss
@@ -26,14 +28,59 @@ from prh_stitch.stitchers import STITCHERS, Stitcher
 CHECKPOINT_FORMAT = 1
 
 
+FITS = ("gradient",) + CLOSED_FORM_METHODS
+CLOSED_FORM_OPTIONS = ("ridge", "ridge_grid", "select_by", "scaling", "center", "precision")
+
+
 @dataclass
 class StitcherSpec:
-    """Which stitcher to train: a registered name, normalisation of its input and output, core options."""
+    """Which stitcher to train: a registered name, normalisation of its input and output, core options.
+
+    ``fit`` is how its weights are obtained: ``gradient`` (AdamW on the objective) or a closed form on the
+    training features (``lstsq``, ``ridge``, ``procrustes``; ``linear``/``affine`` stitchers only), which takes
+    no gradient steps: the run is one epoch whose single optimizer step is the solve (:class:`ClosedFormStep`),
+    then validates once and writes its checkpoints. ``init`` starts a gradient fit from a closed form (fitted in
+    ``setup``) instead of random weights. ``closed_form`` holds that fit's options (``ridge``, ``ridge_grid``,
+    ``select_by``, ``scaling``, ``center``, ``precision``; see :mod:`prh_stitch.closed_form`); the ridge
+    strength is chosen on the validation split by recall@1 unless ``ridge`` fixes it.
+    """
 
     name: str = "linear"
     input_norm: str = "standard"
     output_norm: str = "none"
     options: Dict[str, Any] = field(default_factory=dict)
+    fit: str = "gradient"
+    init: Optional[str] = None
+    closed_form: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def closed_form_method(self) -> Optional[str]:
+        """The closed form this spec runs (as the whole fit or as the initialisation), or None."""
+        return self.fit if self.fit != "gradient" else self.init
+
+    def check(self) -> None:
+        if self.fit not in FITS:
+            raise ValueError(f"unknown stitcher fit {self.fit!r}; choose one of {', '.join(FITS)}")
+        if self.init is not None:
+            if self.fit != "gradient":
+                raise ValueError(f"stitcher init {self.init!r} applies to fit 'gradient' only; fit {self.fit!r} "
+                                 "is already closed-form (drop init)")
+            if self.init not in CLOSED_FORM_METHODS:
+                raise ValueError(f"unknown stitcher init {self.init!r}; choose one of {', '.join(CLOSED_FORM_METHODS)} "
+                                 "or null for the default random initialisation")
+        unknown = sorted(set(self.closed_form) - set(CLOSED_FORM_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown closed_form option(s) {unknown}; valid: {list(CLOSED_FORM_OPTIONS)}")
+        if self.closed_form_method is None:
+            if self.closed_form:
+                raise ValueError("closed_form options are set but neither fit nor init is a closed form "
+                                 f"({', '.join(CLOSED_FORM_METHODS)})")
+            return
+        if self.name not in ("linear", "affine"):
+            raise ValueError(f"closed-form fits ({self.closed_form_method}) need stitcher 'linear' or 'affine', "
+                             f"not {self.name!r}")
+        if "ridge_grid" in self.closed_form:
+            check_ridge_grid(self.closed_form["ridge_grid"])
 
 
 @dataclass
@@ -55,6 +102,23 @@ def _coerce(cls, value):
             raise ValueError(f"unknown {cls.__name__} setting(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
         return cls(**value)
     raise TypeError(f"cannot read a {cls.__name__} from {type(value).__name__}")
+
+
+class ClosedFormStep(torch.optim.Optimizer):
+    """An "optimizer" whose one step is a closed-form fit of the stitcher.
+
+    Lightning counts optimizer steps (``global_step``) and its checkpoint callbacks save only after steps, so a
+    closed-form run takes exactly one: the solve. ``lr`` is 0 because no gradient is ever applied; it is there
+    for callbacks such as LearningRateMonitor that read every optimizer's learning rate.
+    """
+
+    def __init__(self, params, solve: Callable[[], None]) -> None:
+        super().__init__(params, {"lr": 0.0})
+        self._solve = solve
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        self._solve()
 
 
 @dataclass
@@ -96,6 +160,7 @@ class StitchingModule(pl.LightningModule):
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
         STITCHERS.get(self.stitcher_spec.name)  # fail on a bad name before loading any encoder
+        self.stitcher_spec.check()
         LOSSES.get(self.objective_spec.name)
         # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters({
@@ -112,6 +177,15 @@ class StitchingModule(pl.LightningModule):
         from prh_stitch.metrics import Retrieval
 
         self.val_retrieval = Retrieval(ks=(1, 5, 10))
+        self.closed_form_result: Optional[ClosedFormResult] = None
+        if self.gradient_free:
+            # The closed-form solve is this run's single optimizer step (see ClosedFormStep), taken by hand.
+            self.automatic_optimization = False
+
+    @property
+    def gradient_free(self) -> bool:
+        """True when the stitcher is fitted in closed form only (no gradient steps)."""
+        return self.stitcher_spec.fit != "gradient"
 
     # ---- encoders and features ------------------------------------------------------------------
     @property
@@ -145,12 +219,43 @@ class StitchingModule(pl.LightningModule):
             # Deterministic given the training features, so every rank fits the same statistics; a resumed run
             # then overwrites them with the checkpoint's (identical) ones.
             self.stitcher.fit_normalization(*dm.training_tensors())
+            if self.stitcher_spec.init is not None:
+                self._fit_closed_form(dm)  # the starting point of gradient training
+            if self.gradient_free and self.trainer is not None:
+                # A closed-form run is one epoch: its first batch takes the single "step" (the solve), then the epoch's
+                # validation pass and the checkpoint callbacks run exactly as after gradient training. More epochs
+                # would repeat the same solve.
+                self.trainer.fit_loop.max_epochs = 1
+
+    def _fit_closed_form(self, dm: StitchingDataModule) -> None:
+        """Closed-form fit on the training split; the ridge strength is chosen on the validation split.
+
+        Under DDP every rank holds all training features, but each accumulates only its strided shard of rows and
+        the float64 sums are all-reduced: the same statistics (bit for bit on every rank) for 1/world the work.
+        """
+        import torch.distributed as dist
+
+        source, target = dm.training_tensors()
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
+            rank, world = dist.get_rank(), dist.get_world_size()
+            source, target = source[rank::world], target[rank::world]
+        val_source, val_target, _, val_groups = dm.datasets["val"].tensors
+        spec = self.stitcher_spec
+        self.closed_form_result = fit_closed_form(
+            self.stitcher, (source, target), spec.closed_form_method, val=(val_source, val_target),
+            val_groups=val_groups, distributed=distributed, **spec.closed_form,
+        )
 
     # ---- steps --------------------------------------------------------------------------------
     def forward(self, source_features: Tensor) -> Tensor:
         return self.stitcher(source_features)
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch, batch_idx: int) -> Optional[Tensor]:
+        if self.gradient_free:
+            if batch_idx == 0:
+                self.optimizers().step()  # the closed-form fit; every rank takes it (it all-reduces under DDP)
+            return None
         source, target, _, _ = batch
         loss = self.objective(self.stitcher(source), target)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(source))
@@ -178,9 +283,13 @@ class StitchingModule(pl.LightningModule):
             "val/mean_cosine": scores["mean_cosine"],
         }, prog_bar=False)
         self.log("val/r@1", scores["a2b/recall@1"], prog_bar=True, logger=False)
+        if self.closed_form_result is not None and self.closed_form_result.ridge is not None:
+            self.log("closed_form/ridge", float(self.closed_form_result.ridge))
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
+        if self.gradient_free:
+            return ClosedFormStep(self.stitcher.parameters(), lambda: self._fit_closed_form(self._datamodule()))
         # Weight decay on the stitcher only: decaying the objective's temperature would bias it, not regularise.
         groups = [
             {"params": [p for p in self.stitcher.parameters() if p.requires_grad]},
@@ -215,4 +324,6 @@ class StitchingModule(pl.LightningModule):
             "source_layer": self.encoders.source.layer_names[self.encoders.source.resolve_layer(self.source_spec.layer)],
             "target_layer": self.encoders.target.layer_names[self.encoders.target.resolve_layer(self.target_spec.layer)],
             "objective": asdict(self.objective_spec),
+            "fit": {"method": self.stitcher_spec.fit, "init": self.stitcher_spec.init,
+                    "closed_form": self.closed_form_result.as_dict() if self.closed_form_result else None},
         }

@@ -210,3 +210,101 @@ def test_unsupported_stitchers_and_unfitted_norms_are_refused():
     with pytest.raises(ValueError, match="features are 6-d -> 4-d but the stitcher maps 6-d -> 3-d"):
         fit_closed_form(Stitcher("linear", 6, 3), (x, y), ridge=1.0)
     assert check_ridge_grid([1.0, 0.1, 1.0]) == (0.1, 1.0)
+
+
+# ---- the closed forms inside train.py ---------------------------------------------------------------------------
+
+TINY = str(REPO / "configs" / "tiny.yaml") if (REPO := __import__("pathlib").Path(__file__).resolve().parents[1]) else ""
+
+
+def _tiny(root, *extra):
+    return ["--config", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", *extra]
+
+
+def test_closed_form_run_validates_once_and_writes_ordinary_checkpoints(tmp_path):
+    import prh_stitch
+    from prh_stitch.cli import build_cli, fit
+
+    cli = build_cli(_tiny(tmp_path, "--model.stitcher.fit", "ridge", "--model.stitcher.name", "affine",
+                          "--trainer.max_epochs=5"))
+    fit(cli)
+    assert cli.trainer.current_epoch == 1 and cli.trainer.global_step == 1  # one epoch, one "step": the solve
+    names = {p.name for p in tmp_path.glob("**/*.ckpt")}
+    assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
+    logged = cli.trainer.logged_metrics
+    assert "val/recall@1" in logged and "closed_form/ridge" in logged
+    # The checkpoint's stitcher is exactly the direct closed-form fit of the same features.
+    dm = cli.datamodule
+    source, target = dm.training_tensors()
+    vs, vt, _, vg = dm.datasets["val"].tensors
+    direct = Stitcher("affine", source.shape[1], target.shape[1], "standard").fit_normalization(source, target)
+    result = fit_closed_form(direct, (source, target), "ridge", val=(vs, vt), val_groups=vg)
+    assert float(logged["closed_form/ridge"]) == pytest.approx(result.ridge, rel=1e-6)
+    loaded = prh_stitch.load_stitcher(next(tmp_path.glob("**/last.ckpt")))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(vs), direct(vs), atol=1e-5, rtol=1e-5)
+        r1 = retrieval(loaded(vs), vt, groups=vg)["a2b/recall@1"]
+    assert float(logged["val/recall@1"]) == pytest.approx(r1, abs=1e-6)
+    meta = torch.load(next(tmp_path.glob("**/last.ckpt")), weights_only=True)["prh_stitch"]["fit"]
+    assert meta["method"] == "ridge" and meta["closed_form"]["ridge"] == result.ridge
+
+
+def test_closed_form_initialises_gradient_training(tmp_path):
+    from pytorch_lightning import Callback
+
+    from prh_stitch.cli import build_cli, fit
+
+    class StartingWeights(Callback):
+        def on_train_start(self, trainer, pl_module):  # after setup(), before the first gradient step
+            self.weight = pl_module.stitcher.core.weight.detach().clone()
+
+    cli = build_cli(_tiny(tmp_path, "--model.stitcher.init", "procrustes", "--model.stitcher.closed_form",
+                          "{scaling: isotropic}", "--model.objective.name", "mse", "--trainer.max_epochs=1"))
+    start = StartingWeights()
+    cli.trainer.callbacks.append(start)
+    fit(cli)
+    source, target = cli.datamodule.training_tensors()
+    direct = Stitcher("linear", source.shape[1], target.shape[1], "standard").fit_normalization(source, target)
+    fit_closed_form(direct, (source, target), "procrustes", scaling="isotropic")
+    torch.testing.assert_close(start.weight, direct.core.weight)
+    assert cli.trainer.global_step == len(cli.datamodule.train_dataloader())  # then ordinary gradient steps
+    assert not torch.equal(cli.model.stitcher.core.weight, direct.core.weight)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.stitcher.fit", "cholesky"], "unknown stitcher fit 'cholesky'"),
+        (["--model.stitcher.fit", "ridge", "--model.stitcher.name", "mlp"], "need stitcher 'linear' or 'affine'"),
+        (["--model.stitcher.fit", "ridge", "--model.stitcher.closed_form", "{ridge_grid: []}"], "ridge_grid is empty"),
+        (["--model.stitcher.fit", "ridge", "--model.stitcher.closed_form", "{ridge_grid: [0, -1]}"],
+         "must be finite and > 0"),
+        (["--model.stitcher.fit", "ridge", "--model.stitcher.init", "ridge"], "applies to fit 'gradient' only"),
+        (["--model.stitcher.closed_form", "{ridge: 1.0}"], "neither fit nor init is a closed form"),
+        (["--model.stitcher.fit", "ridge", "--model.stitcher.closed_form", "{ridg: 1.0}"],
+         r"unknown closed_form option\(s\) \['ridg'\]"),
+    ],
+)
+def test_bad_closed_form_config_is_one_clear_error(tmp_path, capsys, extra, message):
+    from prh_stitch.cli import main
+
+    assert main(_tiny(tmp_path, *extra)) == 2
+    err = capsys.readouterr().err
+    assert __import__("re").search(message, err) and "Traceback" not in err
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_mixed_precision_moments_match_float64():
+    x = _features(3000, 40, 18) * 5 + 20  # large means: where careless float32 sums would cancel
+    y = _features(3000, 9, 19) - 7
+    exact = NormalEquations.from_pairs((x, y), chunk_rows=700)
+    mixed = NormalEquations.from_pairs((x, y), chunk_rows=700, precision="mixed")
+    ones = torch.ones(40, dtype=torch.float64)
+    for center in (True, False):
+        a = exact.moments(torch.zeros(40), ones, torch.zeros(9), torch.ones(9), center)
+        b = mixed.moments(torch.zeros(40), ones, torch.zeros(9), torch.ones(9), center)
+        scale = a.xx.diagonal().max()
+        assert (a.xx - b.xx).abs().max() / scale < 1e-6 and (a.xy - b.xy).abs().max() / scale < 1e-6
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        NormalEquations(3, 2, precision="half")
