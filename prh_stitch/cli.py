@@ -19,6 +19,10 @@ from pytorch_lightning.utilities import rank_zero_info
 from prh_stitch.data.datamodule import StitchingDataModule
 from prh_stitch.module import StitchingModule
 
+# ``task`` (top-level config key or --task) picks the model and data classes; the default is the feature stitcher,
+# so configs without the key (default.yaml, tiny.yaml) and `python train.py` are unchanged.
+TASKS = ("stitch", "layer_stitch")
+
 # Errors of ours that carry a message meant for the user; anything else keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
@@ -50,6 +54,11 @@ class StitchCLI(LightningCLI):
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_argument(
+            "--task", type=str, default="stitch",
+            help="stitch: a stitcher between two encoders' features (default); layer_stitch: cut network A at a "
+                 "layer and continue through network B (prh_stitch.layer_stitch).",
+        )
+        parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
             help="Resume training: a checkpoint path, or 'last' for the newest last.ckpt under trainer.default_root_dir.",
         )
@@ -79,12 +88,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
 
+def _requested_task(argv: Optional[List[str]]) -> str:
+    """The ``task`` of the last config file or ``--task`` option that sets one (later ones win, as in the parser)."""
+    import yaml
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    task = "stitch"
+    for position, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name not in ("--config", "--task"):
+            continue
+        if not value and position + 1 < len(args):
+            value = args[position + 1]
+        if name == "--task":
+            task = value
+        elif os.path.isfile(value):
+            with open(value) as handle:
+                loaded = yaml.safe_load(handle)
+            if isinstance(loaded, dict) and "task" in loaded:
+                task = str(loaded["task"])
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return task
+
+
 def build_cli(argv: Optional[List[str]] = None) -> StitchCLI:
     """Parse the config and command line and build model, data and trainer (nothing runs yet)."""
+    if _requested_task(argv) == "layer_stitch":
+        from prh_stitch.layer_stitch import LayerStitchDataModule, LayerStitchingModule
+
+        model_class, data_class = LayerStitchingModule, LayerStitchDataModule
+        description = "Train a stitching layer from network A's layer i into network B's layer j."
+    else:
+        model_class, data_class = StitchingModule, StitchingDataModule
+        description = "Train a stitcher between two frozen encoders."
     return StitchCLI(
-        StitchingModule, StitchingDataModule, args=argv, run=False, seed_everything_default=0,
+        model_class, data_class, args=argv, run=False, seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "train.py", "description": "Train a stitcher between two frozen encoders."},
+        parser_kwargs={"prog": "train.py", "description": description},
     )
 
 
@@ -107,11 +148,13 @@ def fit(cli: StitchCLI) -> None:
     if trainer.is_global_zero:
         callback = trainer.checkpoint_callback
         latest = next(c for c in trainer.callbacks if isinstance(c, LatestCheckpoint))
+        hint = (f"\n  load in Python:  prh_stitch.load_stitcher({latest.best_model_path!r})"
+                if isinstance(cli.model, StitchingModule) else "")
         print(
             "\nDone.\n"
-            f"  best checkpoint: {callback.best_model_path} (val/recall@1 = {float(callback.best_model_score or 0):.4f})\n"
+            f"  best checkpoint: {callback.best_model_path} ({callback.monitor} = {float(callback.best_model_score or 0):.4f})\n"
             f"  last checkpoint: {latest.best_model_path}\n"
             f"  TensorBoard:     tensorboard --logdir {trainer.default_root_dir}\n"
-            f"  resume with:     python train.py <same options> --ckpt_path {latest.best_model_path}\n"
-            f"  load in Python:  prh_stitch.load_stitcher({latest.best_model_path!r})"
+            f"  resume with:     python train.py <same options> --ckpt_path {latest.best_model_path}"
+            f"{hint}"
         )
