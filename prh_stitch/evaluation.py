@@ -22,7 +22,6 @@ import argparse
 import hashlib
 import inspect
 import json
-import logging
 import os
 import sys
 import tarfile
@@ -37,7 +36,6 @@ from torch import Tensor
 
 from prh_stitch import reports
 
-log = logging.getLogger("prh_stitch.evaluate")
 
 # Errors that carry a message meant for the user; anything else keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
@@ -423,8 +421,6 @@ def _split_list(value: Optional[str]) -> List[str]:
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from prh_stitch.data.features import FeatureStore
-    from prh_stitch.data.shards import expand_urls
     from prh_stitch.encoders import EncoderSpec
 
     settings = _settings_from_args(args)
@@ -433,11 +429,7 @@ def cmd_align(args: argparse.Namespace) -> int:
     models += [Model(n, EncoderSpec(name=n), "text") for n in _split_list(args.text)]
     if len({m.label for m in models}) != len(models):
         raise EvalError("a model is listed twice in --vision/--text")
-    device = pick_device(args.device)
-    urls = expand_urls(args.data)
-    root = cache_root(args.cache_dir)
-    ex = Extraction(FeatureStore(root / "features", args.feature_dtype), device, args.batch_size, args.num_workers,
-                    not args.no_progress)
+    device, urls, root, ex = _inputs_from_args(args)
     if not model_pairs(models, kinds):
         raise EvalError(f"no model pairs to score for --pairs {','.join(kinds)}: give --vision and --text models "
                         "(or two of one modality with --pairs vv/tt)")
@@ -611,18 +603,14 @@ def _load_objective(ckpt_meta: Dict[str, Any], state: Dict[str, Tensor], device:
 
 def cmd_stitch(args: argparse.Namespace) -> int:
     from prh_stitch.checkpoint import CHECKPOINT_KEY, load_stitcher, read_checkpoint
-    from prh_stitch.data.features import FeatureStore, align_by_key
+    from prh_stitch.data.features import align_by_key
     from prh_stitch.data.shards import expand_urls
     from prh_stitch.encoders import EncoderSpec, encoder_from_spec
 
     settings = _settings_from_args(args)
     if (args.ckpt is None) == (args.baseline is None):
         raise EvalError("give exactly one of --ckpt PATH (a trained stitcher) or --baseline NAME (training-free)")
-    device = pick_device(args.device)
-    urls = expand_urls(args.data)
-    root = cache_root(args.cache_dir)
-    ex = Extraction(FeatureStore(root / "features", args.feature_dtype), device, args.batch_size, args.num_workers,
-                    not args.no_progress)
+    device, urls, root, ex = _inputs_from_args(args)
     loss = objective = stitcher = baseline = None
     method: Dict[str, Any]
     if args.ckpt is not None:
@@ -794,6 +782,18 @@ def _settings_from_args(args: argparse.Namespace) -> ScoreSettings:
             raise EvalError(f"{flag} must be >= {low}, got {value}")
     return ScoreSettings(metrics=check_metrics(_split_list(args.metrics)), k=args.k, permutations=args.permutations,
                          bootstrap=args.bootstrap, max_null=args.max_null, seed=args.seed)
+
+
+def _inputs_from_args(args: argparse.Namespace) -> Tuple[torch.device, List[str], Path, Extraction]:
+    """Device, shard URLs, cache root and extraction settings shared by ``stitch`` and ``align``."""
+    from prh_stitch.data.features import FeatureStore
+    from prh_stitch.data.shards import expand_urls
+
+    device = pick_device(args.device)
+    urls = expand_urls(args.data)
+    root = cache_root(args.cache_dir)
+    return device, urls, root, Extraction(FeatureStore(root / "features", args.feature_dtype), device,
+                                          args.batch_size, args.num_workers, not args.no_progress)
 
 
 def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:

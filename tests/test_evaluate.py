@@ -17,7 +17,7 @@ from prh_stitch.data.sources import scenes
 from prh_stitch.encoders import EncoderSpec, build_encoder
 from prh_stitch.evaluation import main
 from prh_stitch.losses import build_loss
-from prh_stitch.metrics import calibrate, layer_alignment, mutual_knn, retrieval
+from prh_stitch.metrics import calibrate, layer_alignment, retrieval
 from prh_stitch.stitchers import Stitcher
 
 FAST = ["--permutations", "5", "--bootstrap", "10", "--max-null", "2", "--no-progress", "--device", "cpu"]
@@ -124,7 +124,8 @@ def test_identity_stitcher_between_identical_encoders_is_perfect(data, tmp_path)
     x = feats.features["layers.1"]
     loss = build_loss("contrastive")
     loss.log_logit_scale.data.fill_(math.log(20.0))
-    expected = sum(float(loss(x[i:i + 32], x[i:i + 32])) * len(x[i:i + 32]) for i in range(0, len(x), 32)) / len(x)
+    with torch.no_grad():
+        expected = sum(float(loss(x[i:i + 32], x[i:i + 32])) * len(x[i:i + 32]) for i in range(0, len(x), 32)) / len(x)
     assert report["loss"]["value"] == pytest.approx(expected, rel=1e-5)
     for key in ("version", "config", "encoders", "device", "seed", "settings", "n"):
         assert key in report, key
@@ -181,14 +182,14 @@ def test_zero_shot_and_retrieval_equal_brute_force(data, tmp_path):
 
 def test_independent_encoders_land_near_chance(tmp_path):
     # Captions shuffled against their images: any image–text alignment would be an artefact.
-    data = write_scene_shards(tmp_path / "null", 128, shuffle_captions=True)
+    data = write_scene_shards(tmp_path / "null", 96, shuffle_captions=True)
     out = tmp_path / "null_report"
     assert main(["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--out", str(out),
                  "--metrics", "mutual_knn", "--k", "5", "--permutations", "20", "--bootstrap", "10",
-                 "--max-null", "5", "--no-progress", "--device", "cpu"]) == 0
+                 "--max-null", "3", "--no-progress", "--device", "cpu"]) == 0
     (r,) = json.loads((out / "alignment.json").read_text())["records"]
     last = r["last"]
-    assert last["chance"] == pytest.approx(5 / 127)
+    assert last["chance"] == pytest.approx(5 / 95)
     assert abs(last["calibrated"]) < 0.05 and abs(last["z"]) < 3.5
     assert abs(last["score"] - last["chance"]) < 0.03
     # The max over layer pairs is inflated above a single pair's chance; its own null explains it.
@@ -196,21 +197,61 @@ def test_independent_encoders_land_near_chance(tmp_path):
     assert abs(r["max_calibrated"]) < 0.05
 
 
-def test_study_end_to_end_with_measured_bits_per_byte_and_resume(data, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    """A tiny random GPT-2 saved as a local Hugging Face folder, with MiniLM's tokenizer as an offline stand-in."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    from prh_stitch.competence import bits_per_byte
     from prh_stitch.encoders.builtins import minilm_folder
 
-    lm_dir = tmp_path / "tiny_gpt2"
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(lm_dir)
-    tokenizer.save_pretrained(lm_dir)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, GPT2LMHeadModel.from_pretrained(folder).eval(), tokenizer
+
+
+def test_bits_per_byte_equals_a_token_by_token_computation(tiny_lm):
+    from prh_stitch.competence import bits_per_byte
+
+    _, model, tokenizer = tiny_lm
+    texts = ["a red circle", "two small blue squares on a gray background", "é – ünïcode bytes count"]
+    nats = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = [tokenizer.cls_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+            for t in range(1, len(ids)):  # each token given everything before it, one forward pass each
+                logits = model(input_ids=torch.tensor([ids[:t]])).logits[0, -1]
+                nats -= float(torch.log_softmax(logits.double(), -1)[ids[t]])
+    expected = nats / math.log(2) / sum(len(t.encode("utf-8")) for t in texts)
+    result = bits_per_byte(model, tokenizer, texts, batch_size=2)
+    assert result["bits_per_byte"] == pytest.approx(expected, rel=1e-5)
+    assert result["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+
+
+def test_correlations_equal_scipy():
+    from scipy import stats
+
+    from prh_stitch.competence import correlation_report, pearson, spearman, trend_sentence
+
+    x, y = [75.1, 76.7, 77.5, 80.0], [0.20, 0.22, 0.22, 0.30]
+    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
+    rising = correlation_report(x, y, [[v + 0.001 * r for v in y] for r in range(5)])
+    assert rising["spearman_ci"][0] > 0 and trend_sentence(rising, True, "top-1").startswith("alignment rises")
+    assert trend_sentence(rising, False, "bits per byte").startswith("alignment falls")
+    assert trend_sentence(correlation_report(x[:2], y[:2]), True, "x").startswith("no clear trend")
+
+
+def test_study_end_to_end_with_measured_bits_per_byte_and_resume(data, tiny_lm, tmp_path):
+    from prh_stitch.competence import bits_per_byte
+
+    lm_dir, model, tokenizer = tiny_lm
     config = tmp_path / "study.yaml"
     config.write_text(f"""
 vision: [tiny_vit, tiny_resnet]
-text: [tiny_bert, "hf:{lm_dir}"]
+text: ["hf:{lm_dir}", tiny_bert]
 data:
   - {{name: mine, shards: "{data}"}}
   - {{name: absent, fashion_mnist: {{n: 10}}, optional: true}}
@@ -238,7 +279,6 @@ device: cpu
     text_side = next(a for a in mine["competence"] if a["side"] == "text")
     gpt = next(p for p in text_side["points"] if p["model"].startswith("hf:"))
     captions = store_features("tiny_bert", data).captions
-    model = GPT2LMHeadModel.from_pretrained(lm_dir)
     assert gpt["competence"] == pytest.approx(bits_per_byte(model, tokenizer, captions)["bits_per_byte"], rel=1e-6)
     assert len(text_side["points"]) == 1 and "tiny_bert" in text_side["excluded"][0]  # not a causal LM
     vision_side = next(a for a in mine["competence"] if a["side"] == "vision")
@@ -246,3 +286,81 @@ device: cpu
     assert "no clear trend" in vision_side["sentence"] and "n = 2" in vision_side["sentence"]
     assert (out / "mine" / "competence_mutual_knn_vision.png").is_file()
     assert (out / "mine" / "alignment.json").is_file() and (out / "study.md").is_file()
+
+
+def test_shipped_study_configs_are_valid():
+    from prh_stitch.study import load_config
+
+    offline = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "study_offline.yaml"))
+    assert [s.name for s in offline.vision] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    prh = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "study_prh.yaml"))
+    assert all(s.name.startswith("timm:") for s in prh.vision) and all(s.pooling == "mean" for s in prh.text)
+
+
+# ---- bad input: one line on stderr, exit status 2, no report written ------------------------------------
+
+def assert_user_error(capsys, argv, *fragments, out=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("evaluate.py: error:") and "Traceback" not in err and len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    if out is not None:
+        assert not Path(out).exists() or not any(Path(out).iterdir())
+
+
+def test_checkpoint_encoders_that_differ_from_the_requested_ones(data, tmp_path, capsys):
+    ckpt = identity_checkpoint(tmp_path / "id.ckpt")
+    out = tmp_path / "out"
+    assert_user_error(capsys, ["stitch", "--ckpt", str(ckpt), "--data", data, "--out", str(out), "--source",
+                               "tiny_vit", *FAST], "tiny_bert", "tiny_vit", "--source", out=out)
+    assert_user_error(capsys, ["stitch", "--ckpt", str(ckpt), "--data", data, "--out", str(out), "--target",
+                               "minilm_l6", *FAST], "tiny_bert", "minilm_l6", "--target", out=out)
+
+
+def test_data_without_captions(tmp_path, capsys):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    shard = tmp_path / "nocap-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(12):
+            buffer = io.BytesIO()
+            Image.new("RGB", (16, 16), (i * 20, 0, 0)).save(buffer, format="PNG")
+            for name, payload in ((f"{i:04d}.png", buffer.getvalue()), (f"{i:04d}.json", b'{"label": 1}')):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "out"
+    assert_user_error(capsys, ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", str(shard),
+                               "--out", str(out), *FAST], "no captions", out=out)
+
+
+def test_unknown_metric_and_bad_options(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--out", str(out)]
+    assert_user_error(capsys, base + ["--metrics", "mutual_knn,mutal_cka"], "unknown metric 'mutal_cka'", out=out)
+    assert_user_error(capsys, base + ["--pairs", "xy"], "--pairs", out=out)
+    assert_user_error(capsys, ["stitch", "--data", data, "--out", str(out)], "--ckpt", out=out)
+    assert_user_error(capsys, ["stitch", "--ckpt", str(tmp_path / "missing.ckpt"), "--data", data, "--out", str(out)],
+                      "does not exist", out=out)
+
+
+def test_n_too_small_for_k(tmp_path, capsys):
+    data = write_scene_shards(tmp_path / "small", 8)
+    out = tmp_path / "out"
+    assert_user_error(capsys, ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--out",
+                               str(out), "--metrics", "mutual_knn", "--k", "10", *FAST],
+                      "N = 8", "k = 10", out=out)
+
+
+def test_study_config_errors(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("vision: [tiny_vit]\ntext: [tiny_bert]\ndata: [{name: x, scenes: {n: 10}}]\nmetric: [cka]\n")
+    assert_user_error(capsys, ["study", "--config", str(config)], "unknown key(s) ['metric']")
+    config.write_text("vision: [tiny_vit, tiny_vit]\ntext: [tiny_bert]\ndata: [{name: x, scenes: {n: 10}}]\n")
+    assert_user_error(capsys, ["study", "--config", str(config)], "listed twice")
+    config.write_text("vision: [tiny_vit]\ntext: [tiny_bert]\ndata: [{name: x, scenes: {n: 10, size: 3}}]\n")
+    assert_user_error(capsys, ["study", "--config", str(config)], "data[0].scenes")
