@@ -364,3 +364,18 @@ def test_study_config_errors(tmp_path, capsys):
     assert_user_error(capsys, ["study", "--config", str(config)], "listed twice")
     config.write_text("vision: [tiny_vit]\ntext: [tiny_bert]\ndata: [{name: x, scenes: {n: 10, size: 3}}]\n")
     assert_user_error(capsys, ["study", "--config", str(config)], "data[0].scenes")
+
+
+def test_baseline_between_identical_encoders_is_perfect(data, tmp_path):
+    # Relative representations of one encoder against itself: both sides land on the same anchor coordinates.
+    anchors = write_scene_shards(tmp_path / "anchors", 24, prefix="train")
+    out = tmp_path / "relative"
+    assert main(["stitch", "--baseline", "relative", "--source", "tiny_bert", "--target", "tiny_bert", "--anchors",
+                 anchors, "--data", data, "--out", str(out), "--metrics", "mutual_knn", "--k", "5",
+                 "--baseline-options", '{"num_anchors": 16}', *FAST]) == 0
+    report = json.loads((out / "stitch.json").read_text())
+    assert report["config"]["method"] == {"kind": "baseline", "name": "relative", "anchors": anchors,
+                                          "options": {"num_anchors": 16, "seed": 0, "center": False}}
+    assert report["retrieval"]["a2b/recall@1"] == 1.0
+    assert report["alignment"]["mutual_knn"]["stitched"]["score"] == 1.0
+    assert "loss" not in report and (out / "tensorboard").is_dir()
