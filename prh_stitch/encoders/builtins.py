@@ -64,24 +64,17 @@ def minilm_l6(max_length: int = 128, **_: object) -> FrozenEncoder:
     return HFTextEncoder(minilm_folder(), name="minilm_l6", max_length=max_length)
 
 
-@BUILTINS.register("tiny_vit")
-def tiny_vit(**_: object) -> FrozenEncoder:
+def _tiny_timm(architecture: str, name: str) -> FrozenEncoder:
     import timm
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # fixed weights without disturbing the caller's RNG
         torch.manual_seed(0)
-        model = timm.create_model("test_vit", pretrained=False)
-    return TimmEncoder("test_vit", model=model, name="tiny_vit")
+        model = timm.create_model(architecture, pretrained=False)
+    return TimmEncoder(architecture, model=model, name=name)
 
 
-@BUILTINS.register("tiny_resnet")
-def tiny_resnet(**_: object) -> FrozenEncoder:
-    import timm
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = timm.create_model("test_resnet", pretrained=False)
-    return TimmEncoder("test_resnet", model=model, name="tiny_resnet")
+BUILTINS.register("tiny_vit")(lambda **_: _tiny_timm("test_vit", "tiny_vit"))
+BUILTINS.register("tiny_resnet")(lambda **_: _tiny_timm("test_resnet", "tiny_resnet"))
 
 
 @BUILTINS.register("tiny_bert")
