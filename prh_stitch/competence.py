@@ -114,21 +114,42 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
                    _rank(torch.tensor(list(y), dtype=torch.float64)).tolist())
 
 
+def rank_permutation_p(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Exact two-sided p of Spearman's rho over *models*: the share of all n! orderings of y with |rho| >= observed.
+
+    This is the uncertainty that resampling items cannot show: with 3 models the smallest possible p is 1/6.
+    Enumerated for n <= 8 (40,320 orderings); None beyond.
+    """
+    import itertools
+
+    n = len(x)
+    observed = spearman(x, y)
+    if observed is None or n > 8:
+        return None
+    hits = total = 0
+    for perm in itertools.permutations(list(y)):
+        rho = spearman(x, perm)
+        hits += rho is not None and abs(rho) >= abs(observed) - 1e-12
+        total += 1
+    return hits / total
+
+
 def correlation_report(competence: Sequence[float], scores: Sequence[float],
                        replicates: Optional[List[List[float]]] = None, ci: float = 0.95) -> Dict[str, Any]:
     """Pearson and Spearman between competence and alignment, with percentile intervals over ``replicates``.
 
     ``replicates[r][m]`` is model m's alignment in resample r (the same resampled items for every model), so
-    the interval reflects which *items* were measured. It cannot reflect which *models* were chosen: with n
-    models a perfect rank correlation arises by chance with probability 1/n!, reported as ``p_rank_perfect``.
+    the interval reflects which *items* were measured. It cannot reflect which *models* were chosen; that is
+    ``p_models``, the exact permutation p of Spearman's rho over the models (see :func:`rank_permutation_p`).
     """
     n = len(scores)
     out: Dict[str, Any] = {"n_models": n, "pearson": None, "spearman": None, "pearson_ci": [None, None],
-                           "spearman_ci": [None, None], "p_rank_perfect": 1.0 / math.factorial(n) if n else None}
+                           "spearman_ci": [None, None], "p_models": None}
     if n < 3:
         return out
     out["pearson"] = pearson(competence, scores)
     out["spearman"] = spearman(competence, scores)
+    out["p_models"] = rank_permutation_p(competence, scores)
     if replicates:
         q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
         for key, fn in (("pearson", pearson), ("spearman", spearman)):
@@ -139,22 +160,28 @@ def correlation_report(competence: Sequence[float], scores: Sequence[float],
     return out
 
 
-def trend_sentence(report: Dict[str, Any], higher_is_better: bool, competence_name: str) -> str:
-    """One plain-language sentence: does alignment rise with competence on this data?"""
+def trend_sentence(report: Dict[str, Any], higher_is_better: bool, competence_name: str,
+                   alpha: float = 0.05) -> str:
+    """One plain-language sentence: does alignment rise with competence on this data?
+
+    A trend is claimed only when both uncertainties allow it: the item-resampling interval of Spearman's rho
+    excludes 0 *and* the exact permutation p over the models is at most ``alpha``.
+    """
     n = report["n_models"]
     if report["spearman"] is None:
         return f"no clear trend on this data (n = {n} models; a correlation needs at least 3 with distinct values)"
     rho, (lo, hi) = report["spearman"], report["spearman_ci"]
     sign = 1 if higher_is_better else -1
-    ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+    p = report.get("p_models")
+    stat = f"Spearman ρ = {rho:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "")
+    if report["pearson"] is not None:
+        stat += f", Pearson r = {report['pearson']:.2f}"
+    if p is not None:
+        stat += f"; over models p = {p:.2g}"
     better = "" if higher_is_better else f" (lower {competence_name} is better)"
-    rises = lo is not None and ((sign > 0 and lo > 0) or (sign < 0 and hi < 0))
-    falls = lo is not None and ((sign > 0 and hi < 0) or (sign < 0 and lo > 0))
-    stat = f"Spearman ρ = {rho:.2f}{ci}, Pearson r = {report['pearson']:.2f}" if report["pearson"] is not None \
-        else f"Spearman ρ = {rho:.2f}{ci}"
-    chance_note = f"; with n = {n} models a perfect ranking occurs by chance with p = {report['p_rank_perfect']:.3g}"
-    if rises:
-        return f"alignment rises with competence{better}: {stat}{chance_note}"
-    if falls:
-        return f"alignment falls as competence rises{better}: {stat}{chance_note}"
+    significant = lo is not None and p is not None and p <= alpha
+    if significant and ((sign > 0 and lo > 0) or (sign < 0 and hi < 0)):
+        return f"alignment rises with competence{better}: {stat}"
+    if significant and ((sign > 0 and hi < 0) or (sign < 0 and lo > 0)):
+        return f"alignment falls as competence rises{better}: {stat}"
     return f"no clear trend on this data (n = {n} models): {stat}"

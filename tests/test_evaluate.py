@@ -235,12 +235,19 @@ def test_correlations_equal_scipy():
 
     from prh_stitch.competence import correlation_report, pearson, spearman, trend_sentence
 
-    x, y = [75.1, 76.7, 77.5, 80.0], [0.20, 0.22, 0.22, 0.30]
+    x, y = [75.1, 76.7, 77.5, 80.0, 81.0], [0.20, 0.22, 0.22, 0.30, 0.31]
     assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0])
     rising = correlation_report(x, y, [[v + 0.001 * r for v in y] for r in range(5)])
+    # Exact over the 5! orderings: |rho| >= 0.975 for the identity and the one swap of the tied pair, and mirrors.
+    brute = sum(abs(stats.spearmanr(x, perm)[0]) >= abs(rising["spearman"]) - 1e-12
+                for perm in __import__("itertools").permutations(y)) / 120
+    assert rising["p_models"] == pytest.approx(brute) and rising["p_models"] <= 0.05
     assert rising["spearman_ci"][0] > 0 and trend_sentence(rising, True, "top-1").startswith("alignment rises")
     assert trend_sentence(rising, False, "bits per byte").startswith("alignment falls")
+    three = correlation_report(x[:3], [0.2, 0.25, 0.3], [[0.2, 0.25, 0.3]] * 3)  # a perfect ranking of 3 models
+    assert three["spearman"] == pytest.approx(1.0) and three["p_models"] == pytest.approx(2 / 6)  # itself, reversed
+    assert trend_sentence(three, True, "x").startswith("no clear trend on this data (n = 3 models)")
     assert trend_sentence(correlation_report(x[:2], y[:2]), True, "x").startswith("no clear trend")
 
 
