@@ -55,7 +55,7 @@ from prh_stitch.encoders.timm_backend import HEAD_LAYER, TimmEncoder
 log = logging.getLogger("prh_stitch.layer_stitch")
 
 TARGETS = ("soft", "labels")
-INITS = ("default", "identity")
+INITS = ("lstsq", "identity", "default")
 Layer = Union[int, str]
 
 
@@ -167,10 +167,11 @@ class StitchLayer(nn.Module):
     Maps ``(C, H, W)`` -> ``(C', H', W')``: bilinear resize to ``(H', W')`` if needed, 1×1 conv (no bias), BatchNorm.
     Tokens ``(T, D)`` -> ``(T, D')`` and vectors ``(D,)`` -> ``(D',)``: a linear map (with bias).
     ``init="identity"`` (equal widths only) makes the layer the identity in eval mode, exactly: the BatchNorm's
-    weight is ``sqrt(1 + eps)`` against its initial running variance 1.
+    weight is ``sqrt(1 + eps)`` against its initial running variance 1. ``init="lstsq"`` starts like ``default``;
+    :meth:`init_from_data` then sets it from activations (LayerStitchingModule does so when it sees the data).
     """
 
-    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], init: str = "default") -> None:
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], init: str = "lstsq") -> None:
         super().__init__()
         self.in_shape, self.out_shape = tuple(int(s) for s in in_shape), tuple(int(s) for s in out_shape)
         kind_in, kind_out = _kind(self.in_shape), _kind(self.out_shape)
@@ -201,12 +202,63 @@ class StitchLayer(nn.Module):
                     self.linear.weight.copy_(torch.eye(c_in))
                     self.linear.bias.zero_()
 
+    def _resized(self, x: Tensor) -> Tensor:
+        if self.kind == "map" and tuple(x.shape[-2:]) != self.out_shape[1:]:
+            x = F.interpolate(x, size=self.out_shape[1:], mode="bilinear", align_corners=False)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         if self.kind != "map":
             return self.linear(x)
-        if tuple(x.shape[-2:]) != self.out_shape[1:]:
-            x = F.interpolate(x, size=self.out_shape[1:], mode="bilinear", align_corners=False)
-        return self.bn(self.conv(x))
+        return self.bn(self.conv(self._resized(x)))
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """Activations as rows of features: one row per pixel (maps), per token, or per sample."""
+        x = self._resized(x.float())
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if self.kind == "map" else x.reshape(-1, x.shape[-1])
+
+    @torch.no_grad()
+    def init_from_data(self, source: Tensor, target: Optional[Tensor], method: str, chunk: int = 64) -> None:
+        """Data-dependent start: ``lstsq`` regresses ``target`` activations on ``source`` ones (ridge 1e-4,
+        relative; one row per pixel/token, float64 sums); ``identity`` keeps the identity map.
+
+        For maps, the BatchNorm is then calibrated so that the layer computes that affine map in *both* modes: its
+        running statistics are those of ``conv(x)`` over ``source`` and its affine parameters undo them
+        (``γ = sqrt(var + eps)``, ``β = mean + bias``). Without this, training-mode BatchNorm would first normalise
+        the carefully initialised map away, and short training would start from scratch.
+        """
+        from prh_stitch.closed_form import fit_closed_form
+        from prh_stitch.stitchers import Stitcher
+
+        width_in = self.in_shape[0] if self.kind == "map" else self.in_shape[-1]
+        width_out = self.out_shape[0] if self.kind == "map" else self.out_shape[-1]
+        bias = torch.zeros(width_out)
+        if method == "lstsq":
+            vehicle = Stitcher("affine", width_in, width_out)
+            pairs = ((self._rows(x), self._rows(y)) for x, y in zip(source.split(chunk), target.split(chunk)))
+            fit_closed_form(vehicle, pairs, "ridge", ridge=1e-4)
+            weight, bias = vehicle.core.weight, vehicle.core.bias
+            if self.kind == "map":
+                self.conv.weight.copy_(weight[:, :, None, None])
+            else:
+                self.linear.weight.copy_(weight)
+                self.linear.bias.copy_(bias)
+        elif method != "identity":
+            raise ValueError(f"unknown data-dependent init {method!r}")
+        if self.kind != "map":
+            return
+        count, total, squares = 0, torch.zeros(width_out, dtype=torch.float64), torch.zeros(width_out, dtype=torch.float64)
+        for x in source.split(chunk):
+            z = self.conv(self._resized(x.float())).double()
+            count += z.shape[0] * z.shape[2] * z.shape[3]
+            total += z.sum((0, 2, 3))
+            squares += z.square().sum((0, 2, 3))
+        mean = total / count
+        var = (squares / count - mean.square()).clamp_min(0)
+        self.bn.running_mean.copy_(mean)
+        self.bn.running_var.copy_(var)
+        self.bn.weight.copy_((var + self.bn.eps).sqrt())
+        self.bn.bias.copy_(mean + bias.double())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -387,7 +439,7 @@ class LayerStitchingModule(pl.LightningModule):
         layer_b: Layer = "blocks.3",
         target: str = "soft",
         temperature: float = 1.0,
-        init: str = "default",
+        init: str = "lstsq",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
     ) -> None:
@@ -400,7 +452,9 @@ class LayerStitchingModule(pl.LightningModule):
             target: ``soft`` (KL to B's own logits, no labels) or ``labels`` (cross-entropy through a linear probe
                 fitted on B's pre-logits features).
             temperature: softmax temperature of the soft targets.
-            init: stitching-layer init, ``default`` or ``identity`` (equal widths).
+            init: stitching-layer init: ``lstsq`` (regress B's layer-j activations on A's layer-i ones over the
+                training images, then calibrate the BatchNorm; the usual start, Csiszárik et al. 2021), ``identity``
+                (equal widths) or ``default`` (PyTorch's random init).
             lr: Adam learning rate of the stitching layer.
             weight_decay: AdamW weight decay of the stitching layer.
         """
@@ -420,6 +474,9 @@ class LayerStitchingModule(pl.LightningModule):
         with torch.no_grad():
             in_shape, out_shape = run_until(a, self.layer_a, probe).shape[1:], run_until(b, self.layer_b, probe).shape[1:]
         self.stitch = StitchLayer(in_shape, out_shape, init)
+        # Set once the data-dependent init has run; in the state dict, so a later attach() (evaluation after
+        # training) never re-initialises trained weights.
+        self.register_buffer("initialised", torch.tensor(False))
         self._shapes_at = int(probe.shape[-1])
 
     # ---- setup: sizes at the data's resolution, caches, probe --------------------------------------------------
@@ -448,6 +505,11 @@ class LayerStitchingModule(pl.LightningModule):
             self.stitch.in_shape, self.stitch.out_shape = in_shape, out_shape
             self._shapes_at = size
         self.cache = {split: dm.cached(self.frozen.a, "activations", self.layer_a, split) for split in ("train", "val")}
+        init = self.hparams.init
+        if init != "default" and not bool(self.initialised):
+            target = dm.cached(self.frozen.b, "activations", self.layer_b, "train") if init == "lstsq" else None
+            self.stitch.init_from_data(self.cache["train"], target, init)
+            self.initialised.fill_(True)
         self.b_logits = {split: dm.cached(self.frozen.b, "logits", -1, split) for split in ("train", "val")}
         if self.hparams.target == "labels":
             num_classes = int(max(int(dm.labels(s).max()) for s in ("train", "val"))) + 1
@@ -541,7 +603,7 @@ def sweep(
     data: Optional[Dict[str, Any]] = None,
     target: str = "soft",
     epochs: int = 3,
-    lr: float = 3e-3,
+    lr: float = 1e-3,
     out_dir: Optional[str] = None,
     seed: int = 0,
 ) -> Dict[str, Any]:
@@ -636,7 +698,7 @@ def main_sweep(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out", default="runs/layer_sweep", help="folder for penalty.json/.csv/.png")
     args = parser.parse_args(argv)
     data = {"source": args.source, "n_train": args.n_train, "n_val": args.n_val, "image_size": args.image_size,

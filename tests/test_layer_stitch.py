@@ -120,7 +120,7 @@ def test_train_py_trains_one_cut_from_a_layer_stitch_config(tmp_path):
     assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
     ckpt = torch.load(next((tmp_path / "run").glob("**/last.ckpt")), weights_only=True)
     assert ckpt["prh_stitch_layer"]["layer_a"] == "layer1" and ckpt["prh_stitch_layer"]["layer_b"] == "layer2"
-    assert all(k.startswith("stitch.") for k in ckpt["state_dict"])  # the frozen networks are not in it
+    assert all(k.startswith("stitch.") or k == "initialised" for k in ckpt["state_dict"])  # no frozen network in it
 
 
 def test_sweep_writes_the_penalty_matrix_and_heatmap(tmp_path, capsys):
