@@ -615,6 +615,9 @@ def sweep(
     each cut are computed once and shared by every j (and cached on disk for later runs).
     """
     dm = LayerStitchDataModule(**(data or {}))
+    # One Trainer per cell: keep Lightning's per-Trainer banner (GPU available, ...) out of the sweep's output.
+    for name in ("pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if not layers_a or not layers_b:
         raise ValueError("give at least one layer of each model to sweep")
     score = [[0.0] * len(layers_b) for _ in layers_a]
