@@ -852,6 +852,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--device", default=None, help="override the config's device")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     study.set_defaults(func=_cmd_study)
+
+    # Listed here for --help; its options belong to prh_stitch.layer_stitch's own parser (see main()).
+    commands.add_parser("layer-sweep", add_help=False,
+                        help="stitching penalty of every cut (A's layer i into B's layer j), with a heatmap")
     return parser
 
 
@@ -863,6 +867,11 @@ def _cmd_study(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit status (2 for bad input, with one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["layer-sweep"]:
+        from prh_stitch.layer_stitch import main_sweep
+
+        return main_sweep(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -10,7 +10,7 @@ import torch
 from prh_stitch.encoders import build_encoder
 from prh_stitch.encoders.timm_backend import TimmEncoder
 from prh_stitch.layer_stitch import (
-    LayerStitchDataModule, LayerStitchingModule, StitchLayer, main_sweep, run_from, run_until,
+    LayerStitchDataModule, LayerStitchingModule, StitchLayer, run_from, run_until,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,16 +124,19 @@ def test_train_py_trains_one_cut_from_a_layer_stitch_config(tmp_path):
 
 
 def test_sweep_writes_the_penalty_matrix_and_heatmap(tmp_path, capsys):
+    """Through `evaluate.py layer-sweep`, the command users run."""
+    from prh_stitch.evaluation import main as evaluate_main
+
     out = tmp_path / "sweep"
     args = ["--model-a", "tiny_resnet", "--model-b", "tiny_resnet", "--layers-a", "layer1", "layer2",
             "--layers-b", "layer2", "--n-train", "16", "--n-val", "16", "--image-size", "64", "--epochs", "1",
             "--out", str(out)]
-    assert main_sweep(args) == 0
+    assert evaluate_main(["layer-sweep", *args]) == 0
     report = json.loads((out / "penalty.json").read_text())
     assert report["layers_a"] == ["layer1", "layer2"] and report["layers_b"] == ["layer2"]
     assert len(report["penalty"]) == 2 and all(-1.0 <= v[0] <= 1.0 for v in report["penalty"])
     assert all(p == pytest.approx(report["b_score"] - s) for p, s in zip(
         [row[0] for row in report["penalty"]], [row[0] for row in report["score"]]))
     assert (out / "penalty.png").stat().st_size > 1000 and (out / "penalty.csv").read_text().count("\n") == 3
-    assert main_sweep(args[:-2] + ["--layers-a", "nope", "--out", str(out)]) == 2
+    assert evaluate_main(["layer-sweep", *args[:-2], "--layers-a", "nope", "--out", str(out)]) == 2
     assert "layer 'nope' does not exist" in capsys.readouterr().err
