@@ -22,6 +22,7 @@ from prh_stitch.closed_form import METHODS as CLOSED_FORM_METHODS
 from prh_stitch.closed_form import ClosedFormResult, check_ridge_grid, fit_closed_form
 from prh_stitch.data.datamodule import FeatureRequest, StitchingDataModule
 from prh_stitch.encoders import EncoderSpec, FrozenEncoder, encoder_from_spec
+from prh_stitch.encoders.base import coerce_spec
 from prh_stitch.losses import LOSSES, build_loss
 from prh_stitch.stitchers import STITCHERS, Stitcher
 
@@ -91,19 +92,6 @@ class ObjectiveSpec:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
-def _coerce(cls, value):
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, str):
-        return cls(name=value)
-    if isinstance(value, dict):
-        unknown = set(value) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} setting(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**value)
-    raise TypeError(f"cannot read a {cls.__name__} from {type(value).__name__}")
-
-
 class ClosedFormStep(torch.optim.Optimizer):
     """An "optimizer" whose one step is a closed-form fit of the stitcher.
 
@@ -155,8 +143,8 @@ class StitchingModule(pl.LightningModule):
         super().__init__()
         self.source_spec = EncoderSpec.coerce(source)
         self.target_spec = EncoderSpec.coerce(target)
-        self.stitcher_spec = _coerce(StitcherSpec, stitcher)
-        self.objective_spec = _coerce(ObjectiveSpec, objective)
+        self.stitcher_spec = coerce_spec(StitcherSpec, stitcher)
+        self.objective_spec = coerce_spec(ObjectiveSpec, objective)
         if schedule not in ("cosine", "constant"):
             raise ValueError(f"unknown schedule {schedule!r}; choose 'cosine' or 'constant'")
         STITCHERS.get(self.stitcher_spec.name)  # fail on a bad name before loading any encoder

@@ -191,7 +191,7 @@ def test_unknown_encoder_names(name, message):
 
 
 def test_spec_validation():
-    with pytest.raises(ValueError, match="unknown encoder setting"):
+    with pytest.raises(ValueError, match=r"unknown EncoderSpec setting\(s\) \[.layers.\]"):
         EncoderSpec.coerce({"name": "tiny_vit", "layers": 3})
     with pytest.raises(ValueError, match="out of range"):
         encoder_from_spec({"name": "tiny_resnet", "layer": 50})

@@ -19,6 +19,25 @@ from torch import Tensor, nn
 Layer = Union[int, str]
 
 
+def coerce_spec(cls, value):
+    """A config dataclass with a ``name`` field from an instance, a plain dict (as checkpoints store it) or a name.
+
+    Unknown keys are an error listing the valid ones: a typo in a config must not be silently dropped.
+    """
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        return cls(name=value)
+    if isinstance(value, dict):
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} setting(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**value)
+    raise TypeError(f"cannot read a {cls.__name__} from {type(value).__name__}")
+
+
 @dataclass
 class EncoderSpec:
     """What a config says about one encoder: which network, and which features of it.
@@ -41,18 +60,7 @@ class EncoderSpec:
     @classmethod
     def coerce(cls, value: Union["EncoderSpec", Dict[str, Any], str]) -> "EncoderSpec":
         """Accept a spec, a plain dict (as stored in checkpoints) or a bare name."""
-        if isinstance(value, EncoderSpec):
-            return value
-        if isinstance(value, str):
-            return cls(name=value)
-        if isinstance(value, dict):
-            unknown = set(value) - set(cls.__dataclass_fields__)
-            if unknown:
-                raise ValueError(
-                    f"unknown encoder setting(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}"
-                )
-            return cls(**value)
-        raise TypeError(f"cannot read an encoder spec from {type(value).__name__}")
+        return coerce_spec(cls, value)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
