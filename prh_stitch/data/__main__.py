@@ -1,15 +1,21 @@
-"""``python -m prh_stitch.data``: write shards from a source, or check shards.
+"""``python -m prh_stitch.data``: write shards from a source, check shards, or extract features into the store.
 
     python -m prh_stitch.data write --source scenes --out data/scenes --n 10000 --val-fraction 0.1
     python -m prh_stitch.data write --source folder --captions pairs.csv --out data/mine
     python -m prh_stitch.data write --source fashion_mnist --split test --out data/fmnist --val-fraction 0
     python -m prh_stitch.data check "data/scenes/train-{000000..000009}.tar"
+    python -m prh_stitch.data extract --encoder efficientnet_lite0 --layers -1 3 \
+        --data "data/scenes/train-{000000..000009}.tar" --out ~/.cache/prh_stitch/features --workers 2
 
 ``write`` prints one JSON object (patterns and counts of the written series); ``check`` prints one JSON
-object, the scan report. Exit status: 0 success (``check``: some good samples, skips allowed),
-1 ``check`` found no good sample, 2 bad input (unknown source, missing file, pattern matching nothing,
-existing output). Errors are one line on stderr, never a traceback, and a failed ``write`` removes
-whatever it had written.
+object, the scan report; ``extract`` prints one JSON object (entry folder, samples, widths, seconds, skips,
+parts computed and reused). ``extract`` is the feature store's own code path, the one training uses: an
+entry extracted here is a store hit for a training run with the same ``cache_dir``, and a killed
+extraction resumes where it stopped when run again. Exit status: 0 success (``check``: some good samples,
+skips allowed), 1 ``check`` found no good sample, 2 bad input (unknown source or encoder, missing file,
+pattern matching nothing, existing output, an entry made from other weights, no usable sample, NaN
+features). Errors are one line on stderr, never a traceback, and a failed ``write`` removes whatever it
+had written.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import itertools
 import json
 import logging
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Tuple
@@ -61,6 +68,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="read every sample of some shards and report counts and skips")
     check.add_argument("pattern", help="shard pattern: brace range, glob, folder, list, pipe: URL")
+
+    from prh_stitch.data.features import DEFAULT_CHUNK_SIZE, DTYPES
+
+    extract = commands.add_parser("extract", help="extract an encoder's features of some shards into the feature store")
+    extract.add_argument("--encoder", required=True, help="built-in name, timm:<model> or hf:<id or folder>")
+    extract.add_argument("--layers", nargs="+", default=["-1"],
+                         help="layer indices (negative from the end) or names; default -1, the final representation")
+    extract.add_argument("--pooling", default=None, help="cls, mean, last, head; default: the layer's natural pooling")
+    extract.add_argument("--data", required=True, help="shard pattern: brace range, glob, folder, list, pipe: URL")
+    extract.add_argument("--out", default=None,
+                         help="feature store folder (default $PRH_STITCH_CACHE/features, the one training uses)")
+    extract.add_argument("--name", default=None, help="entry folder name (default: encoder name + fingerprint)")
+    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("--workers", type=int, default=0, help="DataLoader workers for decoding and preprocessing")
+    extract.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage precision")
+    extract.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                         help="samples per part written to disk (the granularity of resuming and of splitting work)")
+    extract.add_argument("--device", default="cpu", help="where the encoder runs (cpu, cuda, cuda:1, ...)")
+    extract.add_argument("--checkpoint", default=None, help="local weights file for a timm:/hf: encoder")
+    extract.add_argument("--options", default="{}", help="JSON object of encoder options, e.g. '{\"max_length\": 64}'")
+    extract.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
 
@@ -145,6 +173,54 @@ def _check(args) -> int:
     return 0
 
 
+def _layer(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return text  # a layer name, e.g. blocks.3
+
+
+def _extract(args) -> int:
+    from prh_stitch.data.features import FeatureStore, default_cache_dir
+    from prh_stitch.data.shards import expand_urls
+    from prh_stitch.encoders import build_encoder
+
+    started = time.perf_counter()
+    try:
+        options = json.loads(args.options)
+    except ValueError as exc:
+        raise ValueError(f"--options must be a JSON object: {exc}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    urls = expand_urls(args.data)
+    encoder = build_encoder(args.encoder, checkpoint=args.checkpoint, options=options)
+    layers = [_layer(layer) for layer in args.layers]
+    for layer in layers:
+        encoder.resolve_layer(layer)  # a bad layer fails before any work
+    out = args.out if args.out is not None else default_cache_dir() / "features"
+    store = FeatureStore(out, dtype=args.dtype, chunk_size=args.chunk_size)
+    features = store.get(encoder, urls, layers, args.pooling, batch_size=args.batch_size, num_workers=args.workers,
+                         progress=not args.no_progress, name=args.name, device=args.device)
+    info, run = features.info, features.info["extraction"]
+    print(json.dumps({
+        "entry": info["entry"],
+        "status": run["status"],
+        "num_samples": len(features),
+        "layers": info["layers"],
+        "dims": info["dims"],
+        "dtype": info["dtype"],
+        "seconds": round(time.perf_counter() - started, 3),
+        "skipped": info["skipped"]["skipped"],
+        "chunks": info["chunks"],
+        "chunks_computed": run["chunks_computed"],
+        "chunks_reused": run["chunks_reused"],
+        "samples_encoded": run["samples_encoded"],
+    }))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _build_parser()
     try:
@@ -152,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # argparse has printed its usage message; report the status, don't exit
         return int(exit_.code or 0)
     try:
-        return _write(args) if args.command == "write" else _check(args)
+        return {"write": _write, "check": _check, "extract": _extract}[args.command](args)
     except (ValueError, OSError) as exc:
         message = str(exc).replace("\n", " ")
         print(f"error: {message}", file=sys.stderr)

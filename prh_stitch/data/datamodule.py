@@ -1,26 +1,43 @@
-"""Lightning DataModule that serves frozen-encoder features of paired image–text shards.
+"""Lightning DataModules: frozen-encoder features of paired image–text shards, and raw streaming batches.
 
-Training a stitcher never runs the encoders: the module asks this DataModule to make sure the features of
-its two encoders are in the feature store (``prepare_features``, once per node, before any process trains)
-and then to load them (``setup_features``, on every process). Batches are
-``(source_features, target_features, sample_index, caption_group)``.
+``StitchingDataModule`` (below) serves cached features for stitcher training; ``StreamingDataModule`` (at the
+end) serves raw images and captions, preprocessed per encoder in the workers, for what needs pixels or text.
+
+Training a stitcher never runs the encoders inside the training loop: the module asks this DataModule to
+make sure the shards exist (``prepare_features``, once per node) and then to get the features of its two
+encoders from the feature store (``setup_features``, on every process). Whatever the store lacks is
+extracted there, each DDP rank encoding a disjoint part (see ``features.py``); the features are then read
+memory-mapped from the store. Batches are ``(source_features, target_features, sample_index, caption_group)``.
 
 Without ``train``/``val`` shard patterns, the built-in procedural scenes are written into the cache on first
 use and used instead, so ``python train.py`` needs no data download.
+
+Skipped samples and shards (by reason, per split) are in ``skipped`` after ``setup_features``, and a summary
+line is printed on rank 0.
+
+``StreamingDataModule``: ``PairedShards`` (each sample exactly once per epoch across all ranks and workers,
+optional shuffle buffer) or ``ResampledShards`` (shards drawn with replacement, cut to a fixed epoch length).
+The shuffle follows the trainer's epoch (or a count of passes without a trainer), so the order is a function
+of ``seed`` and the epoch only. Batches are dicts (see ``streaming.py``); ``skipped`` counts what this
+process's workers skipped, per split.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from prh_stitch.data.features import FeatureSet, FeatureStore, align_by_key, default_cache_dir
+from prh_stitch.data.features import FeatureSet, FeatureStore, Ranks, align_by_key, default_cache_dir
+from prh_stitch.data.stream import PairedShards, SkipStats
+from prh_stitch.data.streaming import Batcher, ResampledShards, StreamLoader
 from prh_stitch.encoders.base import FrozenEncoder, Layer
 
 log = logging.getLogger("prh_stitch.data")
@@ -51,6 +68,31 @@ def caption_groups(captions: List[str]) -> torch.Tensor:
     """Group id per row: rows with identical caption text share an id (any of them is a correct match)."""
     first: Dict[str, int] = {}
     return torch.tensor([first.setdefault(c, len(first)) for c in captions], dtype=torch.long)
+
+
+class PairDataset(TensorDataset):
+    """A TensorDataset that hands the DataLoader a whole batch with one gather per tensor.
+
+    The DataLoader calls ``__getitems__`` with a batch of indices when a dataset has it; indexing each
+    tensor once per batch instead of once per sample (then stacking) is what keeps the loader far ahead of
+    a linear stitcher. Rows come straight from the memory-mapped store when no copy was needed.
+    """
+
+    def __getitems__(self, indices: Sequence[int]) -> Tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _batch_as_is(batch):
+    return batch
+
+
+def _rows(feature_set: FeatureSet, layer: str, index: torch.Tensor) -> torch.Tensor:
+    """float32 rows ``index`` of one layer; the memory-mapped array itself when that is all of it in order."""
+    features = feature_set.layer(layer)
+    if len(index) != len(features) or not torch.equal(index, torch.arange(len(features))):
+        features = features[index]
+    return features.float()  # a no-op for float32 stores: training then reads the store's pages directly
 
 
 class StitchingDataModule(pl.LightningDataModule):
@@ -94,6 +136,9 @@ class StitchingDataModule(pl.LightningDataModule):
         self.store = FeatureStore(self.cache_dir / "features", dtype=feature_dtype)
         self.datasets: Dict[str, TensorDataset] = {}
         self.feature_sets: Dict[Tuple[str, str], FeatureSet] = {}
+        # split -> {reason: count} of the samples and shards the features skipped; filled by setup_features.
+        self.skipped: Dict[str, Dict[str, int]] = {}
+        self._device: Optional[torch.device] = None
 
     # ---- shards -------------------------------------------------------------------------------
     def shard_urls(self, split: str) -> List[str]:
@@ -107,36 +152,48 @@ class StitchingDataModule(pl.LightningDataModule):
         return expand_urls(pattern)
 
     # ---- features -----------------------------------------------------------------------------
-    def _features(self, request: FeatureRequest, split: str, progress: bool = True) -> FeatureSet:
+    def prepare_features(self, requests: List[FeatureRequest], device: torch.device | str = "cpu") -> None:
+        """Once per node, before any process sets up: write the built-in scenes if needed; note the device.
+
+        Extraction happens in ``setup_features``, where every rank can take its share of it.
+        """
+        self._device = torch.device(device)
+        for split in SPLITS:
+            self.shard_urls(split)
+
+    def _extraction_device(self) -> Optional[torch.device]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return self._device
+
+    def _features(self, request: FeatureRequest, split: str, ranks: Ranks) -> FeatureSet:
         return self.store.get(
             request.encoder, self.shard_urls(split), [request.layer], request.pooling,
-            batch_size=self.extract_batch_size, num_workers=self.num_workers, progress=progress,
+            batch_size=self.extract_batch_size, num_workers=self.num_workers,
+            progress=ranks.rank == 0, ranks=ranks, device=self._extraction_device(),
         )
 
-    def prepare_features(self, requests: List[FeatureRequest], device: torch.device | str = "cpu") -> None:
-        """Extract whatever the store lacks, on ``device`` (called once per node before training)."""
-        for request in requests:
-            original = request.encoder.device
-            request.encoder.to(device)
-            try:
-                for split in SPLITS:
-                    self._features(request, split)
-            finally:
-                request.encoder.to(original)
-
     def setup_features(self, source: FeatureRequest, target: FeatureRequest) -> None:
-        """Load both sides from the store, join them by sample key, and build the datasets."""
+        """Get both sides from the store (extracting what it lacks), join them by sample key, build the datasets."""
+        ranks = Ranks.from_trainer(self.trainer)
         for split in SPLITS:
-            a = self._features(source, split, progress=False)
-            b = self._features(target, split, progress=False)
+            a = self._features(source, split, ranks)
+            b = self._features(target, split, ranks)
             idx_a, idx_b = align_by_key(a, b)
-            src = next(iter(a.features.values()))[idx_a].float()
-            tgt = next(iter(b.features.values()))[idx_b].float()
+            src = _rows(a, _layer_name(source), idx_a)
+            tgt = _rows(b, _layer_name(target), idx_b)
             captions = [a.captions[i] for i in idx_a.tolist()]
             self.feature_sets[(split, "source")] = a
             self.feature_sets[(split, "target")] = b
-            self.datasets[split] = TensorDataset(src, tgt, torch.arange(len(src)), caption_groups(captions))
-            log.info("%s: %d pairs (%d-d -> %d-d)", split, len(src), src.shape[1], tgt.shape[1])
+            self.datasets[split] = PairDataset(src, tgt, torch.arange(len(src)), caption_groups(captions))
+            # Both sides read the same shards, so their skip counts agree; the source's stand for the split.
+            self.skipped[split] = dict(a.info["skipped"]["skipped"])
+            skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped[split].items())) or "none"
+            rank_zero_info(
+                f"prh_stitch: {split}: {len(src)} pairs ({src.shape[1]}-d -> {tgt.shape[1]}-d); "
+                f"skipped {sum(self.skipped[split].values())} ({skipped})"
+            )
         if len(self.datasets["train"]) == 0:
             raise ValueError("the training split has no samples")
 
@@ -162,11 +219,115 @@ class StitchingDataModule(pl.LightningDataModule):
         # Our own DistributedSampler (also for one process): its order depends only on (seed, epoch), which
         # Lightning sets each epoch, so a resumed run replays exactly the batches an uninterrupted run sees.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is)
 
     def val_dataloader(self) -> DataLoader:
         dataset = self._require("val")
         world, rank = self._distributed()
         # Padding repeats a few samples to even out ranks; validation metrics drop repeats by sample index.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is)
+
+
+def _layer_name(request: FeatureRequest) -> str:
+    return request.encoder.layer_names[request.encoder.resolve_layer(request.layer)]
+
+
+class StreamingDataModule(pl.LightningDataModule):
+    """Raw image-caption batches from shards, split over ranks and workers, with visible skip counts."""
+
+    def __init__(
+        self,
+        train: Optional[str] = None,
+        val: Optional[str] = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        resampled: bool = False,
+        epoch_length: Optional[int] = None,
+        split: str = "auto",
+        image_mode: Optional[str] = "RGB",
+        keep_images: Optional[bool] = None,
+    ) -> None:
+        """
+        Args:
+            train: shard pattern of the training stream (brace range, glob, folder, list, ``pipe:``).
+            val: shard pattern of the validation stream (read once per pass, in order, never resampled).
+            batch_size: samples per batch (per rank).
+            num_workers: DataLoader workers; decoding and every encoder's preprocessing run there.
+            shuffle_buffer: training shuffle: shard order per epoch plus a buffer of this many samples (0: off).
+            seed: seed of the shuffle and of resampling; with the epoch it fixes the order.
+            resampled: draw training shards with replacement, without end, cut to ``epoch_length`` per epoch
+                (all ranks together; every rank gets the same number of batches).
+            epoch_length: samples per training epoch in resampled mode.
+            split: how exactly-once streams split over consumers (``auto``, ``shard``, ``sample``; see stream.py).
+            image_mode: convert decoded images to this PIL mode (None keeps the stored one).
+            keep_images: put the decoded images in batches, as uint8 (C, H, W) tensors (default: only when no
+                encoder preprocesses them).
+        """
+        super().__init__()
+        if train is None and val is None:
+            raise ValueError("give a 'train' and/or a 'val' shard pattern")
+        if resampled and not epoch_length:
+            raise ValueError("resampled streams never end by themselves: give epoch_length (samples per epoch)")
+        self.patterns = {"train": train, "val": val}
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.seed = int(seed)
+        self.resampled = bool(resampled)
+        self.epoch_length = epoch_length
+        self.split = split
+        self.image_mode = image_mode
+        self.keep_images = keep_images
+        self.encoders: Dict[str, FrozenEncoder] = {}
+        self.stats: Dict[str, SkipStats] = {"train": SkipStats(), "val": SkipStats()}
+        self._passes: Counter = Counter()
+        for name in ("train", "val"):  # fail on a bad pattern now, not in the first epoch
+            if self.patterns[name] is not None:
+                self.reader(name)
+
+    def set_encoders(self, encoders: Mapping[str, FrozenEncoder]) -> None:
+        """Preprocess every sample for each of these encoders (in the workers); batches get ``inputs[name]``."""
+        self.encoders = dict(encoders)
+
+    @property
+    def skipped(self) -> Dict[str, Dict[str, int]]:
+        """Skipped samples and shards by reason, per split, as counted by this process so far."""
+        return {split: dict(stats.skipped) for split, stats in self.stats.items()}
+
+    def reader(self, split: str) -> PairedShards:
+        pattern = self.patterns[split]
+        if pattern is None:
+            raise ValueError(f"no {split!r} shard pattern was given to the StreamingDataModule")
+        common = dict(seed=self.seed, split_by_node=True, split_by_worker=True, image_mode=self.image_mode)
+        if split == "train" and self.resampled:
+            return ResampledShards(pattern, self.epoch_length, shuffle_buffer=self.shuffle_buffer, **common)
+        shuffle = self.shuffle_buffer if split == "train" else 0
+        return PairedShards(pattern, shuffle_buffer=shuffle, split=self.split, **common)
+
+    def _epoch_source(self, split: str) -> Callable[[], int]:
+        def epoch() -> int:
+            trainer = self._trainer_or_none()
+            if trainer is not None:
+                return int(trainer.current_epoch)
+            self._passes[split] += 1
+            return self._passes[split] - 1
+
+        return epoch
+
+    def _trainer_or_none(self):
+        # LightningDataModule.trainer is None until a Trainer adopts the module.
+        return getattr(self, "trainer", None)
+
+    def dataloader(self, split: str) -> StreamLoader:
+        reader = self.reader(split)
+        batcher = Batcher(reader, self.batch_size, self.encoders, self.keep_images, stats=reader.stats)
+        return StreamLoader(batcher, self.stats[split], self._epoch_source(split), num_workers=self.num_workers)
+
+    def train_dataloader(self) -> StreamLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> StreamLoader:
+        return self.dataloader("val")

@@ -1,14 +1,30 @@
-"""The feature store: frozen-encoder outputs computed once, kept on disk, reused by every run.
+"""The feature store: frozen-encoder outputs computed once, kept on disk, read memory-mapped by every run.
 
 Encoders are frozen and the default inputs are not augmented, so an encoder's pooled features for a sample
 are a pure function of (encoder weights, preprocessing, layers, pooling, sample). Each entry of the store is
-keyed by a fingerprint of all of those plus a fingerprint of the shards read, and holds:
+keyed by a fingerprint of all of those plus the shards read and the storage dtype, and is a folder:
 
-    <root>/<entry>/features.safetensors   one (N, D) tensor per layer, rows in key order
-    <root>/<entry>/index.json             sample keys, captions, labels, fingerprints, skip counts
+    identity.json                    what the features are a function of; written first, checked on every use
+    parts/s000003-b000001.safetensors   while extracting: one unit of work (shard 3, its raw samples
+                                     1*chunk .. 2*chunk-1): features, keys, captions, labels, skip counts
+    parts/s000003-b000002-last.safetensors   "-last": the unit that ends its shard (it also counts the
+                                     shard-level problems)
+    layer-0.npy, layer-1.npy, ...    when complete: one (N, D) array per layer, rows in key order
+    index.json                       keys, captions, labels, layer files, info; its presence marks completion
 
-An entry is written into a temporary folder and renamed into place only when complete, so a killed
-extraction never leaves a half-written entry that a later run could take for a finished one.
+Resuming. Every unit file is written under a temporary name, flushed to disk and renamed, so a file with a
+final name is whole; an extraction killed mid-way resumes from the units on disk (units already done are not
+decoded again, shards already done are not even read). Only when every unit of every shard is present are
+they merged into the layer arrays and ``index.json`` written, last and atomically; the parts are then removed.
+
+Splitting the work. Units go to consumers (rank x DataLoader worker) by the rule of ``stream.PairedShards``:
+whole shards round robin when there are at least as many shards as consumers, else blocks of a shard round
+robin (every consumer then reads every shard but decodes only its blocks). Under DDP each rank extracts its
+units, all ranks meet, and rank 0 commits. A batch never spans two units, so the batches -- and hence the
+features, bit for bit on a given machine -- do not depend on how many ranks or workers did the work.
+
+Reading. ``layer-*.npy`` are opened with ``np.load(mmap_mode="c")``: training and evaluation read rows
+straight from the page cache, nothing is loaded up front, and writes stay private to the process.
 """
 
 from __future__ import annotations
@@ -17,22 +33,36 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from dataclasses import dataclass, field
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from prh_stitch.data.stream import SkipStats, _decode, _read_shard, _ShardProblem
+from prh_stitch.data.streaming import Batcher
 from prh_stitch.encoders.base import FrozenEncoder, Layer
 
 log = logging.getLogger("prh_stitch.data")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# NumPy has no bfloat16: its rows are stored as their raw 16-bit patterns and viewed back on reading.
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
+STORE_FORMAT = "prh_stitch-features-v2"
+DEFAULT_CHUNK_SIZE = 1024  # samples per unit: a few MB of features, a few seconds to a minute of encoder time
+INDEX = "index.json"
+IDENTITY = "identity.json"
+_PART = re.compile(r"^s(\d{6,})-b(\d{6,})(-last)?\.safetensors$")
 
 
 def default_cache_dir() -> Path:
@@ -89,45 +119,252 @@ def align_by_key(a: FeatureSet, b: FeatureSet) -> Tuple[Tensor, Tensor]:
     return torch.tensor(idx_a), torch.tensor(idx_b)
 
 
-class _EncoderInputs(IterableDataset):
-    """Streams samples and applies one encoder's per-sample preprocessing (in the DataLoader workers)."""
-
-    def __init__(self, samples: IterableDataset, encoder: FrozenEncoder) -> None:
-        self.samples = samples
-        self.encoder = encoder
-
-    def __iter__(self) -> Iterator[Tuple[str, str, int, Any]]:
-        image_side = self.encoder.modality == "image"
-        for sample in self.samples:
-            raw = sample["image"] if image_side else sample["caption"]
-            label = sample["meta"].get("label", -1) if isinstance(sample.get("meta"), dict) else -1
-            yield sample["key"], sample["caption"], int(label), self.encoder.transform(raw)
+class BadFeatures(ValueError):
+    """The inputs cannot give a usable entry (no good sample, NaN features, duplicate keys): nothing is kept."""
 
 
-class _Collate:
-    def __init__(self, encoder: FrozenEncoder) -> None:
-        self.encoder = encoder
+# -- the processes that extract one entry together -----------------------------------------------------
 
-    def __call__(self, items):
-        keys, captions, labels, inputs = zip(*items)
-        return list(keys), list(captions), list(labels), self.encoder.collate(inputs)
+
+@dataclass
+class Ranks:
+    """This process's place among those extracting together, and one collective: ``exchange``.
+
+    ``exchange(obj)`` returns every rank's ``obj`` in rank order; all ranks must call it the same number of
+    times. ``Ranks()`` is a single process; ``from_torch()`` uses an initialised torch.distributed group.
+    """
+
+    rank: int = 0
+    world: int = 1
+    exchange: Callable[[Any], List[Any]] = field(default=lambda obj: [obj])
+
+    @classmethod
+    def from_torch(cls) -> "Ranks":
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+
+        def exchange(obj: Any) -> List[Any]:
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, obj)
+            return gathered
+
+        return cls(dist.get_rank(), dist.get_world_size(), exchange)
+
+    @classmethod
+    def from_trainer(cls, trainer: Any) -> "Ranks":
+        """The trainer's processes (Lightning has initialised torch.distributed for multi-process strategies)."""
+        if trainer is None or trainer.world_size <= 1:
+            return cls()
+        return cls.from_torch()
+
+    def barrier(self) -> None:
+        self.exchange(None)
+
+    def agree(self, error: Optional[BaseException]) -> List[Optional[Tuple[str, str]]]:
+        """Share whether each rank failed; raise on every rank if any did (no rank is left waiting)."""
+        mine = None if error is None else (type(error).__name__, str(error))
+        everyone = self.exchange(mine)
+        failed = [(rank, e) for rank, e in enumerate(everyone) if e is not None]
+        if failed:
+            if error is not None:
+                raise error
+            rank, (kind, message) = failed[0]
+            cls = {"BadFeatures": BadFeatures, "ValueError": ValueError}.get(kind, RuntimeError)
+            raise cls(f"feature extraction failed on rank {rank}: {message}")
+        return everyone
+
+
+# -- units of work -------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitDone:
+    """End of one unit of work (shard ``shard``, block ``block``), with its counts."""
+
+    shard: int
+    block: int
+    url: str
+    raw: int  # raw samples in the block, good or bad
+    last: bool  # the block ends its shard
+    good: int
+    skipped: Dict[str, int]
+
+
+def part_name(shard: int, block: int, last: bool) -> str:
+    return f"s{shard:06d}-b{block:06d}{'-last' if last else ''}.safetensors"
+
+
+def _label(meta: Any) -> int:
+    label = meta.get("label", -1) if isinstance(meta, dict) else -1
+    return int(label) if isinstance(label, (int, float)) else -1
+
+
+class UnitReader(IterableDataset):
+    """Reads this consumer's units of the shards, skipping done ones; yields samples and ``UnitDone`` events.
+
+    Samples (decoded, each tagged with its ``unit``) are yielded in shard order; each unit this consumer owns
+    ends with a ``UnitDone`` carrying its skip counts by reason, so counts reach the main process with the
+    data even from DataLoader workers. Shard-level problems count in the unit that ends the shard.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        chunk_size: int,
+        done: Set[Tuple[int, int]],
+        finished_shards: Set[int],
+        rank: int = 0,
+        world: int = 1,
+        image_mode: Optional[str] = "RGB",
+    ) -> None:
+        super().__init__()
+        self.urls = list(urls)
+        self.chunk_size = int(chunk_size)
+        self.done = set(done)
+        self.finished_shards = set(finished_shards)
+        self.rank = rank
+        self.world = world
+        self.image_mode = image_mode
+
+    def consumer(self) -> Tuple[int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world * workers
+
+    def __iter__(self) -> Iterator[Any]:
+        index, count = self.consumer()
+        by_shard = len(self.urls) >= count
+        for shard, url in enumerate(self.urls):
+            if shard in self.finished_shards or (by_shard and shard % count != index):
+                continue
+
+            def mine(block: int, shard: int = shard) -> bool:
+                return (by_shard or (shard + block) % count == index) and (shard, block) not in self.done
+
+            yield from self._shard(shard, url, mine)
+
+    def _shard(self, shard: int, url: str, mine: Callable[[int], bool]) -> Iterator[Any]:
+        block, position, good = 0, 0, 0
+        skipped: Counter = Counter()
+        problems: List[_ShardProblem] = []
+        for item in _read_shard(url):
+            if isinstance(item, _ShardProblem):
+                problems.append(item)
+                continue
+            if position // self.chunk_size != block:
+                if mine(block):
+                    yield UnitDone(shard, block, url, self.chunk_size, False, good, dict(skipped))
+                block, good, skipped = position // self.chunk_size, 0, Counter()
+            position += 1
+            if not mine(block):
+                continue  # not decoded: someone else's block, or one finished in an earlier run
+            sample, reason, detail = _decode(item, self.image_mode)
+            if sample is None:
+                skipped[reason] += 1
+                log.warning("skipping sample %r in %s: %s (%s)", item.key, url, reason, detail)
+                continue
+            good += 1
+            sample["unit"] = (shard, block)
+            sample["label"] = _label(sample["meta"])
+            yield sample
+        if mine(block):
+            for problem in problems:
+                skipped[problem.reason] += 1
+                log.warning("shard %s: %s (%s)", url, problem.reason, problem.detail)
+            yield UnitDone(shard, block, url, position - block * self.chunk_size, True, good, dict(skipped))
+
+
+# -- the store -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExtractionReport:
+    """What one process did for one entry in one call."""
+
+    status: str = "hit"  # hit | extracted | resumed
+    chunks_computed: int = 0
+    chunks_reused: int = 0  # units already on disk when this call started
+    samples_encoded: int = 0
+    seconds: float = 0.0
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    """Write ``path`` whole or not at all: temporary name, flush to disk, rename."""
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Cheap check that a safetensors file is complete: header readable and file size as the header says."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) != 8:
+                return False
+            header = json.loads(handle.read(int.from_bytes(head, "little")))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + int.from_bytes(head, "little") + end
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _to_numpy(tensor: Tensor) -> np.ndarray:
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 class FeatureStore:
-    """Extract-or-load pooled features, keyed by encoder and data fingerprints."""
+    """Extract-or-load pooled features, keyed by encoder and data fingerprints; resumable and DDP-aware."""
 
-    def __init__(self, root: Optional[str | os.PathLike] = None, dtype: str = "float32") -> None:
+    def __init__(
+        self, root: Optional[str | os.PathLike] = None, dtype: str = "float32", chunk_size: int = DEFAULT_CHUNK_SIZE
+    ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"unknown feature dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.root = Path(root) if root is not None else default_cache_dir() / "features"
         self.dtype = dtype
+        self.chunk_size = int(chunk_size)
         self.hits = 0
         self.extractions = 0
 
-    def entry_key(self, encoder: FrozenEncoder, layers: Sequence[Layer], pooling: Optional[str], urls: Sequence[str]) -> str:
-        payload = f"{encoder.fingerprint(layers, pooling)}|{data_fingerprint(urls)}|{self.dtype}"
-        return f"{encoder.name.replace('/', '_').replace(':', '_')}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+    # ---- naming -------------------------------------------------------------------------------
+    def identity(self, encoder: FrozenEncoder, layers: Sequence[Layer], pooling: Optional[str], urls: Sequence[str]) -> Dict[str, Any]:
+        """Everything the stored features are a function of, part by part (so a mismatch can say which)."""
+        return {
+            "format": STORE_FORMAT,
+            "encoder": encoder.name,
+            "fingerprint": encoder.fingerprint(layers, pooling),  # the encoder's own digest of the parts below
+            "class": type(encoder).__name__,
+            "weights": encoder.weights_digest(),
+            "preprocessing": json.loads(json.dumps(encoder.preprocessing_description(), sort_keys=True, default=str)),
+            "layers": [encoder.layer_names[encoder.resolve_layer(layer)] for layer in layers],
+            "pooling": pooling,
+            "data": data_fingerprint(urls),
+            "shards": len(urls),
+            "dtype": self.dtype,
+        }
 
+    def entry_key(self, encoder: FrozenEncoder, layers: Sequence[Layer], pooling: Optional[str], urls: Sequence[str]) -> str:
+        return self._entry_name(self.identity(encoder, layers, pooling, urls))
+
+    @staticmethod
+    def _entry_name(identity: Dict[str, Any]) -> str:
+        encoder = identity["encoder"]
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+        return f"{encoder.replace('/', '_').replace(':', '_')}-{digest}"
+
+    # ---- the one entry point ------------------------------------------------------------------
     def get(
         self,
         encoder: FrozenEncoder,
@@ -137,17 +374,106 @@ class FeatureStore:
         batch_size: int = 64,
         num_workers: int = 0,
         progress: bool = True,
+        ranks: Optional[Ranks] = None,
+        name: Optional[str] = None,
+        device: Optional[torch.device | str] = None,
     ) -> FeatureSet:
-        """Features of ``encoder`` on the shards ``urls``: from the store if present, else extracted now."""
-        entry = self.root / self.entry_key(encoder, layers, pooling, urls)
-        if (entry / "index.json").is_file():
+        """Features of ``encoder`` on the shards ``urls``: from the store if complete, else extracted (or
+        resumed) now. Every rank of ``ranks`` must call this together; each extracts a disjoint part.
+
+        ``name`` chooses the entry's folder name (default: encoder name + fingerprint); an existing entry of
+        that name made from anything else (other weights, layers, data, dtype) is an error, never reused.
+        ``device``: where the encoder runs if extraction is needed (it is moved back afterwards).
+        """
+        urls = list(urls)
+        ranks = ranks or Ranks()
+        started = time.perf_counter()
+        identity = self.identity(encoder, layers, pooling, urls)
+        entry = self.root / (name or self._entry_name(identity))
+        complete = (entry / INDEX).is_file()
+        if ranks.world > 1:  # one decision for all ranks, or their collectives would not match
+            complete = ranks.exchange(complete)[0]
+        if complete:
             self.hits += 1
             log.info("features of %s: store hit (%s)", encoder.name, entry)
-            return self._read(entry)
+            feature_set = self.read(entry, identity)
+            feature_set.info["extraction"] = asdict(ExtractionReport(seconds=round(time.perf_counter() - started, 3)))
+            return feature_set
+
         self.extractions += 1
-        feature_set = self.extract(encoder, urls, layers, pooling, batch_size, num_workers, progress)
-        self._write(entry, feature_set)
+        report, error = ExtractionReport(), None
+        try:
+            report = self.extract(encoder, urls, layers, pooling, batch_size, num_workers, progress,
+                                  entry=entry, identity=identity, ranks=ranks, device=device)
+        except Exception as exc:  # noqa: BLE001 - shared with the other ranks below, then re-raised
+            error = exc
+        try:
+            ranks.agree(error)
+            error = None
+            if ranks.rank == 0:
+                try:
+                    self.commit(entry, seconds=time.perf_counter() - started)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    error = exc
+            ranks.agree(error)
+        except BadFeatures:
+            if ranks.rank == 0:
+                shutil.rmtree(entry, ignore_errors=True)  # bad inputs: keep nothing that looks like progress
+            raise
+        feature_set = self.read(entry, identity)
+        report.seconds = round(time.perf_counter() - started, 3)
+        feature_set.info["extraction"] = asdict(report)
         return feature_set
+
+    # ---- extraction ---------------------------------------------------------------------------
+    def _open_entry(self, entry: Path, identity: Dict[str, Any]) -> int:
+        """Create the entry (or check an existing one is the same); return its chunk size."""
+        path = entry / IDENTITY
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            self._check_identity(entry, stored["identity"], identity)
+            return int(stored["chunk_size"])
+        entry.mkdir(parents=True, exist_ok=True)
+        _fsync_write(path, json.dumps({"identity": identity, "chunk_size": self.chunk_size}, indent=1).encode())
+        return self.chunk_size
+
+    @staticmethod
+    def _check_identity(entry: Path, stored: Dict[str, Any], wanted: Dict[str, Any]) -> None:
+        differ = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if len(differ) > 1 and "fingerprint" in differ:
+            differ.remove("fingerprint")  # a digest of the other parts: name those instead
+        if differ:
+            what = "; ".join(f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}" for k in differ)
+            raise ValueError(
+                f"feature store entry {entry} was made from something else ({what}). Its features are not these; "
+                "give another entry name (or output folder), or delete that folder to extract afresh"
+            )
+
+    @staticmethod
+    def units_on_disk(entry: Path) -> Dict[Tuple[int, int], Tuple[Path, bool]]:
+        """Finished units: ``{(shard, block): (path, ends_its_shard)}``; incomplete files are removed."""
+        units = {}
+        parts = entry / "parts"
+        for path in sorted(parts.glob("*.safetensors")) if parts.is_dir() else []:
+            match = _PART.match(path.name)
+            if match is None:
+                continue
+            if not _whole_safetensors(path):
+                # Our writes are atomic, so only outside damage gets here; recompute rather than trust it.
+                log.warning("feature part %s is incomplete or damaged; it will be computed again", path)
+                path.unlink(missing_ok=True)
+                continue
+            units[(int(match.group(1)), int(match.group(2)))] = (path, match.group(3) is not None)
+        return units
+
+    @staticmethod
+    def finished_shards(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Set[int]:
+        """Shards whose last unit and every unit before it are on disk."""
+        finished = set()
+        for (shard, block), (_, last) in units.items():
+            if last and all((shard, b) in units for b in range(block)):
+                finished.add(shard)
+        return finished
 
     def extract(
         self,
@@ -158,87 +484,179 @@ class FeatureStore:
         batch_size: int = 64,
         num_workers: int = 0,
         progress: bool = True,
-    ) -> FeatureSet:
-        """Run the encoder over every good sample of the shards (no store involved)."""
+        entry: Optional[Path] = None,
+        identity: Optional[Dict[str, Any]] = None,
+        ranks: Optional[Ranks] = None,
+        device: Optional[torch.device | str] = None,
+    ) -> ExtractionReport:
+        """Encode this process's units that are not on disk yet and write each as a part of ``entry``."""
+        original = encoder.device
+        if device is not None:
+            encoder.to(device)
+        try:
+            return self._extract(encoder, urls, layers, pooling, batch_size, num_workers, progress, entry, identity, ranks)
+        finally:
+            encoder.to(original)
+
+    def _extract(self, encoder, urls, layers, pooling, batch_size, num_workers, progress, entry, identity, ranks):
         from tqdm.auto import tqdm
 
-        from prh_stitch.data.stream import PairedShards, SkipStats
+        ranks = ranks or Ranks()
+        identity = identity or self.identity(encoder, layers, pooling, urls)
+        entry = entry or self.root / self._entry_name(identity)
+        chunk_size = self._open_entry(entry, identity)
+        (entry / "parts").mkdir(exist_ok=True)
+        units = self.units_on_disk(entry)
+        report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
+        reader = UnitReader(urls, chunk_size, set(units), self.finished_shards(units), ranks.rank, ranks.world)
+        batches = Batcher(reader, batch_size, {"encoder": encoder}, keep_images=False, flush_on_event=True)
+        loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
+        names = identity["layers"]
+        pending: Dict[Tuple[int, int], Dict[str, list]] = {}
+        with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress or ranks.rank != 0) as bar:
+            for packet in loader:
+                if packet.samples:
+                    outputs = encoder.encode(packet.inputs["encoder"], layers, pooling)
+                    for row, sample in enumerate(packet.samples):
+                        unit = pending.setdefault(tuple(sample["unit"]), {"samples": [], "outputs": []})
+                        unit["samples"].append(sample)
+                        unit["outputs"].append([out[row] for out in outputs])
+                    report.samples_encoded += len(packet.samples)
+                    bar.update(len(packet.samples))
+                for event in packet.events:
+                    if isinstance(event, UnitDone):
+                        unit = pending.pop((event.shard, event.block), {"samples": [], "outputs": []})
+                        self._write_part(entry, event, unit["samples"], unit["outputs"], names, encoder.name)
+                        report.chunks_computed += 1
+        return report
 
+    def _write_part(self, entry: Path, done: UnitDone, samples: List[dict], outputs: List[List[Tensor]],
+                    names: List[str], encoder_name: str) -> None:
+        if len(samples) != done.good:
+            raise RuntimeError(f"unit {done.shard}/{done.block}: {len(samples)} encoded rows for {done.good} good samples")
+        dtype = DTYPES[self.dtype]
+        tensors = {}
+        for i, name in enumerate(names):
+            if samples:
+                rows = torch.stack([out[i] for out in outputs]).to("cpu", dtype)
+            else:
+                rows = torch.zeros(0, 0, dtype=dtype)
+            bad = ~torch.isfinite(rows.float()).all(dim=1)
+            if bad.any():
+                examples = [samples[j]["key"] for j in bad.nonzero().flatten()[:3].tolist()]
+                raise BadFeatures(
+                    f"encoder {encoder_name!r} produced NaN/Inf features at layer {name!r} for {int(bad.sum())} "
+                    f"sample(s) of {done.url} (e.g. {examples}); check the weights and inputs, or store float32 features"
+                )
+            tensors[f"layer:{name}"] = rows.contiguous()
+        meta = {
+            "url": done.url, "raw": done.raw, "good": done.good, "skipped": done.skipped,
+            "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples],
+            "labels": [s["label"] for s in samples],
+        }
+        tensors["meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+        _fsync_write(entry / "parts" / part_name(done.shard, done.block, done.last), save_safetensors(tensors))
+
+    # ---- completion ---------------------------------------------------------------------------
+    def commit(self, entry: Path, seconds: float = 0.0) -> None:
+        """Merge the parts of a fully extracted entry into per-layer arrays in key order; write the index."""
+        stored = json.loads((entry / IDENTITY).read_text())
+        identity = stored["identity"]
+        units = self.units_on_disk(entry)
+        finished = self.finished_shards(units)
+        missing = [s for s in range(identity["shards"]) if s not in finished]
+        if missing:
+            raise RuntimeError(
+                f"feature store entry {entry} lacks parts of {len(missing)} shard(s) (e.g. shard {missing[0]}) after "
+                "every rank finished; when ranks run on several machines the store must be on a filesystem they all see"
+            )
+        order = sorted(units)
+        loaded = []
         stats = SkipStats()
-        samples = PairedShards(list(urls), stats=stats, split_by_node=False)
-        loader = DataLoader(
-            _EncoderInputs(samples, encoder), batch_size=batch_size, num_workers=num_workers,
-            collate_fn=_Collate(encoder),
-        )
-        names = [encoder.layer_names[encoder.resolve_layer(layer)] for layer in layers]
-        chunks: Dict[str, List[Tensor]] = {name: [] for name in names}
         keys: List[str] = []
-        captions: List[str] = []
-        labels: List[int] = []
-        started = time.perf_counter()
-        with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress) as bar:
-            for batch_keys, batch_captions, batch_labels, batch in loader:
-                outputs = encoder.encode(batch, layers, pooling)
-                for name, out in zip(names, outputs):
-                    chunks[name].append(out.to("cpu", DTYPES[self.dtype]))
-                keys += batch_keys
-                captions += batch_captions
-                labels += batch_labels
-                bar.update(len(batch_keys))
+        for unit in order:
+            tensors = load_safetensors(units[unit][0].read_bytes())
+            meta = json.loads(bytes(tensors.pop("meta").numpy()))
+            loaded.append((tensors, meta))
+            counts = Counter(meta["skipped"])
+            stats.merge(SkipStats(meta["good"], counts, {meta["url"]: {"good": meta["good"], "skipped": counts}}))
+            keys += meta["keys"]
         if not keys:
-            raise ValueError(
-                f"no usable samples in {len(urls)} shard(s) ({urls[0]} ...); skipped: {stats.as_dict()}. "
+            raise BadFeatures(
+                f"no usable samples in {identity['shards']} shard(s); skipped: {dict(stats.skipped)}. "
                 "Check the shards with: python -m prh_stitch.data check \"PATTERN\""
             )
-        if len(set(keys)) != len(keys):
-            raise ValueError("duplicate sample keys in the shards; keys must be unique to join image and text features")
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        features = {}
-        for name in names:
-            stacked = torch.cat(chunks[name])[torch.tensor(order)]
-            bad = ~torch.isfinite(stacked.float()).all(dim=1)
-            if bad.any():
-                examples = [keys[order[i]] for i in bad.nonzero().flatten()[:3].tolist()]
-                raise ValueError(
-                    f"encoder {encoder.name!r} produced NaN/Inf features at layer {name!r} for {int(bad.sum())} "
-                    f"sample(s) (e.g. {examples}); check the weights and inputs, or store float32 features"
-                )
-            features[name] = stacked.contiguous()
+        sorted_keys = sorted(keys)
+        duplicates = [a for a, b in zip(sorted_keys, sorted_keys[1:]) if a == b]
+        if duplicates:
+            raise BadFeatures(
+                f"duplicate sample keys in the shards (e.g. {duplicates[0]!r}, {len(duplicates)} in all); keys must be "
+                "unique to join image and text features"
+            )
+        position = {key: i for i, key in enumerate(sorted_keys)}
+        captions: List[str] = [""] * len(keys)
+        labels: List[int] = [-1] * len(keys)
+        for _, meta in loaded:
+            for key, caption, label in zip(meta["keys"], meta["captions"], meta["labels"]):
+                captions[position[key]] = caption
+                labels[position[key]] = label
+        layer_files, dims = [], {}
+        for i, name in enumerate(identity["layers"]):
+            dim = next(t[f"layer:{name}"].shape[1] for t, m in loaded if m["keys"])
+            dims[name] = dim
+            path = entry / f"layer-{i}.npy"
+            tmp = entry / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY_DTYPES[identity["dtype"]], shape=(len(keys), dim))
+                for tensors, meta in loaded:
+                    if meta["keys"]:
+                        rows = np.fromiter((position[k] for k in meta["keys"]), dtype=np.int64, count=len(meta["keys"]))
+                        array[rows] = _to_numpy(tensors[f"layer:{name}"])
+                array.flush()
+                del array
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            layer_files.append({"name": name, "file": path.name, "dim": dim})
         info = {
-            "encoder": encoder.name,
-            "encoder_fingerprint": encoder.fingerprint(layers, pooling),
-            "data_fingerprint": data_fingerprint(urls),
-            "layers": names,
-            "pooling": pooling,
-            "dtype": self.dtype,
+            "entry": str(entry),
+            "encoder": identity["encoder"],
+            "encoder_fingerprint": identity["fingerprint"],
+            "weights": identity["weights"],
+            "data_fingerprint": identity["data"],
+            "layers": identity["layers"],
+            "dims": dims,
+            "pooling": identity["pooling"],
+            "dtype": identity["dtype"],
             "num_samples": len(keys),
             "skipped": stats.as_dict(),
-            "seconds": round(time.perf_counter() - started, 3),
+            "chunks": len(units),
+            "chunk_size": stored["chunk_size"],
+            "seconds": round(seconds, 3),
         }
-        return FeatureSet(
-            keys=[keys[i] for i in order], captions=[captions[i] for i in order],
-            labels=[labels[i] for i in order], features=features, info=info,
-        )
+        index = {"keys": sorted_keys, "captions": captions, "labels": labels, "layers": layer_files,
+                 "identity": identity, "info": info}
+        _fsync_write(entry / INDEX, json.dumps(index).encode())  # last: its presence marks the entry complete
+        shutil.rmtree(entry / "parts", ignore_errors=True)
 
-    def _write(self, entry: Path, feature_set: FeatureSet) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{entry.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file({f"layer:{k}": v for k, v in feature_set.features.items()}, str(tmp / "features.safetensors"))
-        index = {"keys": feature_set.keys, "captions": feature_set.captions, "labels": feature_set.labels,
-                 "info": feature_set.info}
-        # index.json is written last: its presence is what marks an entry complete.
-        (tmp / "index.json").write_text(json.dumps(index))
-        try:
-            os.rename(tmp, entry)
-        except OSError:
-            # Another process (a second node or rank) finished the same entry first; theirs is identical.
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _read(self, entry: Path) -> FeatureSet:
-        index = json.loads((entry / "index.json").read_text())
-        tensors = load_file(str(entry / "features.safetensors"))
-        features = {k.split(":", 1)[1]: v for k, v in tensors.items()}
+    # ---- reading ------------------------------------------------------------------------------
+    def read(self, entry: str | os.PathLike, identity: Optional[Dict[str, Any]] = None) -> FeatureSet:
+        """A complete entry, its layers memory-mapped; with ``identity``, check the entry is made from it."""
+        entry = Path(entry)
+        if not (entry / INDEX).is_file():
+            raise ValueError(f"{entry} is not a complete feature store entry (no {INDEX}); extract it first")
+        index = json.loads((entry / INDEX).read_text())
+        if identity is not None:
+            self._check_identity(entry, index["identity"], identity)
+        features = {}
+        n = len(index["keys"])
+        for layer in index["layers"]:
+            array = np.load(entry / layer["file"], mmap_mode="c")  # copy-on-write: writable, never written back
+            if array.shape != (n, layer["dim"]):
+                raise ValueError(f"{entry / layer['file']} holds {array.shape}, expected {(n, layer['dim'])}; delete the entry")
+            tensor = torch.from_numpy(array)
+            features[layer["name"]] = tensor.view(torch.bfloat16) if index["identity"]["dtype"] == "bfloat16" else tensor
+        info = dict(index["info"], entry=str(entry))
         return FeatureSet(keys=index["keys"], captions=index["captions"], labels=index["labels"],
-                          features=features, info=index["info"])
+                          features=features, info=info)
+

@@ -1,0 +1,153 @@
+"""The DataModules: stitching features served from the memory-mapped store, and raw streaming batches
+(exactly once over 2 DDP ranks x 2 workers, resampled epochs, per-encoder preprocessing, visible skip counts).
+"""
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prh_stitch.data.datamodule import FeatureRequest, StitchingDataModule, StreamingDataModule
+from prh_stitch.data.stream import SkipStats
+from prh_stitch.data.streaming import Batcher, ResampledShards, StreamLoader
+from prh_stitch.encoders import build_encoder
+from test_features import free_port, mapped_ranges, scene
+
+# The shared fixtures of test_features, by name, so pytest finds them here too.
+from test_features import dataset, tiny_vit  # noqa: F401  (pytest fixtures)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    return build_encoder("tiny_bert")
+
+
+# -- streaming: exactly once across 2 ranks x 2 workers --------------------------------------------------
+
+
+def _stream_on_rank(rank, world, port, patterns, out):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    torch.multiprocessing.set_start_method("fork", force=True)  # as in Lightning's DDP ranks (see test_features)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        report = {}
+        for name, pattern in patterns.items():
+            dm = StreamingDataModule(train=pattern, batch_size=2, num_workers=2, shuffle_buffer=3, seed=5)
+            epochs, skipped = [], []
+            for _ in range(2):
+                epochs.append([key for batch in dm.train_dataloader() for key in batch["key"]])
+                skipped.append(dm.skipped["train"])
+            repeat = StreamingDataModule(train=pattern, batch_size=2, num_workers=2, shuffle_buffer=3, seed=5)
+            report[name] = {"epochs": epochs, "skipped": skipped,
+                            "repeat": [key for batch in repeat.train_dataloader() for key in batch["key"]]}
+        Path(out, f"stream{rank}.json").write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_two_workers_each_get_every_sample_exactly_once_per_epoch(tmp_path, dataset):
+    urls, good, skips = dataset
+    # 5 shards for 4 consumers: whole shards are split; 2 shards: samples are split within shards.
+    patterns = {"by_shard": ",".join(urls), "by_sample": ",".join(urls[:2])}
+    torch.multiprocessing.spawn(_stream_on_rank, args=(2, free_port(), patterns, str(tmp_path)), nprocs=2)
+    ranks = [json.loads((tmp_path / f"stream{r}.json").read_text()) for r in range(2)]
+    for name, expected_skips in (("by_shard", skips), ("by_sample", {})):
+        expected = sorted(k for k in good if name == "by_shard" or k.startswith(("s0", "s1")))
+        for epoch in range(2):
+            together = [key for r in ranks for key in r[name]["epochs"][epoch]]
+            assert sorted(together) == expected, (name, epoch)  # the union is the data, and nothing twice
+            summed = sum((Counter(r[name]["skipped"][epoch]) for r in ranks), Counter())
+            assert summed == Counter({k: v * (epoch + 1) for k, v in expected_skips.items()})
+        for r in ranks:
+            assert r[name]["repeat"] == r[name]["epochs"][0]  # same seed and epoch: same order
+        assert any(r[name]["epochs"][0] != r[name]["epochs"][1] for r in ranks)  # a new epoch reshuffles
+
+
+# -- resampled epochs ------------------------------------------------------------------------------------
+
+
+def test_resampled_epochs_have_a_fixed_length_and_the_same_number_of_batches_on_every_rank(dataset):
+    urls, good, _ = dataset
+    pattern = ",".join(urls)
+    per_rank = {}
+    for rank in range(2):
+        stream = ResampledShards(pattern, epoch_length=11, rank=rank, world_size=2, split_by_node=True,
+                                 shuffle_buffer=4, seed=1)
+        loader = StreamLoader(Batcher(stream, 2, stats=stream.stats), SkipStats(), epoch=lambda: 0, num_workers=2)
+        batches = list(loader)
+        per_rank[rank] = [key for batch in batches for key in batch["key"]]
+        assert len(batches) == len(loader) == 3  # 11 // 2 = 5 samples a rank: workers take 3 and 2, batches of 2
+        assert len(per_rank[rank]) == 5 and set(per_rank[rank]) <= set(good)
+    dm = StreamingDataModule(train=pattern, batch_size=4, num_workers=2, resampled=True, epoch_length=11, seed=2)
+    epochs = []
+    for _ in range(3):
+        epochs.append([])
+        for batch in dm.train_dataloader():
+            epochs[-1] += batch["key"]
+            for key, image in zip(batch["key"], batch["image"]):  # no encoder: the decoded pixels, (C, H, W)
+                expected = torch.from_numpy(np.array(scene(*good[key])))
+                assert image.dtype == torch.uint8 and torch.equal(image, expected.permute(2, 0, 1))
+    assert [len(e) for e in epochs] == [11, 11, 11]
+    again = StreamingDataModule(train=pattern, batch_size=4, num_workers=2, resampled=True, epoch_length=11, seed=2)
+    assert [key for batch in again.train_dataloader() for key in batch["key"]] == epochs[0]
+    assert epochs[0] != epochs[1]
+    with pytest.raises(ValueError, match="give epoch_length"):
+        StreamingDataModule(train=pattern, resampled=True)
+
+
+def test_batches_carry_each_encoders_own_preprocessing_and_workers_skip_counts(dataset, tiny_vit, tiny_bert):
+    urls, good, skips = dataset
+    dm = StreamingDataModule(val=",".join(urls), batch_size=4, num_workers=2)
+    dm.set_encoders({"image": tiny_vit, "text": tiny_bert})
+    keys = []
+    for batch in dm.val_dataloader():
+        assert "image" not in batch  # preprocessed in the workers: no PIL images travel back
+        for row, key in enumerate(batch["key"]):
+            shard, index = good[key]
+            torch.testing.assert_close(batch["inputs"]["image"][row], tiny_vit.transform(scene(shard, index)))
+            ids = tiny_bert.transform(f"shard {shard} sample {index}")["input_ids"]
+            assert batch["inputs"]["text"]["input_ids"][row, : len(ids)].tolist() == ids
+        keys += batch["key"]
+    assert sorted(keys) == sorted(good)
+    assert dm.skipped["val"] == skips  # counted in two worker processes, added up here
+
+
+# -- stitching features from the store ------------------------------------------------------------------
+
+
+def test_stitching_datamodule_serves_memory_mapped_features_and_reports_skips(tmp_path, dataset, tiny_vit, tiny_bert, caplog):
+    urls, good, skips = dataset
+    dm = StitchingDataModule(train=",".join(urls), val=",".join(urls[:2]), cache_dir=str(tmp_path), batch_size=5)
+    source, target = FeatureRequest(tiny_vit, -1), FeatureRequest(tiny_bert, -1, "mean")
+    dm.prepare_features([source, target], "cpu")
+    assert dm.store.extractions == 0  # extraction waits for setup, where every rank can share it
+    with caplog.at_level(logging.INFO):
+        dm.setup_features(source, target)
+    assert dm.store.extractions == 4
+    assert dm.skipped == {"train": skips, "val": {}}
+    assert any("train: 17 pairs" in r.getMessage() and "skipped 6" in r.getMessage() for r in caplog.records)
+
+    src, tgt, index, groups = dm.datasets["train"].tensors
+    entry = Path(dm.feature_sets[("train", "source")].info["entry"])
+    assert any(lo <= src.data_ptr() < hi for lo, hi in mapped_ranges(entry / "layer-0.npy")), "source rows were copied"
+    assert src.shape == (len(good), 64) and tgt.shape == (len(good), 32)
+    assert len(set(groups.tolist())) == len(good)  # every caption is distinct
+
+    rows = []
+    for batch in dm.train_dataloader():
+        s, t, i, g = batch
+        assert torch.equal(s, src[i]) and torch.equal(t, tgt[i]) and torch.equal(g, groups[i])
+        rows += i.tolist()
+    assert sorted(rows) == list(range(len(good)))
+    source_train, target_train = dm.training_tensors()
+    assert source_train is src and target_train is tgt
+
+    again = StitchingDataModule(train=",".join(urls), val=",".join(urls[:2]), cache_dir=str(tmp_path))
+    again.setup_features(source, target)
+    assert again.store.extractions == 0 and again.store.hits == 4 and again.skipped == dm.skipped
