@@ -6,7 +6,7 @@ know or care how the weights were obtained.
 
 Statistics
     :class:`NormalEquations` accumulates, in float64, the sufficient statistics of paired features
-    (row count, ``Σx``, ``Σy``, ``XᵀX``, ``XᵀY``, ``Σy²`` per feature) chunk by chunk, so the feature store is
+    (row count, ``Σx``, ``Σy``, ``XᵀX``, ``XᵀY``, ``Σy²`` per feature, ``YᵀY``) chunk by chunk, so the feature store is
     read once and memory is ``O(Dx² + Dx·Dy)`` whatever N is. All statistics are plain sums: streaming over
     shards, merging and a DDP ``all_reduce`` (:meth:`NormalEquations.all_reduce`) give the one-shot answer.
     Centring happens after accumulation (``XᵀX − n·x̄x̄ᵀ``), which in float64 is exact enough unless feature
@@ -31,7 +31,7 @@ Methods (``METHODS``)
                    grid, every ``λ`` is solved (one Cholesky factorisation each) and the best on held-out features is
                    kept (``select_by``: ``recall@1`` of stitched source → target retrieval, the metric
                    stitchers are judged by, ties broken by lower MSE; or ``mse``). The grid must be non-empty,
-                   finite and positive (λ = 0 is ``lstsq``).
+                   finite and positive (λ = 0 is ``lstsq``). Then, by default, the retrieval tuning below.
     ``procrustes`` ``W = s · U Vᵀ`` from the SVD ``X'ᵀY' = U Σ Vᵀ`` (centred when the intercept is fitted or
                    ``center=True``). ``scaling``: ``none`` (a pure rotation), ``isotropic`` (one optimal global
                    scale ``s = tr Σ / tr(Qᵀ X'ᵀX' Q)``) or ``standard`` (both sides z-scored per feature before the
@@ -43,6 +43,28 @@ Methods (``METHODS``)
                    which also asks the dropped source directions to map to zero, so it is *not* the minimum-error
                    semi-orthogonal projection (that one has no closed form). Use ``ridge`` when error matters more
                    than orthogonality.
+
+Retrieval tuning of ridge (``gain``, ``whiten``; default ``"auto"``)
+    Ridge predicts the conditional mean: MSE-optimal, not ranking-optimal for cosine retrieval. When target
+    features share a mean much larger than their spread, every target cosine is near 1 and a candidate's score
+    ``p·ŷ_j`` is decided by small deviations: the plain prediction's deviations are shrunk towards the mean (too
+    timid next to the shared-mean term, whose contribution varies with each candidate's norm and carries no
+    pairing information) and weighted by target variance, so a few high-variance target directions outvote the
+    low-variance ones that carry as much pairing information. Two closed-form corrections of the solved ``W``
+    (the stitcher then outputs ``ȳ' + g·(x' − x̄')·W_v``, written into the ordinary core weight and bias):
+
+    * **deviation gain** ``g``: ``W ← g·W``, intercept ``ȳ' − g·x̄'W`` (the mean source still maps to the mean
+      target; only deviations scale). What contrastive training does implicitly. A core without bias has no
+      separate mean part: there ``g`` scales the whole core output (cosine-invariant when the input norm centres).
+    * **target whitening** ``w``: ``W ← κ·W·(C' + w·τ_y·I)⁻¹`` with ``C'`` the target covariance (in the output
+      norm's space), ``τ_y`` its mean eigenvalue and ``κ`` restoring the prediction's spread. The score becomes
+      ``x'ᵀ Σx⁻¹ Σxy Σy⁻¹ y``, the CCA score (each canonical pair weighted by its correlation, not its variance);
+      ``w`` regularises the inverse. It needs the full ``YᵀY``, which the pass accumulates (Dy², cheap for Dy < Dx).
+
+    With ``"auto"``, held-out features and ``select_by="recall@1"``, the pairs ``WHITEN_GRID × GAIN_GRID`` are
+    scored at the chosen ridge strength by recall@1 (ties: lower MSE) on ``SELECT_ROWS`` evenly strided held-out
+    rows, one similarity matrix per whitening (see ``_tune``). Without held-out features or with ``select_by="mse"``
+    ``"auto"`` means the plain ridge (``g = 1``, no whitening), bit for bit; fixed numbers apply without selection.
 """
 
 from __future__ import annotations
@@ -59,7 +81,8 @@ from prh_stitch.stitchers import Stitcher
 
 __all__ = [
     "METHODS", "PRECISIONS", "SELECT_BY", "SCALINGS", "DEFAULT_RIDGE_GRID", "RANK_FALLBACK_RIDGE",
-    "NormalEquations", "ClosedFormResult", "fit_closed_form", "check_ridge_grid",
+    "NormalEquations", "ClosedFormResult", "fit_closed_form", "check_ridge_grid", "GAIN_GRID", "WHITEN_GRID",
+    "SELECT_ROWS", "check_gain", "check_whiten",
 ]
 
 METHODS = ("lstsq", "ridge", "procrustes")
@@ -72,6 +95,15 @@ DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)
 RANK_FALLBACK_RIDGE = 1e-6
 # Eigenvalues below this fraction of the largest count as zero (float64 round-off on an N x D Gram matrix).
 RANK_RTOL = 1e-10
+# Retrieval tuning of a ridge fit (gain="auto" / whiten="auto"): gains from slightly below the MSE fit's own
+# spread (1) to the deviations exaggerated 8x; whitening strengths strong (1e-2 of the mean target variance added
+# to every eigenvalue) and mild (1.0: directions below the mean variance are boosted, not equalised); None = none.
+# Each whitening costs one SELECT_ROWS² similarity matrix, each gain only a pass over it.
+GAIN_GRID = (0.5, 1.0, 2.0, 4.0, 8.0)
+WHITEN_GRID = (None, 1e-2, 1.0)
+# Held-out rows the tuning scores on (evenly strided): "a few thousand" keeps each candidate's similarity matrix
+# cheap (4096² scores) while recall@1 among 4096 candidates still separates the variants.
+SELECT_ROWS = 4096
 
 Pairs = Union[Tuple[Tensor, Tensor], "NormalEquations", Iterable[Tuple[Tensor, Tensor]]]
 
@@ -93,9 +125,12 @@ class NormalEquations:
         self.xtx = torch.zeros(self.in_dim, self.in_dim, **f64)
         self.xty = torch.zeros(self.in_dim, self.out_dim, **f64)
         self.sum_yy = torch.zeros(self.out_dim, **f64)
+        # The target Gram matrix: only Dy x Dy (a few % of the pass's work for Dy < Dx), it gives the target
+        # covariance that the retrieval-aware whitening of a ridge fit needs (see ``whiten``).
+        self.yty = torch.zeros(self.out_dim, self.out_dim, **f64)
 
     def _tensors(self) -> Tuple[Tensor, ...]:
-        return (self.count, self.sum_x, self.sum_y, self.xtx, self.xty, self.sum_yy)
+        return (self.count, self.sum_x, self.sum_y, self.xtx, self.xty, self.sum_yy, self.yty)
 
     @property
     def n(self) -> int:
@@ -120,6 +155,7 @@ class NormalEquations:
         if self.precision == "float64":
             self.xtx.addmm_(x.T, x)
             self.xty.addmm_(x.T, y)
+            self.yty.addmm_(y.T, y)
             return self
         # "mixed": the products of rows centred on the chunk's own (float32-rounded) mean run in float32, where
         # the entries are small and cancel little, and the exact corrections back to raw sums
@@ -130,6 +166,7 @@ class NormalEquations:
         sdx, sdy = dx.double().sum(0), dy.double().sum(0)
         self.xtx += (dx.T @ dx).double() + torch.outer(cx, sdx) + torch.outer(sdx, cx) + n * torch.outer(cx, cx)
         self.xty += (dx.T @ dy).double() + torch.outer(cx, sdy) + torch.outer(sdx, cy) + n * torch.outer(cx, cy)
+        self.yty += (dy.T @ dy).double() + torch.outer(cy, sdy) + torch.outer(sdy, cy) + n * torch.outer(cy, cy)
         return self
 
     @classmethod
@@ -190,6 +227,8 @@ class NormalEquations:
         cov_xx = self.xtx / n - torch.outer(mean_x, mean_x)
         cov_xy = self.xty / n - torch.outer(mean_x, mean_y)
         var_y = self.sum_yy / n - mean_y.square()
+        cov_yy = self.yty / n - torch.outer(mean_y, mean_y)
+        cov_yy = (cov_yy + cov_yy.T) / 2 / torch.outer(scale_y, scale_y)  # always about the mean: the spread
         if not center:  # raw moments about the normalisation's shift: covariance plus the offset's outer product
             dx, dy = mean_x - shift_x, mean_y - shift_y
             cov_xx = cov_xx + torch.outer(dx, dx)
@@ -203,6 +242,7 @@ class NormalEquations:
             xx=cov_xx / torch.outer(scale_x, scale_x),
             xy=cov_xy / torch.outer(scale_x, scale_y),
             yy=var_y / scale_y.square(),
+            cov_yy=cov_yy,
         )
 
 
@@ -214,6 +254,7 @@ class _Moments:
     xx: Tensor  # Dx x Dx, per sample
     xy: Tensor  # Dx x Dy, per sample
     yy: Tensor  # Dy, per-feature second moment
+    cov_yy: Tensor  # Dy x Dy target covariance (about the mean whatever ``center``), per sample
 
 
 @dataclass
@@ -227,6 +268,9 @@ class ClosedFormResult:
     rank_deficient: bool = False
     n_train: int = 0
     scaling: Optional[str] = None
+    gain: Optional[float] = None  # ridge only: the deviation gain written (1.0 = plain ridge)
+    whiten: Optional[float] = None  # ridge only: relative target-whitening strength written (None = none)
+    tuning_scores: Dict[str, float] = field(default_factory=dict)  # "whiten=..,gain=.." -> held-out recall@1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -245,6 +289,39 @@ def check_ridge_grid(grid: Sequence[float]) -> Tuple[float, ...]:
         raise ValueError(f"ridge_grid values must be finite and > 0 (use method 'lstsq' for no ridge), got {bad}; "
                          "e.g. [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]")
     return tuple(sorted(set(values)))
+
+
+def check_gain(gain: Union[str, float, None]) -> Union[str, float]:
+    """``"auto"``, or a finite gain > 0 (None = 1.0, the plain ridge)."""
+    if gain is None:
+        return 1.0
+    if isinstance(gain, str) and gain == "auto":
+        return gain
+    value = _positive_number(gain)
+    if value is None:
+        raise ValueError(f"gain must be 'auto', a finite number > 0 (1.0 = plain ridge) or null, got {gain!r}")
+    return value
+
+
+def check_whiten(whiten: Union[str, float, None]) -> Union[str, float, None]:
+    """``"auto"``, None (no whitening) or a finite relative whitening strength > 0."""
+    if whiten is None or (isinstance(whiten, str) and whiten == "auto"):
+        return whiten
+    value = _positive_number(whiten)
+    if value is None:
+        raise ValueError(f"whiten must be 'auto', null (no whitening) or a finite relative strength > 0 "
+                         f"(e.g. 1e-3), got {whiten!r}")
+    return value
+
+
+def _positive_number(value) -> Optional[float]:
+    if isinstance(value, (bool, str)):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _linear_core(stitcher: Stitcher):
@@ -302,6 +379,90 @@ class _RidgePath:
         return torch.cholesky_solve(self.b, torch.linalg.cholesky(self.a + (ridge * self.tau) * eye))
 
 
+class _RetrievalTransform:
+    """A ridge map's centred part under target whitening and a gain: ``W_v = g · κ · W · (C' + w·τ_y·I)⁻¹``.
+
+    ``C'`` is the target covariance in the output norm's space, ``τ_y = tr(C')/Dy`` makes ``w`` relative, and
+    ``κ`` restores the ridge prediction's spread (``tr(W_vᵀ A W_v) = tr(Wᵀ A W)`` at g = 1), so gains mean the
+    same with or without whitening. One eigendecomposition of the Dy × Dy ``C'`` serves every ``w``.
+    """
+
+    def __init__(self, m: _Moments, weight: Tensor) -> None:
+        self.m, self.weight = m, weight
+        evals, self.evecs = torch.linalg.eigh(m.cov_yy)
+        self.evals = evals.clamp_min(0)  # round-off can leave tiny negative eigenvalues of a PSD matrix
+        self.tau_y = float(self.evals.mean()) or 1.0
+        self.spread = float(torch.einsum("ij,ik,kj->", weight, m.xx, weight))
+
+    def target_map(self, whiten: Optional[float]) -> Optional[Tensor]:
+        """The Dy × Dy map ``κ (C' + wτ_y I)⁻¹`` applied after ``W`` (None: no whitening)."""
+        if whiten is None:
+            return None
+        q = self.evecs
+        t = (q / (self.evals + whiten * self.tau_y)) @ q.T
+        whitened = self.weight @ t
+        spread = float(torch.einsum("ij,ik,kj->", whitened, self.m.xx, whitened))
+        return t * math.sqrt(self.spread / spread) if spread > 0 and self.spread > 0 else t
+
+    def weight_for(self, whiten: Optional[float], gain: float) -> Tensor:
+        if whiten is None and gain == 1.0:
+            return self.weight  # the plain ridge, bit for bit
+        t = self.target_map(whiten)
+        return gain * (self.weight if t is None else self.weight @ t)
+
+
+@torch.no_grad()
+def _tune(stitcher: Stitcher, transform: _RetrievalTransform, fit_bias: bool, val: Tuple[Tensor, Tensor],
+          groups: Optional[Tensor], whitens: Sequence[Optional[float]], gains: Sequence[float]
+          ) -> Tuple[Tuple[Optional[float], float], Dict[str, float]]:
+    """Held-out recall@1 (ties: lower MSE) of every (whiten, gain) on ``SELECT_ROWS`` strided rows of ``val``.
+
+    The stitched output is ``μ + g·e_i`` (``μ`` the output for the mean source, ``e_i`` row i's deviation), so the
+    cosine score of candidate j is ``(μ·ŷ_j + g·e_i·ŷ_j) / ‖μ + g·e_i‖``; the denominator is the same for every
+    candidate of a query, so one similarity matrix ``E Ŷᵀ`` per whitening ranks all gains. A query's recall@1 is
+    1 iff its first best-scoring candidate (argmax, lowest index on ties) is correct: the metric's tie rule.
+    """
+    x, y = val
+    rows = torch.linspace(0, len(x) - 1, min(len(x), SELECT_ROWS)).round().long()
+    x, y = x[rows], y[rows]
+    groups = None if groups is None else groups[rows]
+    device = transform.weight.device
+    f64 = {"dtype": torch.float64, "device": device}
+    onorm = stitcher.output_norm
+    xs = stitcher.input_norm(x.to(device, torch.float32)).to(**f64)
+    shift, scale = onorm.mean.to(**f64), onorm.scale.to(**f64)
+    m = transform.m
+    if fit_bias:  # core output = ȳ' + g·(x' − x̄')W_v; a core without bias has no separate mean part
+        centred, mean_out = xs - m.mean_x, m.mean_y * scale + shift
+    else:
+        centred, mean_out = xs, shift
+    base = centred @ transform.weight
+    y64 = y.to(**f64)
+    unit_y = torch.nn.functional.normalize(y64, dim=1).float()
+    mean_score = unit_y @ mean_out.float()
+    residual = mean_out - y64
+    cells = len(y) * y.shape[1]
+    cols = torch.arange(len(y), device=device)
+    correct = (lambda top: top == cols) if groups is None else (lambda top: groups[top] == groups.to(device))
+    scores, best_key, best = {}, None, None
+    for whiten in whitens:
+        t = transform.target_map(whiten)
+        dev = (base if t is None else base @ t) * scale
+        sim = dev.float() @ unit_y.T
+        sq, cross, dd = float(residual.square().sum()), float((dev * residual).sum()), float(dev.square().sum())
+        # No mean part (a core without bias, output norm without shift): a gain rescales whole outputs, which
+        # cosine ignores, so one ranking serves every gain and only the MSE tells them apart.
+        shared = None if bool(mean_score.any()) else float(correct(sim.argmax(1)).double().mean())
+        for gain in gains:
+            r1 = shared if shared is not None else float(correct((sim * gain + mean_score).argmax(1)).double().mean())
+            mse = (sq + 2 * gain * cross + gain * gain * dd) / cells
+            scores[f"whiten={whiten!r},gain={gain!r}"] = r1
+            key = (-r1, mse)
+            if best_key is None or key < best_key:
+                best_key, best = key, (whiten, gain)
+    return best, scores
+
+
 def _procrustes(m: _Moments, scaling: str) -> Tensor:
     xy = m.xy
     if scaling == "standard":
@@ -350,6 +511,8 @@ def fit_closed_form(
     chunk_rows: int = 16384,
     precision: str = "float64",
     distributed: bool = False,
+    gain: Union[str, float, None] = "auto",
+    whiten: Union[str, float, None] = "auto",
 ) -> ClosedFormResult:
     """Fit ``stitcher``'s linear core in closed form and write its weight (and bias) in place.
 
@@ -370,6 +533,11 @@ def fit_closed_form(
         precision: ``float64`` (every product in float64) or ``mixed`` (products of chunk-centred rows in float32,
             sums in float64: ~2x faster on CPUs, relative error ~1e-6 on the moments; see NormalEquations).
         distributed: all-reduce the statistics over the default process group (each rank passed its shard).
+        gain: ridge only: deviation gain ``g`` (the stitcher outputs ``ȳ + g·(x − x̄)W``); ``"auto"`` chooses it from
+            ``GAIN_GRID`` by held-out recall@1 when ``val`` is given and ``select_by="recall@1"`` (else 1.0);
+            a number fixes it; None or 1.0 is the plain ridge.
+        whiten: ridge only: relative target-whitening strength (``W ← κ·W(C' + w·τ_y·I)⁻¹``); ``"auto"`` chooses it
+            from ``WHITEN_GRID`` (None included) jointly with the gain, under the same conditions; None: none.
     """
     if method not in METHODS:
         raise ValueError(f"unknown closed-form method {method!r}; choose one of {', '.join(METHODS)}")
@@ -377,6 +545,10 @@ def fit_closed_form(
         raise ValueError(f"unknown select_by {select_by!r}; choose one of {', '.join(SELECT_BY)}")
     if scaling not in SCALINGS:
         raise ValueError(f"unknown Procrustes scaling {scaling!r}; choose one of {', '.join(SCALINGS)}")
+    gain, whiten = check_gain(gain), check_whiten(whiten)
+    if method != "ridge" and (gain not in ("auto", 1.0) or whiten not in ("auto", None)):
+        raise ValueError(f"gain and whiten tune a ridge fit for retrieval; method {method!r} takes neither "
+                         "(use method 'ridge', or leave them at 'auto')")
     core = _linear_core(stitcher)
     _check_norms(stitcher)
     fit_bias = core.bias is not None
@@ -424,8 +596,28 @@ def fit_closed_form(
     if len(grid) == 1:
         result.ridge = grid[0]
         weight = path.solve(grid[0])
-        _write(stitcher, weight, _intercept(m, weight, fit_bias))
-        return result
+    else:
+        weight = _select_ridge(stitcher, path, m, grid, fit_bias, val, val_groups, select_by, result)
+    # Retrieval tuning of the chosen ridge: only with held-out features and a retrieval criterion to judge by.
+    tune = val is not None and select_by == "recall@1"
+    gains = GAIN_GRID if gain == "auto" and tune else ((1.0,) if gain == "auto" else (gain,))
+    whitens = WHITEN_GRID if whiten == "auto" and tune else ((None,) if whiten == "auto" else (whiten,))
+    transform = _RetrievalTransform(m, weight)
+    if len(gains) * len(whitens) > 1:
+        (result.whiten, result.gain), result.tuning_scores = _tune(
+            stitcher, transform, fit_bias, val, val_groups, whitens, gains)
+        result.select_by = select_by
+    else:
+        result.whiten, result.gain = whitens[0], gains[0]
+    weight = transform.weight_for(result.whiten, result.gain)
+    _write(stitcher, weight, _intercept(m, weight, fit_bias))
+    return result
+
+
+def _select_ridge(stitcher: Stitcher, path: _RidgePath, m: _Moments, grid: Sequence[float], fit_bias: bool,
+                  val: Optional[Tuple[Tensor, Tensor]], val_groups: Optional[Tensor], select_by: str,
+                  result: ClosedFormResult) -> Tensor:
+    """The plain ridge weight of the grid value scoring best on ``val`` (recorded in ``result``)."""
     if val is None:
         raise ValueError(f"choosing the ridge strength from a grid of {len(grid)} values needs held-out features "
                          "(val=(source, target)); or give one value with ridge=...")
@@ -439,5 +631,4 @@ def fit_closed_form(
         key = (-r1, mse) if select_by == "recall@1" else (mse,)
         if best_key is None or key < best_key:
             best_key, best_weight, result.ridge = key, weight, lam
-    _write(stitcher, best_weight, _intercept(m, best_weight, fit_bias))
-    return result
+    return best_weight

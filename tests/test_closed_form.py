@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from prh_stitch.closed_form import NormalEquations, check_ridge_grid, fit_closed_form
+from prh_stitch.closed_form import GAIN_GRID, WHITEN_GRID, NormalEquations, check_ridge_grid, fit_closed_form
 from prh_stitch.metrics import retrieval
 from prh_stitch.stitchers import Stitcher
 
@@ -151,7 +151,8 @@ def test_grid_choice_is_the_best_held_out_recall():
     train, val = (x[:200], y[:200]), (x[200:], y[200:])
     grid = [1e-4, 1e-2, 1.0, 100.0]
     s = _stitcher("affine", *train, input_norm="standard")
-    result = fit_closed_form(s, train, "ridge", ridge_grid=grid, val=val)
+    # The ridge grid alone (no retrieval tuning on top): the chosen weight is the plain ridge's at that strength.
+    result = fit_closed_form(s, train, "ridge", ridge_grid=grid, val=val, gain=None, whiten=None)
     scores = {}
     for lam in grid:  # reference: fit each value alone and score it with the metric itself
         alone = _stitcher("affine", *train, input_norm="standard")
@@ -308,3 +309,123 @@ def test_mixed_precision_moments_match_float64():
         assert (a.xx - b.xx).abs().max() / scale < 1e-6 and (a.xy - b.xy).abs().max() / scale < 1e-6
     with pytest.raises(ValueError, match="unknown precision 'half'"):
         NormalEquations(3, 2, precision="half")
+
+
+# ---- retrieval tuning of the ridge fit: deviation gain and target whitening --------------------------------------
+
+def _shared_mean_pairs(n, seed, noise, dx=32, dy=16, latent=8, mean=30.0):
+    """A shared latent seen by both sides; the targets sit on a large common mean (all cosines near 1)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(latent, dx, generator=g), torch.randn(latent, dy, generator=g)
+    h = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, latent, generator=h)
+    return z @ a + noise * torch.randn(n, dx, generator=h), mean + z @ b + noise * torch.randn(n, dy, generator=h)
+
+
+def _r1(stitcher, pairs):
+    with torch.no_grad():
+        return retrieval(stitcher(pairs[0]), pairs[1], ks=(1,))["a2b/recall@1"]
+
+
+def test_gain_one_is_the_plain_ridge_bit_for_bit():
+    train, val = _shared_mean_pairs(600, 1, 2.0), _shared_mean_pairs(300, 2, 2.0)
+    plain = _stitcher("affine", *train, "standard")
+    fit_closed_form(plain, train, "ridge", ridge=1e-2)  # no held-out features: nothing to tune, the plain fit
+    for kwargs in ({"gain": 1.0, "whiten": None}, {"gain": None, "whiten": None}):
+        s = _stitcher("affine", *train, "standard")
+        result = fit_closed_form(s, train, "ridge", ridge=1e-2, val=val, **kwargs)
+        assert result.gain == 1.0 and result.whiten is None and not result.tuning_scores
+        assert torch.equal(s.core.weight, plain.core.weight) and torch.equal(s.core.bias, plain.core.bias)
+    # select_by="mse" judges by squared error, which the plain ridge already minimises: "auto" leaves it alone.
+    s = _stitcher("affine", *train, "standard")
+    fit_closed_form(s, train, "ridge", ridge_grid=[1e-2], val=val, select_by="mse")
+    assert torch.equal(s.core.weight, plain.core.weight)
+
+
+def test_gain_on_a_large_shared_target_mean_retrieves_better_exactly_as_the_formula_says():
+    train, val, test = (_shared_mean_pairs(n, seed, 2.0) for n, seed in ((1500, 1), (1000, 2), (1000, 3)))
+    plain = _stitcher("affine", *train, "standard")
+    fit_closed_form(plain, train, "ridge", ridge=1e-3, gain=None, whiten=None)
+    s = _stitcher("affine", *train, "standard")
+    result = fit_closed_form(s, train, "ridge", ridge=1e-3, val=val, whiten=None)  # gain="auto"
+    # Reference: the formula y = ȳ + g·(x' − x̄')W written by hand for every grid gain, scored by the metric itself.
+    w, b = plain.core.weight.detach().double(), plain.core.bias.detach().double()
+    xbar = plain.input_norm(train[0]).double().mean(0)
+    ybar = train[1].double().mean(0)
+    reference = {}
+    for gain in GAIN_GRID:
+        ref = _stitcher("affine", *train, "standard")
+        with torch.no_grad():
+            ref.core.weight.copy_(gain * w)
+            ref.core.bias.copy_(ybar - gain * (xbar @ w.T))
+            pred = ref(val[0])
+        reference[gain] = (_r1(ref, val), float((pred.double() - val[1].double()).square().mean()))
+    best = min(reference, key=lambda g: (-reference[g][0], reference[g][1]))
+    assert result.gain == best > 1.0  # the MSE fit's deviations are too timid for cosine ranking here
+    assert result.tuning_scores == {f"whiten=None,gain={g!r}": r for g, (r, _) in reference.items()}
+    torch.testing.assert_close(s.core.weight.double(), best * w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s.core.bias.double(), ybar - best * (xbar @ w.T), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(b, ybar - xbar @ w.T, atol=1e-4, rtol=1e-5)  # g = 1: the ridge's own intercept
+    assert _r1(s, test) > _r1(plain, test)  # and it holds on unseen pairs
+
+
+def test_target_whitening_lets_a_linear_core_retrieve_and_matches_its_formula():
+    # A linear core on centred inputs cannot output the targets' shared mean; the plain ridge's ranking is then
+    # dominated by the highest-variance target directions, the whitened (CCA-like) one weighs them all.
+    train, val, test = (_shared_mean_pairs(n, seed, 0.3) for n, seed in ((1500, 1), (1000, 2), (1000, 3)))
+    plain = _stitcher("linear", *train, "standard")
+    fit_closed_form(plain, train, "ridge", ridge=1e-3, gain=None, whiten=None)
+    s = _stitcher("linear", *train, "standard")
+    result = fit_closed_form(s, train, "ridge", ridge=1e-3, val=val)
+    assert result.whiten in WHITEN_GRID and result.whiten is not None and result.gain in GAIN_GRID
+    assert _r1(s, test) > _r1(plain, test) + 0.05
+    # numpy reference: g·κ·W(C + w·τ·I)⁻¹ with C the target covariance, τ its mean eigenvalue, κ the spread restorer
+    w = plain.core.weight.detach().double().numpy().T
+    xs = plain.input_norm(train[0]).double().numpy()
+    y = train[1].double().numpy()
+    cov = np.cov(y.T, bias=True)
+    t = np.linalg.inv(cov + result.whiten * np.trace(cov) / len(cov) * np.eye(len(cov)))
+    spread = lambda m: np.trace(m.T @ (xs.T @ xs / len(xs)) @ m)  # noqa: E731
+    expected = result.gain * w @ t * np.sqrt(spread(w) / spread(w @ t))
+    np.testing.assert_allclose(s.core.weight.detach().double().numpy().T, expected, rtol=1e-4,
+                               atol=1e-6 * np.abs(expected).max())
+
+
+def test_fixed_gain_and_whitening_need_no_held_out_features():
+    train = _shared_mean_pairs(400, 1, 1.0)
+    plain, s = _stitcher("affine", *train, "standard"), _stitcher("affine", *train, "standard")
+    fit_closed_form(plain, train, "ridge", ridge=0.1)
+    result = fit_closed_form(s, train, "ridge", ridge=0.1, gain=3.0)
+    assert (result.gain, result.whiten) == (3.0, None)
+    torch.testing.assert_close(s.core.weight, 3.0 * plain.core.weight)
+    with torch.no_grad():  # the mean source still maps to the mean target: only the deviations grow
+        xbar = train[0].mean(0, keepdim=True)
+        torch.testing.assert_close(s(xbar), plain(xbar), atol=1e-3, rtol=1e-5)
+
+
+def test_mixed_precision_target_gram_matches_float64():
+    x, y = _features(2000, 10, 20) * 3 + 9, _features(2000, 12, 21) - 40
+    exact = NormalEquations.from_pairs((x, y), chunk_rows=600)
+    mixed = NormalEquations.from_pairs((x, y), chunk_rows=600, precision="mixed")
+    torch.testing.assert_close(mixed.yty, exact.yty, rtol=1e-9, atol=0)
+    torch.testing.assert_close(exact.yty, y.double().T @ y.double(), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"gain": 0.0}, "gain must be 'auto', a finite number > 0"),
+        ({"gain": -2.0}, "gain must be 'auto'"),
+        ({"gain": "big"}, r"gain must be .*got 'big'"),
+        ({"gain": float("inf")}, "gain must be"),
+        ({"whiten": -1e-3}, "whiten must be 'auto', null"),
+        ({"whiten": "full"}, r"whiten must be .*got 'full'"),
+        ({"method": "procrustes", "gain": 2.0}, "method 'procrustes' takes neither"),
+        ({"method": "lstsq", "whiten": 1e-2}, "method 'lstsq' takes neither"),
+    ],
+)
+def test_bad_gain_or_whiten_is_a_clear_error(kwargs, message):
+    x, y = _features(50, 6, 22), _features(50, 4, 23)
+    kwargs = {"method": "ridge", "ridge": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        fit_closed_form(_stitcher("linear", x, y), (x, y), **kwargs)
