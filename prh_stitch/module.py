@@ -30,7 +30,7 @@ CHECKPOINT_FORMAT = 1
 
 
 FITS = ("gradient",) + CLOSED_FORM_METHODS
-CLOSED_FORM_OPTIONS = ("ridge", "ridge_grid", "select_by", "scaling", "center", "precision")
+CLOSED_FORM_OPTIONS = ("ridge", "ridge_grid", "select_by", "scaling", "center", "precision", "gain", "whiten")
 
 
 @dataclass
@@ -271,8 +271,12 @@ class StitchingModule(pl.LightningModule):
             "val/mean_cosine": scores["mean_cosine"],
         }, prog_bar=False)
         self.log("val/r@1", scores["a2b/recall@1"], prog_bar=True, logger=False)
-        if self.closed_form_result is not None and self.closed_form_result.ridge is not None:
-            self.log("closed_form/ridge", float(self.closed_form_result.ridge))
+        result = self.closed_form_result
+        if result is not None:
+            # What the held-out selection chose, next to the scores it was chosen by.
+            for name in ("ridge", "gain", "whiten"):
+                if getattr(result, name, None) is not None:
+                    self.log(f"closed_form/{name}", float(getattr(result, name)))
 
     # ---- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
