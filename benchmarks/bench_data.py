@@ -9,7 +9,7 @@
    ``StitchingModule`` on ``StitchingDataModule``, features memory-mapped from the store) and by a plain
    torch loop over the same store tensors (same stitcher, loss, optimiser, batch size), in samples/s.
    Target: >= 20,000 samples/s. The store entries hold synthetic features of the real encoders' widths
-   (1280 -> 384): extracting 32k real images would take most of an hour on this CPU, and training reads
+   (1280 -> 384): extracting 16k real images would take most of an hour on this CPU, and training reads
    the rows the same way whatever is in them.
 
     python benchmarks/bench_data.py            # 2048 scenes for decoding, efficientnet_lite0 on 96 more
@@ -37,6 +37,7 @@ from PIL import Image
 from prh_stitch.data.datamodule import StitchingDataModule, StreamingDataModule
 from prh_stitch.data.features import DEFAULT_CHUNK_SIZE, FeatureStore, UnitDone
 from prh_stitch.data.shards import expand_urls, write_shards
+from prh_stitch.data.stream import PairedShards
 from prh_stitch.data.sources import scenes
 from prh_stitch.encoders import build_encoder
 
@@ -87,6 +88,15 @@ def bare_decode(urls, pixels: bool = True) -> int:
     return count
 
 
+def reader(urls) -> int:
+    """The shard reader the pipeline is built on (``stream.PairedShards``), pixels taken out as above."""
+    count = 0
+    for sample in PairedShards(urls):
+        np.asarray(sample["image"])
+        count += 1
+    return count
+
+
 def pipeline(pattern: str, workers: int) -> int:
     dm = StreamingDataModule(train=pattern, batch_size=64, num_workers=workers, shuffle_buffer=0)
     return sum(len(batch["key"]) for batch in dm.train_dataloader())
@@ -106,11 +116,14 @@ def best_rates(runs: dict, n: int, rounds: int) -> dict:
 def bench_decoding(pattern: str, urls, rounds: int) -> dict:
     print(f"\n1. decoding (samples/s, best of {rounds})")
     n = pipeline(pattern, 0)  # also warms the page cache and the imports
-    runs = {"bare_pil": lambda: bare_decode(urls, pixels=False), "bare": lambda: bare_decode(urls)}
+    runs = {"bare_pil": lambda: bare_decode(urls, pixels=False), "bare": lambda: bare_decode(urls),
+            "reader": lambda: reader(urls)}
     runs.update({f"pipeline_{w}": (lambda w=w: pipeline(pattern, w)) for w in (0, 1, 2)})
     rates = best_rates(runs, n, rounds)
     line("bare loop: tarfile + PIL, PIL images out", f"{rates['bare_pil']:,.0f}")
     line("bare loop: ... + pixels as arrays (baseline)", f"{rates['bare']:,.0f}")
+    line("PairedShards alone (the reader under it all)", f"{rates['reader']:,.0f}",
+         f"{rates['reader'] / rates['bare']:.2f}x baseline")
     for workers in (0, 1, 2):
         rate = rates[f"pipeline_{workers}"]
         ratio = rate / (rates["bare"] * max(1, workers))
@@ -232,7 +245,6 @@ def bench_training(root: Path, n_train: int, batch_size: int, epochs: int) -> di
     import pytorch_lightning as pl
 
     from prh_stitch.encoders import EncoderSpec
-    from prh_stitch.losses import build_loss
     from prh_stitch.module import StitchingModule
 
     print(f"\n3. training a linear stitcher from the store: {n_train} pairs, 1280 -> 384, batch {batch_size} (samples/s)")
@@ -258,21 +270,47 @@ def bench_training(root: Path, n_train: int, batch_size: int, epochs: int) -> di
         def on_train_epoch_end(self, trainer, pl_module):
             self.seconds.append(time.perf_counter() - self.start)
 
-    timer = EpochTimer()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[timer], log_every_n_steps=50)
-    trainer.fit(module, datamodule=dm)
-    assert dm.store.extractions == 0, "the synthetic entries were not found"
-    lightning_rate = n_train / min(timer.seconds[1:] or timer.seconds)  # best epoch after the first (warm-up)
-    line("Lightning Trainer.fit (StitchingModule)", f"{lightning_rate:,.0f}",
-         f"(target >= {TARGETS['training_samples_per_s']:,})")
+    loader = dm.train_dataloader
+    out = {}
+    default_threads = torch.get_num_threads()
+    # Both thread counts: on two cores shared with other work, a two-thread matmul runs at the pace of its
+    # slower thread, and one thread was measured 2-3x faster under a busy neighbour (and ~20% slower without).
+    for threads in sorted({default_threads, 1}, reverse=True):
+        torch.set_num_threads(threads)
+        try:
+            timer = EpochTimer()
+            trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                                 limit_val_batches=0, callbacks=[timer], log_every_n_steps=50)
+            trainer.fit(module, datamodule=dm)
+            assert dm.store.extractions == 0, "the synthetic entries were not found"
+            lightning = n_train / min(timer.seconds[1:] or timer.seconds)  # best epoch after the first (warm-up)
+            plain = n_train / plain_epoch(module, loader(), epochs)
+        finally:
+            torch.set_num_threads(default_threads)
+        line(f"Lightning Trainer.fit (StitchingModule), {threads} thr", f"{lightning:,.0f}",
+             f"(target >= {TARGETS['training_samples_per_s']:,})")
+        line(f"plain torch loop, same tensors/batches, {threads} thr", f"{plain:,.0f}",
+             f"(Lightning runs at {lightning / plain:.0%} of it)")
+        out[f"lightning_{threads}"], out[f"plain_{threads}"] = lightning, plain
 
-    # The same work in a plain loop over the same memory-mapped tensors, sampler and batch size.
+    def read_only():
+        for _ in loader():
+            pass
+
+    seconds = min(timed(read_only)[1] for _ in range(3))
+    line("reading the batches alone (store -> batch)", f"{n_train / seconds:,.0f}")
+    out["read_only"] = n_train / seconds
+    return out
+
+
+def plain_epoch(module, loader, epochs: int) -> float:
+    """Best epoch time of the same work as ``training_step`` in a plain loop (same stitcher, loss, batches)."""
+    from prh_stitch.losses import build_loss
+
     stitcher = module.stitcher
     loss = build_loss("contrastive")
     optimizer = torch.optim.AdamW(list(stitcher.parameters()) + list(loss.parameters()), lr=1e-3)
-    loader = dm.train_dataloader()
     best = float("inf")
     for _ in range(epochs):
         start = time.perf_counter()
@@ -282,17 +320,7 @@ def bench_training(root: Path, n_train: int, batch_size: int, epochs: int) -> di
             value.backward()
             optimizer.step()
         best = min(best, time.perf_counter() - start)
-    plain_rate = n_train / best
-    line("plain torch loop, same tensors and batches", f"{plain_rate:,.0f}",
-         f"(Lightning runs at {lightning_rate / plain_rate:.0%} of it)")
-
-    def read_only():
-        for _ in loader:
-            pass
-
-    _, seconds = timed(read_only)
-    line("reading the batches alone (store -> batch)", f"{n_train / seconds:,.0f}")
-    return {"lightning": lightning_rate, "plain": plain_rate, "read_only": n_train / seconds}
+    return best
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -304,7 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=None, help="scenes written for decoding (default 2048, quick 256)")
     parser.add_argument("--extract", type=int, default=None, help="images encoded (default 96, quick 64)")
     parser.add_argument("--encoder", default=None, help="default efficientnet_lite0, quick tiny_vit")
-    parser.add_argument("--train-pairs", type=int, default=None, help="default 32768, quick 8192")
+    parser.add_argument("--train-pairs", type=int, default=None, help="default 16384, quick 8192")
     parser.add_argument("--batch-size", type=int, default=256, help="stitcher training batch size")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -312,7 +340,7 @@ def main(argv=None) -> int:
     images = args.images or (256 if quick else 2048)
     limit = args.extract or (64 if quick else 96)
     encoder_name = args.encoder or ("tiny_vit" if quick else "efficientnet_lite0")
-    train_pairs = args.train_pairs or (8192 if quick else 32768)
+    train_pairs = args.train_pairs or (8192 if quick else 16384)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f} at start")

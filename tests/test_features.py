@@ -342,3 +342,20 @@ def test_two_ddp_processes_with_two_workers_each_extract_disjoint_parts_equal_to
     assert merged.keys == single.keys
     torch.testing.assert_close(merged.features["pre_logits"], single.features["pre_logits"], rtol=0, atol=1e-6)
     assert np.isfinite(merged.features["pre_logits"].numpy()).all()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_stores_hold_the_float32_features_rounded(tmp_path, dataset, tiny_vit, dtype):
+    urls, _, _ = dataset
+    full = FeatureStore(tmp_path / "fp32").get(tiny_vit, urls[:2], progress=False)
+    half = FeatureStore(tmp_path / dtype, dtype=dtype).get(tiny_vit, urls[:2], progress=False)
+    stored = half.features["pre_logits"]
+    assert stored.dtype == getattr(torch, dtype) and half.info["dtype"] == dtype
+    assert torch.equal(stored, full.features["pre_logits"].to(stored.dtype))
+
+
+def test_a_failure_before_any_unit_is_done_leaves_no_entry(tmp_path, dataset, tiny_vit):
+    urls, _, _ = dataset
+    with pytest.raises(ValueError, match="no_such_pooling"):
+        FeatureStore(tmp_path / "store").get(tiny_vit, urls[:1], layers=[0], pooling="no_such_pooling", progress=False)
+    assert list((tmp_path / "store").iterdir()) == []

@@ -183,7 +183,7 @@ def _layer(text: str):
 def _extract(args) -> int:
     from prh_stitch.data.features import FeatureStore, default_cache_dir
     from prh_stitch.data.shards import expand_urls
-    from prh_stitch.encoders import build_encoder
+    from prh_stitch.encoders import POOLERS, build_encoder
 
     started = time.perf_counter()
     try:
@@ -198,7 +198,9 @@ def _extract(args) -> int:
     encoder = build_encoder(args.encoder, checkpoint=args.checkpoint, options=options)
     layers = [_layer(layer) for layer in args.layers]
     for layer in layers:
-        encoder.resolve_layer(layer)  # a bad layer fails before any work
+        encoder.resolve_layer(layer)  # a bad layer or pooling fails before any work
+    if args.pooling not in (None, "head"):
+        POOLERS.get(args.pooling)
     out = args.out if args.out is not None else default_cache_dir() / "features"
     store = FeatureStore(out, dtype=args.dtype, chunk_size=args.chunk_size)
     features = store.get(encoder, urls, layers, args.pooling, batch_size=args.batch_size, num_workers=args.workers,

@@ -123,6 +123,10 @@ class BadFeatures(ValueError):
     """The inputs cannot give a usable entry (no good sample, NaN features, duplicate keys): nothing is kept."""
 
 
+class EntryMismatch(ValueError):
+    """An entry of that name holds features of something else: it is left exactly as it is."""
+
+
 # -- the processes that extract one entry together -----------------------------------------------------
 
 
@@ -171,7 +175,7 @@ class Ranks:
             if error is not None:
                 raise error
             rank, (kind, message) = failed[0]
-            cls = {"BadFeatures": BadFeatures, "ValueError": ValueError}.get(kind, RuntimeError)
+            cls = {"BadFeatures": BadFeatures, "EntryMismatch": EntryMismatch, "ValueError": ValueError}.get(kind, RuntimeError)
             raise cls(f"feature extraction failed on rank {rank}: {message}")
         return everyone
 
@@ -420,6 +424,12 @@ class FeatureStore:
             if ranks.rank == 0:
                 shutil.rmtree(entry, ignore_errors=True)  # bad inputs: keep nothing that looks like progress
             raise
+        except EntryMismatch:
+            raise
+        except Exception:
+            if ranks.rank == 0 and not (entry / INDEX).exists() and not self.units_on_disk(entry):
+                shutil.rmtree(entry, ignore_errors=True)  # failed before any unit was done: nothing to resume
+            raise
         feature_set = self.read(entry, identity)
         report.seconds = round(time.perf_counter() - started, 3)
         feature_set.info["extraction"] = asdict(report)
@@ -444,7 +454,7 @@ class FeatureStore:
             differ.remove("fingerprint")  # a digest of the other parts: name those instead
         if differ:
             what = "; ".join(f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}" for k in differ)
-            raise ValueError(
+            raise EntryMismatch(
                 f"feature store entry {entry} was made from something else ({what}). Its features are not these; "
                 "give another entry name (or output folder), or delete that folder to extract afresh"
             )
