@@ -15,7 +15,7 @@ from prh_stitch.data.datamodule import FeatureRequest, StitchingDataModule, Stre
 from prh_stitch.data.stream import SkipStats
 from prh_stitch.data.streaming import Batcher, ResampledShards, StreamLoader
 from prh_stitch.encoders import build_encoder
-from test_features import free_port, mapped_ranges, scene
+from test_features import mapped_ranges, scene
 
 # The shared fixtures of test_features, by name, so pytest finds them here too.
 from test_features import dataset, tiny_vit  # noqa: F401  (pytest fixtures)
@@ -29,12 +29,12 @@ def tiny_bert():
 # -- streaming: exactly once across 2 ranks x 2 workers --------------------------------------------------
 
 
-def _stream_on_rank(rank, world, port, patterns, out):
+def _stream_on_rank(rank, world, rendezvous, patterns, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     torch.multiprocessing.set_start_method("fork", force=True)  # as in Lightning's DDP ranks (see test_features)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         report = {}
         for name, pattern in patterns.items():
@@ -55,7 +55,7 @@ def test_two_ranks_with_two_workers_each_get_every_sample_exactly_once_per_epoch
     urls, good, skips = dataset
     # 5 shards for 4 consumers: whole shards are split; 2 shards: samples are split within shards.
     patterns = {"by_shard": ",".join(urls), "by_sample": ",".join(urls[:2])}
-    torch.multiprocessing.spawn(_stream_on_rank, args=(2, free_port(), patterns, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_stream_on_rank, args=(2, str(tmp_path / "rendezvous"), patterns, str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"stream{r}.json").read_text()) for r in range(2)]
     for name, expected_skips in (("by_shard", skips), ("by_sample", {})):
         expected = sorted(k for k in good if name == "by_shard" or k.startswith(("s0", "s1")))

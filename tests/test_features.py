@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -238,7 +237,8 @@ def test_killed_extraction_resumes_from_its_parts_and_equals_a_one_shot_run(tmp_
     one_shot = FeatureStore(tmp_path / "one_shot", chunk_size=4).get(tiny_vit, [first, data.split("::")[1]],
                                                                     batch_size=3, progress=False)
     assert resumed_set.keys == one_shot.keys
-    torch.testing.assert_close(resumed_set.features["pre_logits"], one_shot.features["pre_logits"], rtol=0, atol=1e-6)
+    # float32 tolerances, not equality: the killed process may have computed with another thread count
+    torch.testing.assert_close(resumed_set.features["pre_logits"], one_shot.features["pre_logits"])
     good = {f"s{s}-{i:03d}": (s, i) for s, n in ((0, 12), (1, 8)) for i in range(n)}
     torch.testing.assert_close(resumed_set.features["pre_logits"], direct_features(tiny_vit, good)[0], rtol=1e-4, atol=1e-5)
 
@@ -302,20 +302,14 @@ def test_nan_features_fail_and_leave_no_entry(tmp_path, dataset):
 # -- DDP ------------------------------------------------------------------------------------------------
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _extract_on_rank(rank, world, port, urls, root, out):
+def _extract_on_rank(rank, world, rendezvous, urls, root, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # two ranks and their workers share the test machine's cores
     # Ranks started by spawn would start their DataLoader workers by spawn too (re-importing everything);
     # Lightning starts DDP ranks as fresh processes whose workers fork, which is what this mirrors.
     torch.multiprocessing.set_start_method("fork", force=True)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         store = FeatureStore(root, chunk_size=2)
         result = store.get(build_encoder("tiny_vit"), urls, layers=[-1], batch_size=2, num_workers=2,
@@ -330,7 +324,7 @@ def _extract_on_rank(rank, world, port, urls, root, out):
 def test_two_ddp_processes_with_two_workers_each_extract_disjoint_parts_equal_to_one_process(tmp_path, dataset, tiny_vit):
     urls, good, skips = dataset
     root = tmp_path / "ddp"
-    torch.multiprocessing.spawn(_extract_on_rank, args=(2, free_port(), urls, str(root), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_extract_on_rank, args=(2, str(tmp_path / "rendezvous"), urls, str(root), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = FeatureStore(tmp_path / "single", chunk_size=2).get(tiny_vit, urls, batch_size=2, progress=False)
     encoded = [r["extraction"]["samples_encoded"] for r in ranks]
@@ -340,7 +334,8 @@ def test_two_ddp_processes_with_two_workers_each_extract_disjoint_parts_equal_to
         assert r["keys"] == single.keys and r["skipped"]["skipped"] == skips
     merged = FeatureStore(root).read(next(root.iterdir()))
     assert merged.keys == single.keys
-    torch.testing.assert_close(merged.features["pre_logits"], single.features["pre_logits"], rtol=0, atol=1e-6)
+    # float32 tolerances, not equality: the ranks compute with one thread each, this process with more
+    torch.testing.assert_close(merged.features["pre_logits"], single.features["pre_logits"])
     assert np.isfinite(merged.features["pre_logits"].numpy()).all()
 
 

@@ -21,7 +21,8 @@ Splitting the work. Units go to consumers (rank x DataLoader worker) by the rule
 whole shards round robin when there are at least as many shards as consumers, else blocks of a shard round
 robin (every consumer then reads every shard but decodes only its blocks). Under DDP each rank extracts its
 units, all ranks meet, and rank 0 commits. A batch never spans two units, so the batches -- and hence the
-features, bit for bit on a given machine -- do not depend on how many ranks or workers did the work.
+features, bit for bit for a given machine and thread count -- do not depend on how many ranks or workers
+did the work.
 
 Reading. ``layer-*.npy`` are opened with ``np.load(mmap_mode="c")``: training and evaluation read rows
 straight from the page cache, nothing is loaded up front, and writes stay private to the process.
@@ -526,7 +527,8 @@ class FeatureStore:
         with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress or ranks.rank != 0) as bar:
             for packet in loader:
                 if packet.samples:
-                    outputs = encoder.encode(packet.inputs["encoder"], layers, pooling)
+                    # One device-to-host copy per batch; the rows wait on the CPU until their unit is complete.
+                    outputs = [out.cpu() for out in encoder.encode(packet.inputs["encoder"], layers, pooling)]
                     for row, sample in enumerate(packet.samples):
                         unit = pending.setdefault(tuple(sample["unit"]), {"samples": [], "outputs": []})
                         unit["samples"].append(sample)
