@@ -9,6 +9,7 @@ the other targets in the batch, which is what retrieval metrics measure.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 import warnings
 from typing import Any, Tuple
 
@@ -24,7 +25,7 @@ __all__ = ["LOSSES", "PairLoss", "MSELoss", "CosineLoss", "ContrastiveLoss", "bu
 LOSSES: Registry[type] = Registry("loss")
 
 
-class PairLoss(nn.Module):
+class PairLoss(nn.Module, ABC):
     """Base class: validates ``(pred, target)`` then calls :meth:`compute`.
 
     ``check_finite=False`` skips the NaN/Inf check, which costs one device->host sync per call on GPU.
@@ -48,8 +49,9 @@ class PairLoss(nn.Module):
             raise ValueError(f"{type(self).__name__}: NaN or Inf found in {' and '.join(bad)}")
         return self.compute(pred, target)
 
+    @abstractmethod
     def compute(self, pred: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The loss of already validated ``[B, D]`` inputs."""
 
 
 @LOSSES.register("mse")

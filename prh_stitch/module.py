@@ -215,6 +215,16 @@ class StitchingModule(pl.LightningModule):
                 # would repeat the same solve.
                 self.trainer.fit_loop.max_epochs = 1
 
+    def on_fit_start(self) -> None:
+        # Skipped samples never hide: every split's counts go to TensorBoard (zeros included, so "none" is visible).
+        if self.logger is not None:
+            metrics = {}
+            for split, reasons in self._datamodule().skipped.items():
+                metrics[f"data/{split}_skipped"] = float(sum(reasons.values()))
+                metrics.update({f"data/{split}_skipped/{reason}": float(n) for reason, n in reasons.items()})
+            if metrics:
+                self.logger.log_metrics(metrics, step=0)
+
     def _fit_closed_form(self, dm: StitchingDataModule) -> None:
         """Closed-form fit on the training split; the ridge strength is chosen on the validation split.
 

@@ -45,7 +45,15 @@ def test_training_writes_best_and_last_checkpoints_and_tensorboard_logs(trained)
     cli, _, root = trained
     names = {p.name for p in checkpoints(root)}
     assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
-    assert list(Path(root).glob("**/events.out.tfevents.*")), "no TensorBoard event file"
+    events = list(Path(root).glob("**/events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert {"data/train_skipped", "data/val_skipped", "val/recall@1", "train/loss_epoch"} <= set(scalars)
+    assert accumulator.Scalars("data/train_skipped")[0].value == 0.0
     logged = cli.trainer.logged_metrics
     for key in ("train/loss_epoch", "val/loss", "val/recall@1", "val/recall@5", "val/mean_cosine"):
         assert key in logged, key
