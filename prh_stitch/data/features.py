@@ -50,6 +50,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from prh_stitch.data.shards import atomic_write_bytes
 from prh_stitch.data.stream import SkipStats, _decode, _read_shard, _ShardProblem
 from prh_stitch.data.streaming import Batcher
 from prh_stitch.encoders.base import FrozenEncoder, Layer
@@ -295,20 +296,6 @@ class ExtractionReport:
     seconds: float = 0.0
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: temporary name, flush to disk, rename."""
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _whole_safetensors(path: Path) -> bool:
     """Cheap check that a safetensors file is complete: header readable and file size as the header says."""
     try:
@@ -445,7 +432,7 @@ class FeatureStore:
             self._check_identity(entry, stored["identity"], identity)
             return int(stored["chunk_size"])
         entry.mkdir(parents=True, exist_ok=True)
-        _fsync_write(path, json.dumps({"identity": identity, "chunk_size": self.chunk_size}, indent=1).encode())
+        atomic_write_bytes(path, json.dumps({"identity": identity, "chunk_size": self.chunk_size}, indent=1).encode())
         return self.chunk_size
 
     @staticmethod
@@ -567,7 +554,7 @@ class FeatureStore:
             "labels": [s["label"] for s in samples],
         }
         tensors["meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-        _fsync_write(entry / "parts" / part_name(done.shard, done.block, done.last), save_safetensors(tensors))
+        atomic_write_bytes(entry / "parts" / part_name(done.shard, done.block, done.last), save_safetensors(tensors))
 
     # ---- completion ---------------------------------------------------------------------------
     def commit(self, entry: Path, seconds: float = 0.0) -> None:
@@ -648,7 +635,7 @@ class FeatureStore:
         }
         index = {"keys": sorted_keys, "captions": captions, "labels": labels, "layers": layer_files,
                  "identity": identity, "info": info}
-        _fsync_write(entry / INDEX, json.dumps(index).encode())  # last: its presence marks the entry complete
+        atomic_write_bytes(entry / INDEX, json.dumps(index).encode())  # last: its presence marks the entry complete
         shutil.rmtree(entry / "parts", ignore_errors=True)
 
     # ---- reading ------------------------------------------------------------------------------
