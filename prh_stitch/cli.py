@@ -142,6 +142,8 @@ def fit(cli: StitchCLI) -> None:
         ckpt_path = find_last_checkpoint(trainer.default_root_dir)
     log_dir = trainer.log_dir or trainer.default_root_dir
     rank_zero_info(f"prh_stitch: logs and checkpoints go to {log_dir}")
+    rank_zero_info(f"prh_stitch: if interrupted, resume with --ckpt_path last "
+                   f"(or --ckpt_path {os.path.join(log_dir, 'checkpoints', 'last.ckpt')})")
     if ckpt_path:
         rank_zero_info(f"prh_stitch: resuming from {ckpt_path}")
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
