@@ -192,6 +192,13 @@ def _alive(pid):
     return state != "Z"
 
 
+def _command_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except FileNotFoundError:  # it ended between listing and reading (``cat`` finishes early)
+        return ""
+
+
 def test_stopping_early_ends_the_whole_pipe_command(four_shards):
     urls, _ = four_shards
     before = _child_pids()
@@ -203,7 +210,7 @@ def test_stopping_early_ends_the_whole_pipe_command(four_shards):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         grandchildren = _child_pids(shell)
-        if any(Path(f"/proc/{pid}/comm").read_text().strip() == "sleep" for pid in grandchildren):
+        if any(_command_name(pid) == "sleep" for pid in grandchildren):
             break
         time.sleep(0.02)
     else:
