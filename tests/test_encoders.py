@@ -212,3 +212,35 @@ def test_offline_pretrained_builtins_load_and_behave():
     emb = F.normalize(text.encode(text.collate([text.transform(s) for s in sentences]), [-1], "mean")[0], dim=1)
     assert emb.shape == (3, 384)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+# -- image preprocessing split between workers (uint8) and the model's device (float) ---------------------
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_resnet"])
+def test_uint8_transform_then_model_input_is_timms_own_transform_bit_for_bit(name):
+    encoder = build_encoder(name)
+    gray = Image.fromarray(torch.arange(50 * 70, dtype=torch.uint8).reshape(50, 70).numpy())
+    images = [Image.new("RGB", (97, 61), (250, 3, 128)), Image.effect_noise((64, 80), 60).convert("RGB"), gray]
+    shipped = encoder.collate([encoder.transform(im) for im in images])
+    assert shipped.dtype == torch.uint8  # what crosses process boundaries is a quarter of the float bytes
+    reference = torch.stack([encoder._transform(im.convert("RGB")) for im in images])
+    assert reference.dtype == torch.float32
+    assert torch.equal(encoder.model_input(shipped), reference)
+    # float batches (e.g. the width probe, or a user's own normalised tensors) are taken as they are
+    assert torch.equal(encoder.model_input(reference), reference)
+
+
+def test_a_transform_that_is_not_timms_usual_shape_is_kept_whole():
+    from torchvision import transforms as T
+
+    from prh_stitch.encoders.timm_backend import split_pixel_transform
+
+    custom = T.Compose([T.Resize(8), T.ToTensor(), T.Lambda(lambda x: x * 2)])
+    kept, normalisation = split_pixel_transform(custom)
+    assert kept is custom and normalisation is None
+    usual = T.Compose([T.Resize(8), T.CenterCrop(8), T.ToTensor(), T.Normalize([0.1, 0.2, 0.3], [0.5, 0.6, 0.7])])
+    pixels, (mean, std) = split_pixel_transform(usual)
+    out = pixels(Image.new("RGB", (20, 10), (9, 99, 199)))
+    assert out.dtype == torch.uint8 and out.shape == (3, 8, 8)
+    assert mean == pytest.approx([0.1, 0.2, 0.3]) and std == pytest.approx([0.5, 0.6, 0.7])
