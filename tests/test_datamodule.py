@@ -151,3 +151,68 @@ def test_stitching_datamodule_serves_memory_mapped_features_and_reports_skips(tm
     again = StitchingDataModule(train=",".join(urls), val=",".join(urls[:2]), cache_dir=str(tmp_path))
     again.setup_features(source, target)
     assert again.store.extractions == 0 and again.store.hits == 4 and again.skipped == dm.skipped
+
+
+# -- the workers' ring of shared-memory slots --------------------------------------------------------------
+
+
+def test_ring_ships_nested_tensors_of_any_dtype_and_reuses_freed_slots():
+    from prh_stitch.data.streaming import _Ring
+
+    ring = _Ring(max_slots=2)
+    arrays = [np.full((5, 7, 3), 17, np.uint8), np.arange(2 * 3, dtype=np.uint8).reshape(2, 3, 1)]
+    inputs = {"image": torch.randn(2, 3, 4, 4), "text": {"input_ids": torch.arange(6).view(2, 3),
+                                                          "mask": torch.tensor([[True, False, True]] * 2)}}
+    first = ring.ship(arrays, inputs)
+    (flat, shapes), opened = first.unpack()
+    assert shapes == [(5, 7, 3), (2, 3, 1)]
+    assert torch.equal(flat, torch.cat([torch.from_numpy(a).flatten() for a in arrays]))
+    for got, want in ((opened["image"], inputs["image"]), (opened["text"]["input_ids"], inputs["text"]["input_ids"]),
+                      (opened["text"]["mask"], inputs["text"]["mask"])):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert not flat.is_shared() and not opened["image"].is_shared()  # the receiver owns plain memory
+
+    # The freed slot is written again; what was handed out before does not change.
+    second = ring.ship(None, {"x": torch.ones(3)})
+    assert second.buffer.data_ptr() == first.buffer.data_ptr()
+    assert torch.equal(opened["image"], inputs["image"])
+    # Slots held by unopened packets are never overwritten: with both in use there is no slot at all.
+    third = ring.ship(None, {"x": torch.full((3,), 2.0)})
+    assert third is not None and third.slot != second.slot
+    assert ring.ship(None, {"x": torch.zeros(3)}) is None
+    assert torch.equal(second.unpack()[1]["x"], torch.ones(3))
+    assert torch.equal(third.unpack()[1]["x"], torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_from_workers_stay_intact_while_later_batches_arrive(dataset, tiny_vit, workers):
+    urls, good, _ = dataset
+    dm = StreamingDataModule(val=",".join(urls), batch_size=2, num_workers=workers)
+    raw = list(dm.val_dataloader())  # every batch kept: the workers' few slots are reused many times over
+    assert len(raw) > 4
+    dm.set_encoders({"image": tiny_vit})
+    preprocessed = list(dm.val_dataloader())
+    for batch in raw:
+        for key, image in zip(batch["key"], batch["image"]):
+            shard, index = good[key]
+            assert torch.equal(image, torch.from_numpy(np.array(scene(shard, index))).permute(2, 0, 1))
+    for batch in preprocessed:
+        for key, pixels in zip(batch["key"], batch["inputs"]["image"]):
+            shard, index = good[key]
+            assert torch.equal(pixels, tiny_vit.transform(scene(shard, index)))
+    assert sorted(k for b in raw for k in b["key"]) == sorted(good)
+
+
+def test_a_consumer_that_holds_packets_unopened_gets_the_rest_the_ordinary_way(dataset):
+    from prh_stitch.data.stream import PairedShards
+
+    urls, good, _ = dataset
+    loader = torch.utils.data.DataLoader(Batcher(PairedShards(urls), batch_size=1), batch_size=None, num_workers=1)
+    packets = [p for p in loader if p.samples]  # none opened: each keeps its slot
+    assert len(packets) == len(good) > 8
+    through_ring = [p.shipment is not None for p in packets]
+    assert through_ring[:8] == [True] * 8 and not any(through_ring[8:])  # 8 slots at most, then plain transfer
+    for packet in packets:
+        image = packet.batch()["image"][0]
+        shard, index = good[packet.samples[0]["key"]]
+        assert torch.equal(image, torch.from_numpy(np.array(scene(shard, index))).permute(2, 0, 1))

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prh_stitch.data.shards import atomic_write_bytes
 from prh_stitch.data.stream import SkipStats, _decode, _read_shard, _ShardProblem
-from prh_stitch.data.streaming import Batcher
+from prh_stitch.data.streaming import Batcher, receive
 from prh_stitch.encoders.base import FrozenEncoder, Layer
 
 log = logging.getLogger("prh_stitch.data")
@@ -512,7 +512,7 @@ class FeatureStore:
         names = identity["layers"]
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress or ranks.rank != 0) as bar:
-            for packet in loader:
+            for packet in receive(loader):
                 if packet.samples:
                     # One device-to-host copy per batch; the rows wait on the CPU until their unit is complete.
                     outputs = [out.cpu() for out in encoder.encode(packet.inputs["encoder"], layers, pooling)]

@@ -282,9 +282,12 @@ def _decode(
         if not isinstance(meta, dict):
             return None, "undecodable_meta", f"meta is a JSON {type(meta).__name__}, not an object"
     try:
-        with Image.open(io.BytesIO(raw.files[image_ext])) as opened:
-            opened.load()  # decode all pixels now: a truncated or garbage file fails here, not in a transform
-            image = opened.convert(image_mode) if image_mode and opened.mode != image_mode else opened.copy()
+        # Not a ``with`` block: closing would discard the decoded pixels and force a copy. load() lets go of
+        # the in-memory file once a single-frame image is decoded.
+        image = Image.open(io.BytesIO(raw.files[image_ext]))
+        image.load()  # decode all pixels now: a truncated or garbage file fails here, not in a transform
+        if image_mode and image.mode != image_mode:
+            image = image.convert(image_mode)
     except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...) on garbage
         return None, "undecodable_image", f"{type(exc).__name__}: {exc}"
     return {"key": raw.key, "image": image, "caption": caption, "meta": meta, "url": raw.url}, None, ""

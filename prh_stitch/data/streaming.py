@@ -19,19 +19,27 @@ Lightning, so feature extraction (which uses ``Batcher``) starts quickly from th
 
 Batches are dicts: ``key``, ``caption``, ``meta``, ``url`` (lists), ``inputs`` ({encoder name: model input})
 and ``image`` (only when no encoder is set, or ``keep_images=True``): a list of uint8 ``(C, H, W)`` tensors,
-the torchvision convention. They are views into one flat buffer per batch, which leaves a worker as one
-shared-memory segment instead of one pickled PIL image per sample through a pipe (measured: as fast with one
-worker, faster with two), and is what a torch consumer needs anyway. (Images that are not 8-bit, possible
-with ``image_mode=None``, stay PIL.)
+the torchvision convention, views into one buffer per batch. (Images that are not 8-bit, possible with
+``image_mode=None``, stay PIL.)
+
+Moving pixels out of the workers. A DataLoader worker hands tensors over by moving each into a fresh
+shared-memory segment, which the receiving process maps again: two rounds of page faults per batch, about as
+costly as decoding the images on a virtualised host (measured here: one worker delivered 0.35x of the decode
+rate of a plain loop). So each worker keeps a small ring of shared-memory slots (``_Ring``) and copies a
+batch's pixels and model inputs into a free slot; the main process copies them out into its own memory at
+once (``Packet.open``) and marks the slot free again. Both copies hit memory that is already mapped; the
+consumer owns ordinary tensors that no worker will write to. If every slot is still in use (a consumer that
+holds packets unopened, a large ``prefetch_factor``), the packet travels the ordinary way.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -59,15 +67,29 @@ class Packet:
     """What a worker hands the main process: samples, their model inputs, and the events that follow them.
 
     The events are to be applied *after* the samples: a worker emits an event only once everything it
-    describes has been put into a packet.
+    describes has been put into a packet. Packets made in a worker carry their tensors in a ``Shipment``
+    until the main process calls ``open``.
     """
 
     samples: List[Dict[str, Any]]
     inputs: Dict[str, Any]
     events: List[Any] = field(default_factory=list)
     images: Optional[Tuple[Tensor, List[Tuple[int, int, int]]]] = None  # see pack_images
+    shipment: Optional["Shipment"] = None
+
+    def open(self, mapped: Optional[Dict[Any, Tensor]] = None) -> "Packet":
+        """Take the tensors out of a worker's ring slot into this process's memory (a no-op otherwise).
+
+        ``mapped`` keeps the slots this process has already mapped, so the next packet through the same
+        slot is not mapped (and page-faulted) again; see ``receive``.
+        """
+        if self.shipment is not None:
+            self.images, self.inputs = self.shipment.unpack(mapped)
+            self.shipment = None
+        return self
 
     def batch(self) -> Dict[str, Any]:
+        self.open()
         out: Dict[str, Any] = {name: [s[name] for s in self.samples] for name in ("key", "caption", "meta", "url")}
         if self.images is not None:
             out["image"] = unpack_images(*self.images)
@@ -77,18 +99,34 @@ class Packet:
         return out
 
 
-def pack_images(images: Sequence[Any]) -> Optional[Tuple[Tensor, List[Tuple[int, int, int]]]]:
-    """A batch of PIL images as one flat uint8 tensor and their ``(H, W, C)`` shapes; None unless all are 8-bit."""
+def receive(packets: Iterable[Packet]) -> Iterator[Packet]:
+    """Open each packet as it arrives (main process), keeping the workers' slots mapped while iterating."""
+    mapped: Dict[Any, Tensor] = {}
+    for packet in packets:
+        yield packet.open(mapped)
+
+
+def _pixel_arrays(images: Sequence[Any]) -> Optional[List[np.ndarray]]:
+    """``(H, W, C)`` uint8 arrays of PIL images; None unless all are 8-bit."""
     arrays = [np.asarray(image) for image in images]
     if any(a.dtype != np.uint8 for a in arrays):
         return None
-    shapes = [a.shape if a.ndim == 3 else (*a.shape, 1) for a in arrays]
+    return [a if a.ndim == 3 else a[:, :, None] for a in arrays]
+
+
+def pack_images(images: Sequence[Any]) -> Optional[Tuple[Tensor, List[Tuple[int, int, int]]]]:
+    """A batch of PIL images as one flat uint8 tensor and their ``(H, W, C)`` shapes; None unless all are 8-bit."""
+    arrays = _pixel_arrays(images)
+    return None if arrays is None else pack_images_from_arrays(arrays)
+
+
+def pack_images_from_arrays(arrays: Sequence[np.ndarray]) -> Tuple[Tensor, List[Tuple[int, int, int]]]:
     flat = torch.empty(sum(a.size for a in arrays), dtype=torch.uint8)
     buffer, offset = flat.numpy(), 0
     for a in arrays:
         buffer[offset:offset + a.size] = a.reshape(-1)
         offset += a.size
-    return flat, shapes
+    return flat, [a.shape for a in arrays]
 
 
 def unpack_images(flat: Tensor, shapes: Sequence[Tuple[int, int, int]]) -> List[Tensor]:
@@ -98,6 +136,125 @@ def unpack_images(flat: Tensor, shapes: Sequence[Tuple[int, int, int]]) -> List[
         out.append(flat[offset:offset + h * w * c].view(h, w, c).permute(2, 0, 1))
         offset += h * w * c
     return out
+
+
+# -- the ring of shared-memory slots (see the module docstring) ------------------------------------------
+
+
+def _flatten(tree: Any) -> Tuple[List[Tensor], Any]:
+    """Tensor leaves of nested dicts/lists/tuples, and a spec to put them back (other leaves stay in the spec)."""
+    leaves: List[Tensor] = []
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, Tensor):
+            leaves.append(node)
+            return ("tensor", len(leaves) - 1)
+        if isinstance(node, dict):
+            return ("dict", [(k, walk(v)) for k, v in node.items()])
+        if isinstance(node, (list, tuple)):
+            return (type(node).__name__, [walk(v) for v in node])
+        return ("leaf", node)
+
+    return leaves, walk(tree)
+
+
+def _unflatten(spec: Any, leaves: Sequence[Tensor]) -> Any:
+    kind, value = spec
+    if kind == "tensor":
+        return leaves[value]
+    if kind == "dict":
+        return {k: _unflatten(v, leaves) for k, v in value}
+    if kind in ("list", "tuple"):
+        items = [_unflatten(v, leaves) for v in value]
+        return items if kind == "list" else tuple(items)
+    return value
+
+
+_ALIGN = 64  # bytes; every tensor in a slot starts on a cache line
+
+
+@dataclass
+class Shipment:
+    """A packet's tensors in slot ``slot`` of a worker's ring: where each one is, and how to rebuild the tree."""
+
+    buffer: Tensor  # the slot: uint8, shared memory
+    busy: Tensor  # the ring's flags: int32, shared memory; 1 while the slot holds an unopened packet
+    slot: int
+    owner: int  # the worker's pid (with ``slot``, names the slot in the receiver's ``mapped``)
+    size: int  # bytes used in the slot
+    image_shapes: Optional[List[Tuple[int, int, int]]]  # images first, back to back from offset 0
+    tensors: List[Tuple[int, torch.dtype, Tuple[int, ...]]]  # (offset, dtype, shape) of each input tensor
+    spec: Any  # the inputs tree (see _flatten)
+
+    def unpack(self, mapped: Optional[Dict[Any, Tensor]] = None) -> Tuple[Any, Dict[str, Any]]:
+        if mapped is not None:
+            mapped[(self.owner, self.slot)] = self.buffer  # keep the mapping for the slot's next packet
+        local = torch.empty(self.size, dtype=torch.uint8)
+        local.copy_(self.buffer[:self.size])
+        self.busy[self.slot] = 0  # after the copy: the worker may now write the slot again
+        images = None
+        if self.image_shapes is not None:
+            total = sum(h * w * c for h, w, c in self.image_shapes)
+            images = (local[:total], self.image_shapes)
+        leaves = [local[offset:offset + _nbytes(dtype, shape)].view(dtype).view(shape)
+                  for offset, dtype, shape in self.tensors]
+        return images, _unflatten(self.spec, leaves)
+
+
+def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+
+
+class _Ring:
+    """Worker side: shared-memory slots reused packet after packet (at most ``max_slots``)."""
+
+    def __init__(self, max_slots: int = 8) -> None:
+        self.busy = torch.zeros(max_slots, dtype=torch.int32).share_memory_()
+        self.buffers: List[Tensor] = []
+        self.max_slots = max_slots
+        self.turn = 0
+
+    def _slot(self, size: int) -> Optional[int]:
+        """A free slot (grown to ``size`` bytes if needed), or None when all ``max_slots`` are in use."""
+        count = len(self.buffers)
+        for step in range(count):
+            slot = (self.turn + step) % count
+            if int(self.busy[slot]) == 0:
+                break
+        else:
+            if count == self.max_slots:
+                return None
+            slot = count
+            self.buffers.append(torch.empty(0, dtype=torch.uint8))
+        self.turn = (slot + 1) % max(1, len(self.buffers))
+        if self.buffers[slot].numel() < size:
+            # A quarter more than asked, so slightly larger batches later do not reallocate; zero-filled once
+            # here, then only ever rewritten.
+            self.buffers[slot] = torch.zeros(size + size // 4 + _ALIGN, dtype=torch.uint8).share_memory_()
+        return slot
+
+    def ship(self, arrays: Optional[List[np.ndarray]], inputs: Dict[str, Any]) -> Optional[Shipment]:
+        leaves, spec = _flatten(inputs)
+        size = sum(a.size for a in arrays) if arrays is not None else 0
+        layout = []
+        for leaf in leaves:
+            size = -(-size // _ALIGN) * _ALIGN
+            layout.append((size, leaf.dtype, tuple(leaf.shape)))
+            size += leaf.numel() * leaf.element_size()
+        slot = self._slot(size)
+        if slot is None:
+            return None
+        buffer = self.buffers[slot]
+        if arrays is not None:
+            view, offset = buffer.numpy(), 0
+            for a in arrays:
+                view[offset:offset + a.size] = a.reshape(-1)
+                offset += a.size
+        for leaf, (offset, dtype, shape) in zip(leaves, layout):
+            buffer[offset:offset + leaf.numel() * leaf.element_size()].view(dtype).view(shape).copy_(leaf)
+        self.busy[slot] = 1
+        return Shipment(buffer, self.busy, slot, os.getpid(), size,
+                        [a.shape for a in arrays] if arrays is not None else None, layout, spec)
 
 
 class _StatsTap:
@@ -164,20 +321,28 @@ class Batcher(IterableDataset):
         if callable(set_epoch):
             set_epoch(epoch)
 
-    def _packet(self, samples: List[Dict[str, Any]], events: List[Any]) -> Packet:
-        inputs, images = {}, None
+    def _packet(self, samples: List[Dict[str, Any]], events: List[Any], ring: Optional[_Ring]) -> Packet:
+        inputs: Dict[str, Any] = {}
+        arrays = None
         if samples:
             for name, encoder in self.encoders.items():
                 inputs[name] = encoder.collate([encoder.transform(model_input(s, encoder)) for s in samples])
             if self.keep_images:
-                images = pack_images([s["image"] for s in samples])
-            if not self.keep_images or images is not None:
+                arrays = _pixel_arrays([s["image"] for s in samples])
+            if not self.keep_images or arrays is not None:
                 for s in samples:
                     s.pop("image", None)
+        if ring is not None and (arrays is not None or inputs):
+            shipment = ring.ship(arrays, inputs)
+            if shipment is not None:
+                return Packet(samples, {}, events, None, shipment)
+        images = pack_images_from_arrays(arrays) if arrays is not None else None
         return Packet(samples, inputs, events, images)
 
     def __iter__(self) -> Iterator[Packet]:
         tap = _StatsTap(self.stats) if self.stats is not None else None
+        # In a DataLoader worker, tensors leave through the ring; in the main process they need not move.
+        ring = _Ring() if get_worker_info() is not None else None
 
         def events_now(events: List[Any]) -> List[Any]:
             delta = tap.take() if tap is not None else None
@@ -189,16 +354,16 @@ class Batcher(IterableDataset):
             if not isinstance(item, dict):
                 events.append(item)
                 if self.flush_on_event:
-                    yield self._packet(samples, events_now(events))
+                    yield self._packet(samples, events_now(events), ring)
                     samples, events = [], []
                 continue
             if len(samples) == self.batch_size:
-                yield self._packet(samples, events_now(events))
+                yield self._packet(samples, events_now(events), ring)
                 samples, events = [], []
             samples.append(item)
         final = events_now(events)
         if samples or final:
-            yield self._packet(samples, final)
+            yield self._packet(samples, final, ring)
 
 
 # -- resampled shards ---------------------------------------------------------------------------------
@@ -302,7 +467,7 @@ class StreamLoader(DataLoader):
         """Raw packets of one pass (skip counts already added to ``self.stats``)."""
         # Workers take their copy of the dataset when the iterator starts: set the epoch before that.
         self.dataset.set_epoch(self.epoch())
-        for packet in super().__iter__():
+        for packet in receive(super().__iter__()):
             for event in packet.events:
                 if isinstance(event, StatsEvent):
                     self.stats.merge(event.stats)
