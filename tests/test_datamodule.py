@@ -216,3 +216,22 @@ def test_a_consumer_that_holds_packets_unopened_gets_the_rest_the_ordinary_way(d
         image = packet.batch()["image"][0]
         shard, index = good[packet.samples[0]["key"]]
         assert torch.equal(image, torch.from_numpy(np.array(scene(shard, index))).permute(2, 0, 1))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_reused_over_epochs_reshuffles_and_counts_skips_once_per_epoch(dataset, workers):
+    urls, good, skips = dataset
+    pattern = ",".join(urls)
+    dm = StreamingDataModule(train=pattern, batch_size=3, num_workers=workers, shuffle_buffer=4, seed=2)
+    loader = dm.train_dataloader()  # as Lightning does: one loader for the whole fit; workers persist
+    assert loader.persistent_workers == (workers > 0)
+    epochs = []
+    for _ in range(2):
+        epochs.append([key for batch in loader for key in batch["key"]])
+        assert sorted(epochs[-1]) == sorted(good)
+    assert epochs[0] != epochs[1]  # the persistent workers saw the new epoch
+    assert dm.skipped["train"] == {reason: 2 * n for reason, n in skips.items()}
+    # Each epoch's order depends only on the seed and the epoch: a fresh module's second pass repeats it.
+    fresh = StreamingDataModule(train=pattern, batch_size=3, num_workers=workers, shuffle_buffer=4, seed=2)
+    for expected in epochs:
+        assert [key for batch in fresh.train_dataloader() for key in batch["key"]] == expected

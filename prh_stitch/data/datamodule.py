@@ -324,7 +324,11 @@ class StreamingDataModule(pl.LightningDataModule):
     def dataloader(self, split: str) -> StreamLoader:
         reader = self.reader(split)
         batcher = Batcher(reader, self.batch_size, self.encoders, self.keep_images, stats=reader.stats)
-        return StreamLoader(batcher, self.stats[split], self._epoch_source(split), num_workers=self.num_workers)
+        # Persistent workers: started once per loader, not once per epoch (a fork of a process holding models
+        # costs tens of milliseconds, and copy-on-write faults after it); the epoch reaches them through shared
+        # memory (see PairedShards.set_epoch).
+        return StreamLoader(batcher, self.stats[split], self._epoch_source(split), num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> StreamLoader:
         return self.dataloader("train")

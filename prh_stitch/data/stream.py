@@ -100,6 +100,9 @@ class SkipStats:
     def total_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    def copy(self) -> "SkipStats":
+        return SkipStats().merge(self)
+
     def merge(self, other: "SkipStats") -> "SkipStats":
         self.good += other.good
         self.skipped.update(other.skipped)
@@ -347,15 +350,17 @@ class PairedShards(IterableDataset):
         self.world_size = world_size
         self.split = split
         self.image_mode = image_mode
-        self.epoch = 0
+        # In shared memory, so DataLoader workers that outlive an epoch (persistent_workers=True) read the
+        # epoch the main process sets, instead of the one in the copy of the dataset they started with.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the shuffle of the next pass.
-
-        Call it before the epoch's DataLoader iterator is created: workers get a copy of the dataset
-        then, so with ``persistent_workers=True`` they keep the epoch they started with.
-        """
-        self.epoch = int(epoch)
+        """Change the shuffle of the next pass (call it before the pass's DataLoader iterator is created)."""
+        self._epoch.fill_(int(epoch))
 
     def consumer(self) -> Tuple[int, int]:
         """``(index, count)`` of this reader among all ranks x workers that split the data."""

@@ -262,7 +262,8 @@ class _StatsTap:
 
     def __init__(self, stats: SkipStats) -> None:
         self.stats = stats
-        self.seen = SkipStats()
+        # What was counted before this pass was reported by earlier passes (a reader reused over epochs).
+        self.seen = stats.copy()
 
     def take(self) -> Optional[SkipStats]:
         current, seen = self.stats, self.seen
@@ -341,8 +342,11 @@ class Batcher(IterableDataset):
 
     def __iter__(self) -> Iterator[Packet]:
         tap = _StatsTap(self.stats) if self.stats is not None else None
-        # In a DataLoader worker, tensors leave through the ring; in the main process they need not move.
-        ring = _Ring() if get_worker_info() is not None else None
+        # In a DataLoader worker, tensors leave through the ring (kept for the worker's next pass when workers
+        # persist); in the main process they need not move.
+        ring = None
+        if get_worker_info() is not None:
+            ring = self._ring = getattr(self, "_ring", None) or _Ring()
 
         def events_now(events: List[Any]) -> List[Any]:
             delta = tap.take() if tap is not None else None
