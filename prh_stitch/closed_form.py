@@ -429,7 +429,7 @@ def _tune(stitcher: Stitcher, transform: _RetrievalTransform, fit_bias: bool, va
     device = transform.weight.device
     f64 = {"dtype": torch.float64, "device": device}
     onorm = stitcher.output_norm
-    xs = stitcher.input_norm(x.to(device, torch.float32)).to(**f64)
+    xs = stitcher.input_norm(x.to(stitcher.input_norm.mean.device, torch.float32)).to(**f64)  # norm where its buffers are
     shift, scale = onorm.mean.to(**f64), onorm.scale.to(**f64)
     m = transform.m
     if fit_bias:  # core output = ȳ' + g·(x' − x̄')W_v; a core without bias has no separate mean part
