@@ -60,6 +60,24 @@ class ScoreSettings:
     max_null: int = 5  # permutation draws of the *max over layer pairs* (the selection's own null); 0 = off
     half_samples: int = 0  # study only: half-sample rescoring draws for intervals of correlations
     seed: int = 0
+    # Clamp each layer's features (each side, all N rows) to ±(this quantile of |x|) before scoring alignment, as
+    # the paper's code does with 0.95 (prh_stitch.metrics.clamp_outliers). None (the default) = off, so scores
+    # made before the option existed stay what they were. Retrieval and zero-shot never use it.
+    outlier_quantile: Optional[float] = None
+
+
+def clamp_note(quantile: Optional[float]) -> str:
+    """How the reports' headers say whether features were clamped."""
+    if quantile is None or quantile == 1.0:
+        return "no outlier clamp"
+    return f"features clamped at the {quantile:g} quantile of |x| per layer before scoring (outlier removal)"
+
+
+def clamp_layers(feats: Sequence[Tensor], names: Sequence[str], label: str, quantile: Optional[float]) -> List[Tensor]:
+    """Each layer of one model clamped on its own (its own threshold), or the layers themselves when off."""
+    from prh_stitch.metrics import clamp_outliers
+
+    return [clamp_outliers(x, quantile, f"{label} layer {name}") for x, name in zip(feats, names)]
 
 
 def check_metrics(names: Sequence[str]) -> Tuple[str, ...]:
@@ -233,8 +251,13 @@ def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreS
     from prh_stitch.metrics import METRICS, calibrate, layer_alignment
 
     opts = metric_options(metric, settings.k)
+    key_settings = asdict(settings) | {"metrics": None}
+    if settings.outlier_quantile in (None, 1.0):
+        # No clamp (1 clamps nothing): the key is the one written before the option existed, so those scores stay
+        # valid; with a clamp the quantile is part of the key and an unclamped score is never returned for it.
+        del key_settings["outlier_quantile"]
     key = cache.key({"format": SCORE_CACHE_FORMAT, "a": encoder_record(fa), "b": encoder_record(fb),
-                     "metric": metric, "opts": opts, "settings": asdict(settings) | {"metrics": None}})
+                     "metric": metric, "opts": opts, "settings": key_settings})
     cached = cache.get(key)
     if cached is not None:
         cached.update(model_a=label_a, model_b=label_b)
@@ -242,6 +265,8 @@ def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreS
     a, b, _, _ = paired(fa, fb, device)
     n = a[0].shape[0]
     check_n(n, settings, f"{label_a} × {label_b}")
+    a = clamp_layers(a, layer_names(fa), label_a, settings.outlier_quantile)
+    b = clamp_layers(b, layer_names(fb), label_b, settings.outlier_quantile)
     table = layer_alignment(a, b, metric, **opts)
     bi, bj = table["best_index"]
     cal = dict(permutations=settings.permutations, bootstrap=settings.bootstrap, seed=settings.seed, **opts)
@@ -403,7 +428,8 @@ def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: s
     settings = header.get("settings", {})
     return (f"# {title}\n\nN = {records[0]['n'] if records else '–'} paired samples, k = {settings.get('k')}, "
             f"{settings.get('permutations')} permutations, {settings.get('bootstrap')} bootstrap resamples, "
-            f"seed {settings.get('seed')}, device {header.get('device')}.\n\n"
+            f"seed {settings.get('seed')}, {clamp_note(settings.get('outlier_quantile'))}, "
+            f"device {header.get('device')}.\n\n"
             "**best** is the maximum over all layer pairs (the paper's headline number); because it is a maximum "
             "it sits above chance even for unrelated models, so compare it with *null of max* (the same maximum "
             "with the pairing shuffled). **last** is the last-layer pair, with its chance level, permutation null, "
@@ -492,7 +518,7 @@ def stitch_report(mapped: Tensor, target: Tensor, raw_source: Tensor, raw_target
     as correct retrieval matches.
     """
     from prh_stitch.data.datamodule import caption_groups
-    from prh_stitch.metrics import calibrate, retrieval
+    from prh_stitch.metrics import calibrate, clamp_outliers, retrieval
 
     n = mapped.shape[0]
     check_n(n, settings, "stitch")
@@ -510,11 +536,14 @@ def stitch_report(mapped: Tensor, target: Tensor, raw_source: Tensor, raw_target
         out["loss"] = {"value": total / n, "batch_size": loss_batch_size,
                        "note": "mean over consecutive batches in key order (contrastive losses depend on batch size)"}
     out["alignment"] = {}
+    q = settings.outlier_quantile  # alignment only: retrieval and zero-shot score the features as they are
+    sides = {"stitched": (clamp_outliers(mapped, q, "stitched source"), clamp_outliers(target, q, "target")),
+             "raw": (clamp_outliers(raw_source, q, "raw source"), clamp_outliers(raw_target, q, "raw target"))}
     for metric in settings.metrics:
         cal = dict(permutations=settings.permutations, bootstrap=settings.bootstrap, seed=settings.seed,
                    **metric_options(metric, settings.k))
-        out["alignment"][metric] = {"stitched": _calibration_fields(calibrate(metric, mapped, target, **cal)),
-                                    "raw": _calibration_fields(calibrate(metric, raw_source, raw_target, **cal))}
+        out["alignment"][metric] = {which: _calibration_fields(calibrate(metric, a, b, **cal))
+                                    for which, (a, b) in sides.items()}
     if zero_shot_inputs is not None:
         out["zero_shot"] = zero_shot(mapped, zero_shot_inputs)
     return out
@@ -723,8 +752,10 @@ def stitch_markdown(report: Dict[str, Any]) -> str:
             rows.append([metric, "stitched source vs target" if which == "stitched" else "raw source vs target",
                          c["score"], c["chance"], c["null_mean"], c["calibrated"],
                          reports.interval(c["ci_low"], c["ci_high"])])
-    text += "\n## Alignment\n\n" + reports.markdown_table(
-        ["metric", "features", "score", "chance", "null mean", "calibrated", "95% CI"], rows)
+    settings = report.get("settings", {})
+    text += (f"\n## Alignment\n\nk = {settings.get('k')}, {clamp_note(settings.get('outlier_quantile'))}.\n\n"
+             + reports.markdown_table(["metric", "features", "score", "chance", "null mean", "calibrated", "95% CI"],
+                                      rows))
     zs = report.get("zero_shot")
     if zs:
         if "skipped" in zs:
@@ -776,12 +807,18 @@ def _log_tensorboard(log_dir: Path, report: Dict[str, Any], markdown: str, step:
 # ---- command line -------------------------------------------------------------------------------------
 
 def _settings_from_args(args: argparse.Namespace) -> ScoreSettings:
+    from prh_stitch.metrics.outliers import check_quantile
+
     for flag, value, low in (("--k", args.k, 1), ("--permutations", args.permutations, 0),
                              ("--bootstrap", args.bootstrap, 0), ("--max-null", args.max_null, 0)):
         if value < low:
             raise EvalError(f"{flag} must be >= {low}, got {value}")
+    try:
+        quantile = check_quantile(args.outlier_quantile, "--outlier-quantile")
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
     return ScoreSettings(metrics=check_metrics(_split_list(args.metrics)), k=args.k, permutations=args.permutations,
-                         bootstrap=args.bootstrap, max_null=args.max_null, seed=args.seed)
+                         bootstrap=args.bootstrap, max_null=args.max_null, seed=args.seed, outlier_quantile=quantile)
 
 
 def _inputs_from_args(args: argparse.Namespace) -> Tuple[torch.device, List[str], Path, Extraction]:
@@ -808,6 +845,9 @@ def _common(parser: argparse.ArgumentParser, data: bool = True) -> None:
     parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per headline score")
     parser.add_argument("--max-null", type=int, default=5,
                         help="permutation draws of the max over layer pairs (align; 0 = skip)")
+    parser.add_argument("--outlier-quantile", type=float, default=None, metavar="Q",
+                        help="clamp each layer's features to ±(the Q quantile of |x|) before scoring alignment, as "
+                             "the paper's code does with 0.95 (not retrieval); default: off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--cache-dir", default=None, help="feature store and score cache (default $PRH_STITCH_CACHE)")

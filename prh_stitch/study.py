@@ -23,7 +23,7 @@ import yaml
 from prh_stitch import competence as comp
 from prh_stitch import reports
 from prh_stitch.evaluation import (EvalError, Extraction, Model, ScoreCache, ScoreSettings, alignment_outputs,
-                                   cache_root, check_metrics, encoder_record, extract_models, parse_pairs,
+                                   cache_root, check_metrics, clamp_note, encoder_record, extract_models, parse_pairs,
                                    pick_device, score_models)
 
 
@@ -72,6 +72,7 @@ class StudyConfig:
     max_null: int = 5
     half_samples: int = 100
     seed: int = 0
+    outlier_quantile: Optional[float] = None  # clamp each layer to ±(this quantile of |x|) first; the paper: 0.95
     pairs: str = "vt"
     competence: Dict[str, CompetenceBlock] = field(default_factory=dict)
     out: str = "runs/study"
@@ -99,6 +100,7 @@ def _strict(cls, value: Any, where: str):
 
 def load_config(path: str) -> StudyConfig:
     from prh_stitch.encoders import EncoderSpec
+    from prh_stitch.metrics.outliers import check_quantile
 
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -135,6 +137,10 @@ def load_config(path: str) -> StudyConfig:
             raise EvalError(f"competence.{side}.scores: a mapping {{model: value}} or 'imagenet_top1'")
     cfg.metrics = list(check_metrics(cfg.metrics))
     parse_pairs(cfg.pairs)
+    try:
+        cfg.outlier_quantile = check_quantile(cfg.outlier_quantile, f"outlier_quantile in {path}")
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
     return cfg
 
 
@@ -293,7 +299,7 @@ def run_study(config_path: str, out: Optional[str] = None, device: Optional[str]
     cfg = load_config(config_path)
     settings = ScoreSettings(metrics=tuple(cfg.metrics), k=cfg.k, permutations=cfg.permutations,
                              bootstrap=cfg.bootstrap, max_null=cfg.max_null, half_samples=cfg.half_samples,
-                             seed=cfg.seed)
+                             seed=cfg.seed, outlier_quantile=cfg.outlier_quantile)
     kinds = parse_pairs(cfg.pairs)
     dev = pick_device(device or cfg.device)
     root = cache_root(cfg.cache_dir)
@@ -360,7 +366,8 @@ def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
     s = summary["settings"]
     text = (f"# Convergence study\n\nprh_stitch {summary['version']}, device {summary['device']}, k = {s['k']}, "
             f"{s['permutations']} permutations, {s['bootstrap']} bootstrap resamples, {s['half_samples']} "
-            f"half-samples, seed {s['seed']}; {summary['seconds']:.1f} s in all.\n")
+            f"half-samples, seed {s['seed']}, {clamp_note(s.get('outlier_quantile'))}; {summary['seconds']:.1f} s in "
+            "all.\n")
     for d in datasets:
         text += f"\n## {d['name']} (N = {d['n']})\n\n"
         rows = [[r["model_a"], r["model_b"], r["metric"],

@@ -139,15 +139,8 @@ def test_identity_stitcher_between_identical_encoders_is_perfect(data, tmp_path)
 
 
 def test_zero_shot_and_retrieval_equal_brute_force(data, tmp_path):
-    vit_dim, bert_dim = build_encoder("tiny_vit").feature_dim(-1), build_encoder("tiny_bert").feature_dim(-1)
-    stitcher = Stitcher("affine", vit_dim, bert_dim, "none", "none")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        stitcher.core.weight.normal_()
     ckpt = tmp_path / "vit2bert.ckpt"
-    torch.save({"state_dict": {f"stitcher.{k}": v for k, v in stitcher.state_dict().items()}, CHECKPOINT_KEY: {
-        "stitcher": stitcher.config(), "source": EncoderSpec("tiny_vit").to_dict(),
-        "target": EncoderSpec("tiny_bert").to_dict(), "objective": {"name": "mse", "options": {}}}}, ckpt)
+    stitcher = random_affine_checkpoint(ckpt)
     out = tmp_path / "zs"
     assert main(["stitch", "--ckpt", str(ckpt), "--data", data, "--out", str(out), "--metrics", "mutual_knn",
                  "--k", "5", "--source", "tiny_vit", "--tensorboard", "none", *FAST]) == 0
@@ -302,6 +295,7 @@ def test_shipped_study_configs_are_valid():
     assert [s.name for s in offline.vision] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     prh = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "study_prh.yaml"))
     assert all(s.name.startswith("timm:") for s in prh.vision) and all(s.pooling == "mean" for s in prh.text)
+    assert prh.outlier_quantile == 0.95 and offline.outlier_quantile is None  # the paper's clamp; the default: off
 
 
 # ---- bad input: one line on stderr, exit status 2, no report written ------------------------------------
@@ -386,3 +380,135 @@ def test_baseline_between_identical_encoders_is_perfect(data, tmp_path):
     assert report["retrieval"]["a2b/recall@1"] == 1.0
     assert report["alignment"]["mutual_knn"]["stitched"]["score"] == 1.0
     assert "loss" not in report and (out / "tensorboard").is_dir()
+
+
+# ---- the outlier clamp (--outlier-quantile, study key outlier_quantile) ---------------------------------
+
+def score_files():
+    return set((default_cache_dir() / "scores").glob("*.json"))
+
+
+def paired_layers(data, quantile=None):
+    """Every layer of tiny_vit and tiny_bert on ``data``, rows paired, each layer clamped on its own."""
+    from prh_stitch.metrics import clamp_outliers
+
+    fa, fb = store_features("tiny_vit", data), store_features("tiny_bert", data)
+    ia, ib = align_by_key(fa, fb)
+    return ([clamp_outliers(x[ia], quantile) for x in ordered(fa)],
+            [clamp_outliers(x[ib], quantile) for x in ordered(fb)])
+
+
+def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data, tmp_path):
+    base = ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--metrics", "mutual_knn",
+            "--k", "5", *FAST]
+
+    def run(name, *extra):
+        assert main(base + ["--out", str(tmp_path / name), *extra]) == 0
+        return json.loads((tmp_path / name / "alignment.json").read_text())
+
+    off = run("off")
+    a, b = paired_layers(data)
+    assert off["records"][0]["matrix"] == layer_alignment(a, b, "mutual_knn", k=5)["scores"].tolist()
+    before = score_files()
+    on = run("on", "--outlier-quantile", "0.9")
+    assert len(score_files() - before) == 1  # scored and cached anew, not read from the unclamped entry
+    (r,) = on["records"]
+    ca, cb = paired_layers(data, 0.9)
+    assert r["matrix"] == layer_alignment(ca, cb, "mutual_knn", k=5)["scores"].tolist()
+    assert r["matrix"] != off["records"][0]["matrix"]
+    cal = calibrate("mutual_knn", ca[r["layer_a"]], cb[r["layer_b"]], permutations=5, bootstrap=10, seed=0, k=5)
+    for key in ("score", "null_mean", "ci_low", "ci_high"):
+        assert r[key] == pytest.approx(cal[key], abs=1e-12), key
+    assert on["settings"]["outlier_quantile"] == 0.9 and off["settings"]["outlier_quantile"] is None
+    assert "features clamped at the 0.9 quantile of |x| per layer" in (tmp_path / "on" / "alignment.md").read_text()
+    assert "no outlier clamp" in (tmp_path / "off" / "alignment.md").read_text()
+    # Reruns read their own entries back; q = 1 clamps nothing and shares the unclamped entry.
+    files = score_files()
+    assert run("off_again")["records"] == off["records"]
+    assert run("on_again", "--outlier-quantile", "0.9")["records"] == on["records"]
+    assert run("one", "--outlier-quantile", "1")["records"] == off["records"]
+    assert score_files() == files
+
+
+def random_affine_checkpoint(path):
+    """A tiny_vit → tiny_bert checkpoint with a random affine stitcher (and the stitcher itself)."""
+    vit_dim, bert_dim = build_encoder("tiny_vit").feature_dim(-1), build_encoder("tiny_bert").feature_dim(-1)
+    stitcher = Stitcher("affine", vit_dim, bert_dim, "none", "none")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        stitcher.core.weight.normal_()
+    torch.save({"state_dict": {f"stitcher.{k}": v for k, v in stitcher.state_dict().items()}, CHECKPOINT_KEY: {
+        "stitcher": stitcher.config(), "source": EncoderSpec("tiny_vit").to_dict(),
+        "target": EncoderSpec("tiny_bert").to_dict(), "objective": {"name": "mse", "options": {}}}}, path)
+    return stitcher
+
+
+def test_outlier_quantile_in_stitch_clamps_alignment_only(data, tmp_path):
+    from prh_stitch.metrics import clamp_outliers
+
+    stitcher = random_affine_checkpoint(tmp_path / "vit2bert.ckpt")
+    reports_ = {}
+    for name, extra in (("off", []), ("on", ["--outlier-quantile", "0.9"])):
+        assert main(["stitch", "--ckpt", str(tmp_path / "vit2bert.ckpt"), "--data", data, "--out", str(tmp_path / name),
+                     "--metrics", "mutual_knn,cka", "--k", "5", "--tensorboard", "none", *extra, *FAST]) == 0
+        reports_[name] = json.loads((tmp_path / name / "stitch.json").read_text())
+    off, on = reports_["off"], reports_["on"]
+    assert on["retrieval"] == off["retrieval"] and on["zero_shot"] == off["zero_shot"] and on["loss"] == off["loss"]
+    fa, fb = store_features("tiny_vit", data), store_features("tiny_bert", data)
+    ia, ib = align_by_key(fa, fb)
+    source, target = fa.features["pre_logits"][ia], fb.features["layers.1"][ib]
+    with torch.no_grad():
+        mapped = stitcher(source)
+    for metric, opts in (("mutual_knn", {"k": 5}), ("cka", {})):
+        for which, (x, y) in (("stitched", (mapped, target)), ("raw", (source, target))):
+            expected = calibrate(metric, clamp_outliers(x, 0.9), clamp_outliers(y, 0.9), permutations=5,
+                                 bootstrap=10, seed=0, **opts)
+            got = on["alignment"][metric][which]["score"]
+            assert got == pytest.approx(expected["score"], abs=1e-6), (metric, which)
+    # Here the clamp happens to leave the raw kNN lists alone; CKA, which weighs every value, moves.
+    assert on["alignment"]["cka"]["raw"]["score"] != pytest.approx(off["alignment"]["cka"]["raw"]["score"])
+    assert on["settings"]["outlier_quantile"] == 0.9 and off["settings"]["outlier_quantile"] is None
+    assert "features clamped at the 0.9 quantile" in (tmp_path / "on" / "stitch.md").read_text()
+    assert "no outlier clamp" in (tmp_path / "off" / "stitch.md").read_text()
+
+
+def test_study_outlier_quantile_key(data, tmp_path, capsys):
+    config = tmp_path / "study.yaml"
+    body = (f"vision: [tiny_vit]\ntext: [tiny_bert]\ndata: [{{name: mine, shards: \"{data}\"}}]\n"
+            "metrics: [mutual_knn]\nk: 5\npermutations: 5\nbootstrap: 10\nmax_null: 1\nhalf_samples: 4\n"
+            f"out: {tmp_path / 'study'}\ndevice: cpu\n")
+    config.write_text(body + "outlier_quantile: 0.9\n")
+    assert main(["study", "--config", str(config), "--no-progress"]) == 0
+    (r,) = json.loads((tmp_path / "study" / "mine" / "alignment.json").read_text())["records"]
+    ca, cb = paired_layers(data, 0.9)
+    assert r["matrix"] == layer_alignment(ca, cb, "mutual_knn", k=5)["scores"].tolist()
+    assert json.loads((tmp_path / "study" / "study.json").read_text())["settings"]["outlier_quantile"] == 0.9
+    assert "features clamped at the 0.9 quantile" in (tmp_path / "study" / "study.md").read_text()
+    capsys.readouterr()
+    for bad, message in (("1.5", "must lie in (0, 1]"), ("0", "must lie in (0, 1]"), ("high", "must be a number")):
+        config.write_text(body + f"outlier_quantile: {bad}\n")
+        assert_user_error(capsys, ["study", "--config", str(config)], "outlier_quantile in", message)
+
+
+def test_bad_outlier_quantile_and_nan_features(data, tmp_path, capsys, monkeypatch):
+    import prh_stitch.evaluation as evaluation
+
+    out = tmp_path / "out"
+    base = ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--out", str(out),
+            "--metrics", "mutual_knn", "--k", "5", *FAST]
+    for bad in ("0", "1.5", "nan", "-0.2"):
+        assert_user_error(capsys, base + ["--outlier-quantile", bad], "--outlier-quantile must lie in (0, 1]", out=out)
+    assert_user_error(capsys, ["stitch", "--ckpt", str(tmp_path / "missing.ckpt"), "--data", data, "--out", str(out),
+                               "--outlier-quantile", "1.5"], "--outlier-quantile must lie in (0, 1]", out=out)
+    original = evaluation.paired
+
+    def poisoned(fa, fb, device):  # one NaN in tiny_vit's second layer, as a broken extraction would leave
+        a, b, ia, ib = original(fa, fb, device)
+        a[1] = a[1].clone()
+        a[1][3, 2] = float("nan")
+        return a, b, ia, ib
+
+    monkeypatch.setattr(evaluation, "paired", poisoned)
+    name = store_features("tiny_vit", data).info["layers"][1]
+    assert_user_error(capsys, base + ["--outlier-quantile", "0.77"], f"tiny_vit layer {name} contains NaN or Inf",
+                      "drop or repair those samples", out=out)

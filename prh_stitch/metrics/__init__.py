@@ -10,6 +10,8 @@ L2-normalised first, as the paper does before every metric. Bad input raises ``V
 - ``retrieval``: recall@k both ways, ranks, mean cosine; ``groups`` counts same-caption items as correct.
 - ``layer_alignment``: every layer pair, best/last pair; ``calibrate``: chance, permutation null, bootstrap.
 - ``METRICS``: registry name → functional metric; torchmetrics wrappers (``MutualKNN`` … ``Retrieval``).
+- ``clamp_outliers``: the paper's outlier clamp (each element to ±the q quantile of |x|), applied per layer before
+  scoring when asked for (``outlier_quantile``; off by default).
 """
 
 from prh_stitch.registry import Registry
@@ -19,6 +21,7 @@ from .cca import svcca
 from .kernels import cka, cknna, unbiased_cka
 from .knn import cycle_knn, edit_distance_knn, lcs_knn, mutual_knn
 from .layers import layer_alignment
+from .outliers import clamp_outliers, outlier_threshold
 from .retrieval import retrieval
 from .wrappers import CKA, CKNNA, LCSKNN, SVCCA, CycleKNN, EditDistanceKNN, MutualKNN, Retrieval, UnbiasedCKA
 
@@ -28,7 +31,7 @@ for _fn in (mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, cka, unbiased_cka
 del _fn
 
 __all__ = [
-    "METRICS", "calibrate", "cka", "cknna", "cycle_knn", "edit_distance_knn", "layer_alignment", "lcs_knn",
-    "mutual_knn", "retrieval", "svcca", "unbiased_cka",
+    "METRICS", "calibrate", "cka", "clamp_outliers", "cknna", "cycle_knn", "edit_distance_knn", "layer_alignment",
+    "lcs_knn", "mutual_knn", "outlier_threshold", "retrieval", "svcca", "unbiased_cka",
     "CKA", "CKNNA", "CycleKNN", "EditDistanceKNN", "LCSKNN", "MutualKNN", "Retrieval", "SVCCA", "UnbiasedCKA",
 ]

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 
-def check_matrix(x: Tensor, name: str) -> None:
-    """``x`` must be a finite, floating, non-empty 2-D tensor (N × D)."""
+def check_matrix(x: Tensor, name: str, hint: str = "") -> None:
+    """``x`` must be a finite, floating, non-empty 2-D tensor (N × D); ``hint`` is appended to the NaN/Inf error."""
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 2:
@@ -24,7 +24,7 @@ def check_matrix(x: Tensor, name: str) -> None:
     # A finite float32 sum proves every element finite (NaN and ±Inf propagate); only a non-finite sum, which
     # can also come from overflow, needs the elementwise check.
     if not bool(torch.isfinite(x.sum(dtype=torch.float32))) and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf features")
+        raise ValueError(f"{name} contains NaN or Inf features{hint}")
 
 
 def check_pair(a: Tensor, b: Tensor) -> int:

@@ -7,6 +7,10 @@ repeated samples) and orders rows by index. Without ``index`` rows are used in t
 matters for exact ties (neighbour tie rule: lower index first).
 
 These metrics need all rows at once (neighbourhoods are global), so memory grows with the dataset: N × D per side.
+
+The alignment wrappers take ``outlier_quantile`` (default None: off): in ``compute()`` each side's rows, all of them
+(after the DDP gather and de-duplication), are clamped by :func:`prh_stitch.metrics.clamp_outliers` before scoring,
+so the threshold is the whole set's, never one batch's, and the result equals the function on pre-clamped features.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ._checks import check_pair
 from .cca import svcca
 from .kernels import cka, cknna, unbiased_cka
 from .knn import cycle_knn, edit_distance_knn, lcs_knn, mutual_knn
+from .outliers import check_quantile, clamp_outliers
 from .retrieval import _check_groups, retrieval
 
 
@@ -86,18 +91,22 @@ def _nonempty(state: Any) -> bool:
 class _Alignment(_PairedFeatures):
     _fn: Callable[..., float]
 
-    def __init__(self, metric_kwargs: Dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, metric_kwargs: Dict[str, Any], outlier_quantile: Optional[float] = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.metric_kwargs = metric_kwargs
+        self.outlier_quantile = check_quantile(outlier_quantile, "outlier_quantile")
 
     def compute(self) -> Tensor:
         a, b, _ = self.rows()
+        a, b = clamp_outliers(a, self.outlier_quantile, "a"), clamp_outliers(b, self.outlier_quantile, "b")
         return torch.tensor(type(self)._fn(a, b, **self.metric_kwargs), dtype=torch.float32)
 
 
 def _knn_wrapper(fn: Callable[..., float], doc: str) -> type:
-    def __init__(self, k: int = 10, normalize: bool = True, block_size: Optional[int] = None, **kwargs: Any) -> None:
-        _Alignment.__init__(self, dict(k=k, normalize=normalize, block_size=block_size), **kwargs)
+    def __init__(self, k: int = 10, normalize: bool = True, block_size: Optional[int] = None,
+                 outlier_quantile: Optional[float] = None, **kwargs: Any) -> None:
+        _Alignment.__init__(self, dict(k=k, normalize=normalize, block_size=block_size), outlier_quantile, **kwargs)
 
     return type(doc.split(":")[0], (_Alignment,), {"_fn": staticmethod(fn), "__init__": __init__, "__doc__": doc})
 
@@ -116,8 +125,9 @@ class CKA(_Alignment):
     _fn = staticmethod(cka)
 
     def __init__(self, kernel: str = "linear", sigma: Optional[float] = None, bandwidth: float = 1.0,
-                 normalize: bool = True, **kwargs: Any) -> None:
-        super().__init__(dict(kernel=kernel, sigma=sigma, bandwidth=bandwidth, normalize=normalize), **kwargs)
+                 normalize: bool = True, outlier_quantile: Optional[float] = None, **kwargs: Any) -> None:
+        super().__init__(dict(kernel=kernel, sigma=sigma, bandwidth=bandwidth, normalize=normalize), outlier_quantile,
+                         **kwargs)
 
 
 class UnbiasedCKA(CKA):
@@ -131,8 +141,9 @@ class SVCCA(_Alignment):
 
     _fn = staticmethod(svcca)
 
-    def __init__(self, dim: int = 10, normalize: bool = True, **kwargs: Any) -> None:
-        super().__init__(dict(dim=dim, normalize=normalize), **kwargs)
+    def __init__(self, dim: int = 10, normalize: bool = True, outlier_quantile: Optional[float] = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dict(dim=dim, normalize=normalize), outlier_quantile, **kwargs)
 
 
 class Retrieval(_PairedFeatures):
