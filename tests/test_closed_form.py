@@ -273,6 +273,62 @@ def test_closed_form_initialises_gradient_training(tmp_path):
     assert not torch.equal(cli.model.stitcher.core.weight, direct.core.weight)
 
 
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """One feature store for both runs of each fit below: the encoders run once."""
+    return tmp_path_factory.mktemp("closed_form_cache")
+
+
+@pytest.mark.parametrize("method", ["ridge", "lstsq"])
+def test_closed_form_fit_under_two_process_ddp_equals_one_process(tmp_path, tiny_cache, method):
+    """train.py with fit: ridge / lstsq on 2 CPU processes (gloo) writes the stitcher of a 1-process run.
+
+    Under DDP each rank accumulates the float64 normal equations of its strided half of the training rows and the
+    sums are all-reduced; one process sums all rows at once. Only the order of the float64 additions differs
+    (~n·2⁻⁵³ ≈ 3e-14 relative in the moments at n = 256). The solve amplifies that by up to the condition number
+    of the regularised Gram matrix: ~4e7 for lstsq here (the tiny encoder's 64 features are rank-deficient, so
+    lstsq falls back to a 1e-6 relative ridge); measured, the float64 weights then differ by 4e-10 of max|W|, far
+    below the float32 rounding of the stored weights (2⁻²⁴ ≈ 6e-8 relative). So the float32 weights may differ by
+    about one ulp (observed: at most one), and rtol = 1e-6, atol = 1e-6 · max|W| (~16 ulps) is tight: a fit from
+    one rank's half of the rows (no all-reduce) moves them by more than max|W| here. The normalisations are fitted
+    from the same full tensors on every rank: bit for bit.
+    """
+    import subprocess
+    import sys
+
+    from prh_stitch.cli import build_cli, fit
+
+    fit_args = ["--model.stitcher.fit", method, "--data.cache_dir", str(tiny_cache), "--trainer.accelerator=cpu"]
+    env = {**os.environ, "PRH_STITCH_CACHE": str(tiny_cache), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"),
+                             *_tiny(tmp_path / "ddp", *fit_args, "--trainer.devices=2", "--trainer.strategy=ddp")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # lstsq's rank-deficiency warning, expected here
+        fit(build_cli(_tiny(tmp_path / "one", *fit_args, "--trainer.devices=1")))
+    ddp, one = (torch.load(next((tmp_path / run).glob("**/last.ckpt")), map_location="cpu", weights_only=True)
+                for run in ("ddp", "one"))
+    stitcher = {k: v for k, v in one["state_dict"].items() if k.startswith("stitcher.")}
+    assert set(stitcher) == {k for k in ddp["state_dict"] if k.startswith("stitcher.")}
+    for key, value in stitcher.items():
+        if key == "stitcher.core.weight":
+            assert value.abs().max() > 0
+            torch.testing.assert_close(ddp["state_dict"][key], value, rtol=1e-6, atol=1e-6 * float(value.abs().max()))
+        else:  # the input/output normalisation buffers
+            assert torch.equal(ddp["state_dict"][key], value), key
+    # The same fit was chosen and made from all 256 training rows (not one rank's half), and the same held-out
+    # recall@1 validated it: every rank held the same weights while validating its share of the rows.
+    fit_ddp, fit_one = ddp["prh_stitch"]["fit"]["closed_form"], one["prh_stitch"]["fit"]["closed_form"]
+    assert fit_ddp["n_train"] == fit_one["n_train"] == 256
+    for key in ("method", "ridge", "gain", "whiten", "rank_deficient", "scores", "tuning_scores"):
+        assert fit_ddp[key] == fit_one[key], key
+    score = {name: next(v["best_model_score"] for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint"))
+             for name, ckpt in (("ddp", ddp), ("one", one))}
+    assert float(score["ddp"]) == pytest.approx(float(score["one"]), abs=1e-6)
+    assert ddp["global_step"] == one["global_step"] == 1
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
