@@ -156,32 +156,51 @@ def test_stitching_datamodule_serves_memory_mapped_features_and_reports_skips(tm
 # -- the workers' ring of shared-memory slots --------------------------------------------------------------
 
 
-def test_ring_ships_nested_tensors_of_any_dtype_and_reuses_freed_slots():
-    from prh_stitch.data.streaming import _Ring
+def test_ring_ships_nested_tensors_and_reuses_a_slot_only_once_its_tensors_are_gone():
+    import gc
 
-    ring = _Ring(max_slots=2)
+    from prh_stitch.data.streaming import Received, _Ring
+
+    ring, received = _Ring(worker=0, max_slots=2), Received()
     arrays = [np.full((5, 7, 3), 17, np.uint8), np.arange(2 * 3, dtype=np.uint8).reshape(2, 3, 1)]
     inputs = {"image": torch.randn(2, 3, 4, 4), "text": {"input_ids": torch.arange(6).view(2, 3),
                                                           "mask": torch.tensor([[True, False, True]] * 2)}}
     first = ring.ship(arrays, inputs)
-    (flat, shapes), opened = first.unpack()
+    assert first.buffer is not None and first.busy is not None  # a slot's memory travels on its first trip only
+    (flat, shapes), opened = first.unpack(received)
     assert shapes == [(5, 7, 3), (2, 3, 1)]
     assert torch.equal(flat, torch.cat([torch.from_numpy(a).flatten() for a in arrays]))
     for got, want in ((opened["image"], inputs["image"]), (opened["text"]["input_ids"], inputs["text"]["input_ids"]),
                       (opened["text"]["mask"], inputs["text"]["mask"])):
         assert got.dtype == want.dtype and torch.equal(got, want)
-    assert not flat.is_shared() and not opened["image"].is_shared()  # the receiver owns plain memory
 
-    # The freed slot is written again; what was handed out before does not change.
+    # While any tensor of the first packet lives, its slot is not written: the next packet takes the other one.
+    image = opened["image"]
+    del flat, opened, got, want
+    gc.collect()
     second = ring.ship(None, {"x": torch.ones(3)})
-    assert second.buffer.data_ptr() == first.buffer.data_ptr()
-    assert torch.equal(opened["image"], inputs["image"])
-    # Slots held by unopened packets are never overwritten: with both in use there is no slot at all.
+    assert second.slot != first.slot
+    (_, x) = second.unpack(received)
+    assert ring.ship(None, {"x": torch.zeros(3)}) is None  # both slots in use: no slot (the caller sends it plainly)
+    assert torch.equal(image, inputs["image"])
+    del image
+    gc.collect()
+    # Now the first slot is free: reused, named but not sent again.
     third = ring.ship(None, {"x": torch.full((3,), 2.0)})
-    assert third is not None and third.slot != second.slot
-    assert ring.ship(None, {"x": torch.zeros(3)}) is None
-    assert torch.equal(second.unpack()[1]["x"], torch.ones(3))
-    assert torch.equal(third.unpack()[1]["x"], torch.full((3,), 2.0))
+    assert third.slot == first.slot and third.buffer is None and third.busy is None
+    assert torch.equal(x["x"], torch.ones(3))
+    assert torch.equal(third.unpack(received)[1]["x"], torch.full((3,), 2.0))
+    del x
+    gc.collect()
+    # A slot that must grow is sent again, under a new generation.
+    bigger = ring.ship(None, {"x": torch.arange(10_000.0)})
+    assert bigger.buffer is not None and bigger.generation == 1
+    assert torch.equal(bigger.unpack(received)[1]["x"], torch.arange(10_000.0))
+    gc.collect()
+    # A packet naming a slot this process never received is an error, not garbage.
+    orphan = ring.ship(None, {"x": torch.ones(3)})
+    with pytest.raises(RuntimeError, match="receive"):
+        orphan.unpack(Received())
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -206,13 +225,16 @@ def test_batches_from_workers_stay_intact_while_later_batches_arrive(dataset, ti
 def test_a_consumer_that_holds_packets_unopened_gets_the_rest_the_ordinary_way(dataset):
     from prh_stitch.data.stream import PairedShards
 
+    from prh_stitch.data.streaming import receive
+
     urls, good, _ = dataset
-    loader = torch.utils.data.DataLoader(Batcher(PairedShards(urls), batch_size=1), batch_size=None, num_workers=1)
+    batcher = Batcher(PairedShards(urls), batch_size=1)
+    loader = torch.utils.data.DataLoader(batcher, batch_size=None, num_workers=1)
     packets = [p for p in loader if p.samples]  # none opened: each keeps its slot
     assert len(packets) == len(good) > 8
     through_ring = [p.shipment is not None for p in packets]
     assert through_ring[:8] == [True] * 8 and not any(through_ring[8:])  # 8 slots at most, then plain transfer
-    for packet in packets:
+    for packet in receive(packets, batcher.received):
         image = packet.batch()["image"][0]
         shard, index = good[packet.samples[0]["key"]]
         assert torch.equal(image, torch.from_numpy(np.array(scene(shard, index))).permute(2, 0, 1))

@@ -512,7 +512,7 @@ class FeatureStore:
         names = identity["layers"]
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress or ranks.rank != 0) as bar:
-            for packet in receive(loader):
+            for packet in receive(loader, batches.received):
                 if packet.samples:
                     # One device-to-host copy per batch; the rows wait on the CPU until their unit is complete.
                     outputs = [out.cpu() for out in encoder.encode(packet.inputs["encoder"], layers, pooling)]

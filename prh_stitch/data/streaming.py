@@ -26,17 +26,22 @@ Moving pixels out of the workers. A DataLoader worker hands tensors over by movi
 shared-memory segment, which the receiving process maps again: two rounds of page faults per batch, about as
 costly as decoding the images on a virtualised host (measured here: one worker delivered 0.35x of the decode
 rate of a plain loop). So each worker keeps a small ring of shared-memory slots (``_Ring``) and copies a
-batch's pixels and model inputs into a free slot; the main process copies them out into its own memory at
-once (``Packet.open``) and marks the slot free again. Both copies hit memory that is already mapped; the
-consumer owns ordinary tensors that no worker will write to. If every slot is still in use (a consumer that
-holds packets unopened, a large ``prefetch_factor``), the packet travels the ordinary way.
+batch's pixels and model inputs into a free slot; in the main process the batch's tensors are views of that
+slot (``Packet.open``), and the slot goes back to its worker when the last of them is garbage: a worker never
+writes to memory a consumer can still see, and the copy into the slot hits memory that is already mapped. A slot's shared memory crosses to the main process
+once (handing over a file descriptor costs an authenticated socket round trip, measured at ~3 ms per batch);
+later packets name the slot, and the main process finds it in the ``Batcher``'s ``received`` table. So packets
+from workers are opened through ``receive(packets, batcher.received)``, in the order they arrive, before the
+next pass over the data starts (``StreamLoader`` and the feature store do this). If every slot is still in use
+(a consumer holding packets unopened, a large ``prefetch_factor``), a packet travels the ordinary way.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import os
+import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -77,14 +82,14 @@ class Packet:
     images: Optional[Tuple[Tensor, List[Tuple[int, int, int]]]] = None  # see pack_images
     shipment: Optional["Shipment"] = None
 
-    def open(self, mapped: Optional[Dict[Any, Tensor]] = None) -> "Packet":
+    def open(self, received: Optional["Received"] = None) -> "Packet":
         """Take the tensors out of a worker's ring slot into this process's memory (a no-op otherwise).
 
-        ``mapped`` keeps the slots this process has already mapped, so the next packet through the same
-        slot is not mapped (and page-faulted) again; see ``receive``.
+        ``received``: the table of slots seen so far from the workers of this packet's ``Batcher``
+        (``batcher.received``); see ``receive``.
         """
         if self.shipment is not None:
-            self.images, self.inputs = self.shipment.unpack(mapped)
+            self.images, self.inputs = self.shipment.unpack(received)
             self.shipment = None
         return self
 
@@ -99,11 +104,10 @@ class Packet:
         return out
 
 
-def receive(packets: Iterable[Packet]) -> Iterator[Packet]:
-    """Open each packet as it arrives (main process), keeping the workers' slots mapped while iterating."""
-    mapped: Dict[Any, Tensor] = {}
+def receive(packets: Iterable[Packet], received: "Received") -> Iterator[Packet]:
+    """Open each packet as it arrives (main process); ``received`` is the ``Batcher``'s table of slots."""
     for packet in packets:
-        yield packet.open(mapped)
+        yield packet.open(received)
 
 
 def _pixel_arrays(images: Sequence[Any]) -> Optional[List[np.ndarray]]:
@@ -173,25 +177,63 @@ def _unflatten(spec: Any, leaves: Sequence[Tensor]) -> Any:
 _ALIGN = 64  # bytes; every tensor in a slot starts on a cache line
 
 
+class Received:
+    """Main-process side of the workers' rings: the shared memory of every slot seen, by worker.
+
+    A worker's first packet through a slot (and the first after the slot grew) carries the slot's memory;
+    later ones only name it. A worker that restarted (new epoch without persistent workers) has a new ring:
+    its old slots are dropped here when its first packet arrives.
+    """
+
+    def __init__(self) -> None:
+        self.workers: Dict[int, Dict[str, Any]] = {}
+
+    def slot(self, shipment: "Shipment") -> Tuple[Tensor, Tensor]:
+        entry = self.workers.get(shipment.worker)
+        if entry is None or entry["ring"] != shipment.ring:
+            entry = self.workers[shipment.worker] = {"ring": shipment.ring, "busy": None, "slots": {}}
+        if shipment.busy is not None:
+            entry["busy"] = shipment.busy
+        if shipment.buffer is not None:
+            entry["slots"][shipment.slot] = (shipment.generation, shipment.buffer)
+        generation, buffer = entry["slots"].get(shipment.slot, (None, None))
+        if generation != shipment.generation or entry["busy"] is None:
+            raise RuntimeError(
+                "a packet names a worker's shared-memory slot this process never received: open packets through "
+                "streaming.receive(packets, batcher.received), in arrival order, before the next pass starts"
+            )
+        return buffer, entry["busy"]
+
+
 @dataclass
 class Shipment:
     """A packet's tensors in slot ``slot`` of a worker's ring: where each one is, and how to rebuild the tree."""
 
-    buffer: Tensor  # the slot: uint8, shared memory
-    busy: Tensor  # the ring's flags: int32, shared memory; 1 while the slot holds an unopened packet
+    ring: str  # the ring's identity (one per worker process)
+    worker: int  # DataLoader worker id
     slot: int
-    owner: int  # the worker's pid (with ``slot``, names the slot in the receiver's ``mapped``)
+    generation: int  # how many times the slot was (re)allocated
+    buffer: Optional[Tensor]  # the slot's shared memory (uint8), on its first trip only
+    busy: Optional[Tensor]  # the ring's flags (int32, shared), on the ring's first trip only; 1 = holds an unopened packet
     size: int  # bytes used in the slot
     image_shapes: Optional[List[Tuple[int, int, int]]]  # images first, back to back from offset 0
     tensors: List[Tuple[int, torch.dtype, Tuple[int, ...]]]  # (offset, dtype, shape) of each input tensor
     spec: Any  # the inputs tree (see _flatten)
 
-    def unpack(self, mapped: Optional[Dict[Any, Tensor]] = None) -> Tuple[Any, Dict[str, Any]]:
-        if mapped is not None:
-            mapped[(self.owner, self.slot)] = self.buffer  # keep the mapping for the slot's next packet
-        local = torch.empty(self.size, dtype=torch.uint8)
-        local.copy_(self.buffer[:self.size])
-        self.busy[self.slot] = 0  # after the copy: the worker may now write the slot again
+    def unpack(self, received: Optional[Received]) -> Tuple[Any, Dict[str, Any]]:
+        if received is None:
+            if self.buffer is None or self.busy is None:
+                raise RuntimeError("a packet from a DataLoader worker must be opened with the Batcher's table: "
+                                   "use streaming.receive(packets, batcher.received)")
+            buffer, busy = self.buffer, self.busy
+        else:
+            buffer, busy = received.slot(self)
+        # No copy: the batch's tensors are views of the slot, and the slot is handed back to the worker only when
+        # the last of them is gone. ``lease`` is a fresh NumPy view that every tensor below keeps alive (through
+        # torch.from_numpy); its finaliser clears the busy flag.
+        lease = buffer.numpy()[:self.size]
+        weakref.finalize(lease, _release, busy.numpy(), self.slot)
+        local = torch.from_numpy(lease)
         images = None
         if self.image_shapes is not None:
             total = sum(h * w * c for h, w, c in self.image_shapes)
@@ -201,6 +243,10 @@ class Shipment:
         return images, _unflatten(self.spec, leaves)
 
 
+def _release(busy: np.ndarray, slot: int) -> None:
+    busy[slot] = 0  # the worker may write the slot again
+
+
 def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
     return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
 
@@ -208,11 +254,20 @@ def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:
 class _Ring:
     """Worker side: shared-memory slots reused packet after packet (at most ``max_slots``)."""
 
-    def __init__(self, max_slots: int = 8) -> None:
+    def __init__(self, worker: int, max_slots: int = 8) -> None:
+        self.id = uuid.uuid4().hex
+        self.worker = worker
         self.busy = torch.zeros(max_slots, dtype=torch.int32).share_memory_()
         self.buffers: List[Tensor] = []
+        self.generations: List[int] = []
+        self.sent: set = set()  # (slot, generation) already handed over; "busy" once the flags were
         self.max_slots = max_slots
         self.turn = 0
+
+    def new_pass(self) -> None:
+        """A new pass over the data: packets of the last one that were never opened never will be (the DataLoader
+        drops them when a pass is cut short), so their slots are free."""
+        self.busy.zero_()
 
     def _slot(self, size: int) -> Optional[int]:
         """A free slot (grown to ``size`` bytes if needed), or None when all ``max_slots`` are in use."""
@@ -226,11 +281,13 @@ class _Ring:
                 return None
             slot = count
             self.buffers.append(torch.empty(0, dtype=torch.uint8))
+            self.generations.append(-1)
         self.turn = (slot + 1) % max(1, len(self.buffers))
         if self.buffers[slot].numel() < size:
             # A quarter more than asked, so slightly larger batches later do not reallocate; zero-filled once
             # here, then only ever rewritten.
             self.buffers[slot] = torch.zeros(size + size // 4 + _ALIGN, dtype=torch.uint8).share_memory_()
+            self.generations[slot] += 1
         return slot
 
     def ship(self, arrays: Optional[List[np.ndarray]], inputs: Dict[str, Any]) -> Optional[Shipment]:
@@ -253,7 +310,11 @@ class _Ring:
         for leaf, (offset, dtype, shape) in zip(leaves, layout):
             buffer[offset:offset + leaf.numel() * leaf.element_size()].view(dtype).view(shape).copy_(leaf)
         self.busy[slot] = 1
-        return Shipment(buffer, self.busy, slot, os.getpid(), size,
+        first_trip = (slot, self.generations[slot]) not in self.sent
+        first_flags = "busy" not in self.sent
+        self.sent.update({(slot, self.generations[slot]), "busy"})
+        return Shipment(self.id, self.worker, slot, self.generations[slot], buffer if first_trip else None,
+                        self.busy if first_flags else None, size,
                         [a.shape for a in arrays] if arrays is not None else None, layout, spec)
 
 
@@ -316,6 +377,16 @@ class Batcher(IterableDataset):
         self.keep_images = (not self.encoders) if keep_images is None else bool(keep_images)
         self.stats = stats
         self.flush_on_event = flush_on_event
+        self.received = Received()  # main-process side of the workers' rings (see receive)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("received", None)  # main-process bookkeeping: workers (spawned ones too) need none of it
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.received = Received()
 
     def set_epoch(self, epoch: int) -> None:
         set_epoch = getattr(self.source, "set_epoch", None)
@@ -345,8 +416,10 @@ class Batcher(IterableDataset):
         # In a DataLoader worker, tensors leave through the ring (kept for the worker's next pass when workers
         # persist); in the main process they need not move.
         ring = None
-        if get_worker_info() is not None:
-            ring = self._ring = getattr(self, "_ring", None) or _Ring()
+        info = get_worker_info()
+        if info is not None:
+            ring = self._ring = getattr(self, "_ring", None) or _Ring(info.id)
+            ring.new_pass()
 
         def events_now(events: List[Any]) -> List[Any]:
             delta = tap.take() if tap is not None else None
@@ -471,7 +544,7 @@ class StreamLoader(DataLoader):
         """Raw packets of one pass (skip counts already added to ``self.stats``)."""
         # Workers take their copy of the dataset when the iterator starts: set the epoch before that.
         self.dataset.set_epoch(self.epoch())
-        for packet in receive(super().__iter__()):
+        for packet in receive(super().__iter__(), self.dataset.received):
             for event in packet.events:
                 if isinstance(event, StatsEvent):
                     self.stats.merge(event.stats)
