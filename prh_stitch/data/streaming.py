@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from prh_stitch.data.stream import PairedShards, SkipStats, _read_shard, _ShardProblem
-from prh_stitch.encoders.base import FrozenEncoder
+from prh_stitch.encoders.base import FrozenEncoder, keep_large_allocations_in_heap
 
 logger = logging.getLogger("prh_stitch.data")
 
@@ -412,6 +412,8 @@ class Batcher(IterableDataset):
         return Packet(samples, inputs, events, images)
 
     def __iter__(self) -> Iterator[Packet]:
+        # Batch buffers are megabytes: keep freed ones for reuse instead of faulting fresh pages in per batch.
+        keep_large_allocations_in_heap()
         tap = _StatsTap(self.stats) if self.stats is not None else None
         # In a DataLoader worker, tensors leave through the ring (kept for the worker's next pass when workers
         # persist); in the main process they need not move.
