@@ -175,6 +175,7 @@ def _unflatten(spec: Any, leaves: Sequence[Tensor]) -> Any:
 
 
 _ALIGN = 64  # bytes; every tensor in a slot starts on a cache line
+_PIXELS = "\0pixels"  # key of a sample's kept pixels among its prepared parts (no encoder can have this name)
 
 
 class Received:
@@ -393,17 +394,35 @@ class Batcher(IterableDataset):
         if callable(set_epoch):
             set_epoch(epoch)
 
-    def _packet(self, samples: List[Dict[str, Any]], events: List[Any], ring: Optional[_Ring]) -> Packet:
+    def _prepare(self, sample: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """Per-sample work, done as each sample arrives, while its decoded pixels are still in the CPU's cache
+        (deferring it to batch time, 64 images later, was measured ~20 % slower): every encoder's transform,
+        and the pixels as a uint8 array when images are kept. Returns (sample, its prepared parts)."""
+        prepared: Dict[str, Any] = {name: encoder.transform(model_input(sample, encoder))
+                                    for name, encoder in self.encoders.items()}
+        if self.keep_images:
+            pixels = _pixel_arrays([sample["image"]])
+            if pixels is not None:
+                prepared[_PIXELS] = pixels[0]
+                del sample["image"]
+        else:
+            sample.pop("image", None)
+        return sample, prepared
+
+    def _packet(self, batch: List[Tuple[Dict[str, Any], Dict[str, Any]]], events: List[Any],
+                ring: Optional[_Ring]) -> Packet:
+        samples = [sample for sample, _ in batch]
         inputs: Dict[str, Any] = {}
         arrays = None
-        if samples:
+        if batch:
             for name, encoder in self.encoders.items():
-                inputs[name] = encoder.collate([encoder.transform(model_input(s, encoder)) for s in samples])
-            if self.keep_images:
-                arrays = _pixel_arrays([s["image"] for s in samples])
-            if not self.keep_images or arrays is not None:
-                for s in samples:
-                    s.pop("image", None)
+                inputs[name] = encoder.collate([prepared[name] for _, prepared in batch])
+            if self.keep_images and all(_PIXELS in prepared for _, prepared in batch):
+                arrays = [prepared[_PIXELS] for _, prepared in batch]
+            elif self.keep_images:  # some images are not 8-bit: all travel as they are (PIL)
+                for sample, prepared in batch:
+                    if _PIXELS in prepared:
+                        sample["image"] = torch.from_numpy(prepared[_PIXELS]).permute(2, 0, 1)
         if ring is not None and (arrays is not None or inputs):
             shipment = ring.ship(arrays, inputs)
             if shipment is not None:
@@ -439,7 +458,7 @@ class Batcher(IterableDataset):
             if len(samples) == self.batch_size:
                 yield self._packet(samples, events_now(events), ring)
                 samples, events = [], []
-            samples.append(item)
+            samples.append(self._prepare(item))
         final = events_now(events)
         if samples or final:
             yield self._packet(samples, final, ring)
