@@ -257,3 +257,21 @@ def test_a_loader_reused_over_epochs_reshuffles_and_counts_skips_once_per_epoch(
     fresh = StreamingDataModule(train=pattern, batch_size=3, num_workers=workers, shuffle_buffer=4, seed=2)
     for expected in epochs:
         assert [key for batch in fresh.train_dataloader() for key in batch["key"]] == expected
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_batch_with_an_image_that_is_not_8_bit_keeps_it_as_pil(workers):
+    from PIL import Image
+
+    from prh_stitch.data.streaming import receive
+
+    rgb = Image.new("RGB", (5, 4), (1, 2, 3))
+    deep = Image.fromarray(np.arange(12, dtype=np.uint16).reshape(3, 4) * 1000)  # 16-bit grayscale
+    samples = [{"key": str(i), "image": image, "caption": "c", "meta": {}, "url": "u"}
+               for i, image in enumerate([rgb, deep, rgb])]
+    batcher = Batcher(samples, batch_size=3, keep_images=True)
+    loader = torch.utils.data.DataLoader(batcher, batch_size=None, num_workers=workers)
+    (packet,) = [p for p in receive(loader, batcher.received) if p.samples]
+    images = packet.batch()["image"]
+    assert torch.equal(images[0], torch.tensor(np.array(rgb)).permute(2, 0, 1)) and torch.equal(images[2], images[0])
+    assert isinstance(images[1], Image.Image) and np.array_equal(np.array(images[1]), np.array(deep))

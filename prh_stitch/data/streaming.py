@@ -79,11 +79,12 @@ class Packet:
     samples: List[Dict[str, Any]]
     inputs: Dict[str, Any]
     events: List[Any] = field(default_factory=list)
-    images: Optional[Tuple[Tensor, List[Tuple[int, int, int]]]] = None  # see pack_images
+    images: Optional[Tuple[Tensor, List[Tuple[int, int, int]]]] = None  # see pack_images_from_arrays
     shipment: Optional["Shipment"] = None
 
     def open(self, received: Optional["Received"] = None) -> "Packet":
-        """Take the tensors out of a worker's ring slot into this process's memory (a no-op otherwise).
+        """Make a worker's packet usable here: its tensors become views of the worker's ring slot, leased until
+        the last of them is gone (a no-op for packets made in this process or sent the ordinary way).
 
         ``received``: the table of slots seen so far from the workers of this packet's ``Batcher``
         (``batcher.received``); see ``receive``.
@@ -118,13 +119,8 @@ def _pixel_arrays(images: Sequence[Any]) -> Optional[List[np.ndarray]]:
     return [a if a.ndim == 3 else a[:, :, None] for a in arrays]
 
 
-def pack_images(images: Sequence[Any]) -> Optional[Tuple[Tensor, List[Tuple[int, int, int]]]]:
-    """A batch of PIL images as one flat uint8 tensor and their ``(H, W, C)`` shapes; None unless all are 8-bit."""
-    arrays = _pixel_arrays(images)
-    return None if arrays is None else pack_images_from_arrays(arrays)
-
-
 def pack_images_from_arrays(arrays: Sequence[np.ndarray]) -> Tuple[Tensor, List[Tuple[int, int, int]]]:
+    """A batch of ``(H, W, C)`` uint8 arrays as one flat tensor and their shapes (in-process batches)."""
     flat = torch.empty(sum(a.size for a in arrays), dtype=torch.uint8)
     buffer, offset = flat.numpy(), 0
     for a in arrays:
@@ -422,7 +418,7 @@ class Batcher(IterableDataset):
             elif self.keep_images:  # some images are not 8-bit: all travel as they are (PIL)
                 for sample, prepared in batch:
                     if _PIXELS in prepared:
-                        sample["image"] = torch.from_numpy(prepared[_PIXELS]).permute(2, 0, 1)
+                        sample["image"] = torch.tensor(prepared[_PIXELS]).permute(2, 0, 1)
         if ring is not None and (arrays is not None or inputs):
             shipment = ring.ship(arrays, inputs)
             if shipment is not None:
