@@ -50,7 +50,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from prh_stitch.data.shards import atomic_write_bytes
+from prh_stitch.atomic import atomic_write_bytes
 from prh_stitch.data.stream import SkipStats, _decode, _read_shard, _ShardProblem
 from prh_stitch.data.streaming import Batcher, receive
 from prh_stitch.encoders.base import FrozenEncoder, Layer

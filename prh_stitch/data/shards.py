@@ -29,6 +29,8 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 import braceexpand
 from PIL import Image
 
+from prh_stitch.atomic import atomic_write_text
+
 logger = logging.getLogger("prh_stitch.data")
 
 MANIFEST_FORMAT = "prh_stitch-shards-v1"
@@ -92,24 +94,6 @@ def encode_image(image: Image.Image, image_format: str) -> bytes:
     else:
         image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: temporary name in the same folder, flush to disk, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class ShardWriter:
@@ -282,7 +266,7 @@ class ShardWriter:
             "keys_sha256": keys_digest(self._keys),
             "info": self.info,
         }
-        _atomic_write_text(manifest_path(self.out_dir, self.prefix), json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(manifest_path(self.out_dir, self.prefix), json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
         self._closed = True
         return self.manifest
 

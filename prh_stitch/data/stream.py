@@ -60,6 +60,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from prh_stitch.data.shards import expand_urls, keys_digest
+from prh_stitch.distributed import rank_world
 
 logger = logging.getLogger("prh_stitch.data")
 
@@ -452,12 +453,6 @@ def _decode(
     return {"key": raw.key, "image": image, "caption": caption, "meta": meta, "url": raw.url}, None, ""
 
 
-def _distributed_rank_world() -> Tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class PairedShards(IterableDataset):
     """Paired image-caption samples streamed from shards: dicts ``{key, image, caption, meta, url}``.
 
@@ -521,7 +516,7 @@ class PairedShards(IterableDataset):
     def consumer(self) -> Tuple[int, int]:
         """``(index, count)`` of this reader among all ranks x workers that split the data."""
         if self.split_by_node:
-            rank, world = (self.rank, self.world_size) if self.rank is not None else _distributed_rank_world()
+            rank, world = (self.rank, self.world_size) if self.rank is not None else rank_world()
         else:
             rank, world = 0, 1
         info = get_worker_info()
