@@ -90,3 +90,9 @@ def tiny_bert(max_length: int = 64, seed: int = 0, **_: object) -> FrozenEncoder
         torch.manual_seed(seed)
         model = BertModel(config, add_pooling_layer=False)
     return HFTextEncoder("tiny_bert", model=model, tokenizer=tokenizer, name="tiny_bert", max_length=max_length)
+
+
+# The zoo's models (fetched with `python -m prh_stitch.zoo fetch`) and a `random:<name>` control for every built-in.
+from prh_stitch.zoo.registration import register_zoo  # noqa: E402  (needs the built-ins above registered first)
+
+register_zoo(BUILTINS)
