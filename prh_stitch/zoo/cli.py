@@ -1,4 +1,4 @@
-"""``python -m prh_stitch.zoo list | fetch NAME... | fetch --all``: argument parsing and nothing else."""
+"""``python -m prh_stitch.zoo list | fetch NAME... | fetch --all | check [NAME...]``: argument parsing and nothing else."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def build_parser() -> ArgumentParser:
     fetch.add_argument("--all", action="store_true", help="fetch every model of the zoo")
     fetch.add_argument("--force", action="store_true", help="convert again even when the current version is there")
     commands.add_subcommand("fetch", fetch)
+    check = ArgumentParser(description="Load fetched models and check that each behaves like a trained one.")
+    check.add_argument("names", nargs="*", default=[], help="models to check (default: every fetched one)")
+    commands.add_subcommand("check", check)
     return parser
 
 
@@ -38,6 +41,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "list":
         print(list_table())
         return 0
+    if args.command == "check":
+        return check(list(args.check.names) or [e.name for e in ENTRIES if read_manifest(e.name)])
     options = args.fetch
     names = list(ZOO) if options.all else list(options.names)
     if not names:
@@ -52,3 +57,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"python -m prh_stitch.zoo fetch: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def check(names: List[str]) -> int:
+    from prh_stitch.zoo.check import run_checks
+
+    try:
+        results = run_checks(names)
+    except (ValueError, RuntimeError) as exc:
+        print(f"python -m prh_stitch.zoo check: error: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        verdict = "ok  " if result.passed else "FAIL"
+        print(f"{verdict} {result.name:22s} loaded in {result.load_seconds:5.1f} s  {result.detail}")
+    return 0 if all(r.passed for r in results) else 1
