@@ -22,11 +22,12 @@ def _hf_text(folder: Path, name: str, model_class: str, max_length: int, **model
 
 
 def mpnet_base(folder: Path, max_length: int = 128, **_: Any) -> FrozenEncoder:
-    # The sentence-transformers checkpoint has no pooler: building one would add random, run-dependent weights.
-    return _hf_text(folder, "mpnet_base", "MPNetModel", max_length, add_pooling_layer=False)
+    # The checkpoint carries MPNet's (unused) pooler, so the default architecture loads it exactly.
+    return _hf_text(folder, "mpnet_base", "MPNetModel", max_length)
 
 
 def paraphrase_minilm_l3(folder: Path, max_length: int = 128, **_: Any) -> FrozenEncoder:
+    # The ONNX export has no pooler: building one would add random, run-dependent weights to the fingerprint.
     return _hf_text(folder, "paraphrase_minilm_l3", "BertModel", max_length, add_pooling_layer=False)
 
 
