@@ -570,3 +570,13 @@ def test_cli_lists_the_zoo_and_rejects_bad_fetch_requests(capsys, tmp_path, monk
     assert "name a model or pass --all" in capsys.readouterr().err
     assert main(["fetch", "no_such_model"]) == 1
     assert "unknown zoo model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_downloaded_files_are_matched_by_exact_name_and_version(tmp_path):
+    from prh_stitch.zoo.fetch import distribution_files
+
+    for name in ("My_Pkg-1.0-py3-none-any.whl", "my_pkg-1.0.1-py3-none-any.whl", "my-pkg-1.0.tar.gz",
+                 "my_pkg_extra-1.0-py3-none-any.whl", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    assert [p.name for p in distribution_files(tmp_path, "my-pkg", "1.0")] == [
+        "My_Pkg-1.0-py3-none-any.whl", "my-pkg-1.0.tar.gz"]

@@ -18,7 +18,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from prh_stitch.atomic import atomic_write_text
 from prh_stitch.zoo.converters import CONVERTERS
@@ -55,10 +55,26 @@ def _normalise(name: str) -> str:
     return name.lower().replace("-", "_").replace(".", "_")
 
 
+def _name_and_version(filename: str) -> Tuple[str, str]:
+    """(distribution, version) of a wheel (``name-version-tags.whl``) or an sdist (``name-version.tar.gz``)."""
+    if filename.endswith(".whl"):
+        name, version = filename[: -len(".whl")].split("-")[:2]
+        return name, version
+    for extension in (".tar.gz", ".zip"):
+        if filename.endswith(extension):
+            name, _, version = filename[: -len(extension)].rpartition("-")
+            return name, version
+    return "", ""
+
+
 def distribution_files(folder: Path, package: str, version: str) -> List[Path]:
-    prefix = f"{_normalise(package)}-{version}"
-    return sorted(p for p in folder.iterdir() if p.is_file() and _normalise(p.name).startswith(_normalise(prefix))
-                  and p.name.endswith((".whl", ".tar.gz", ".zip")))
+    """Files in ``folder`` that are exactly ``package==version`` (``pkg-1.0`` is not ``pkg-1.0.1``)."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        name, found_version = _name_and_version(path.name)
+        if path.is_file() and name and _normalise(name) == _normalise(package) and found_version == version:
+            found.append(path)
+    return found
 
 
 def unpack(archive: Path, into: Path) -> None:
