@@ -130,13 +130,14 @@ def _ddp_rank(rank, world, rendezvous, root, cache, out):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    torch.multiprocessing.set_start_method("fork", force=True)  # DataLoader workers as in Lightning's DDP ranks
     # File rendezvous made here; Lightning, finding the process group and LOCAL_RANK, launches nothing itself.
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0")
     try:
-        # 96 samples per epoch: 48 per rank, 3 batches of 16; 2 workers split them 24 + 24 -> 2 batches each.
+        # 96 samples per epoch: 48 per rank, 3 batches of 16 from the rank's one worker.
         cli = build_cli(stream_args(root, cache, "--trainer.max_epochs=2", f"--trainer.devices={world}",
-                                    "--trainer.strategy=ddp", "--data.num_workers=2"))
+                                    "--trainer.strategy=ddp", "--data.num_workers=1"))
         log = StepLog()
         cli.trainer.callbacks.append(log)
         fit(cli)
@@ -153,8 +154,8 @@ def test_two_process_ddp_ranks_stream_their_own_shards_and_take_the_same_number_
     torch.multiprocessing.spawn(_ddp_rank, nprocs=2, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "run"),
                                                           str(tmp_path / "cache"), str(tmp_path)))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["batches"] == ranks[1]["batches"] == [4, 4]
-    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 8
+    assert ranks[0]["batches"] == ranks[1]["batches"] == [3, 3]
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 6
     assert all(len(keys) == 48 for r in ranks for keys in r["keys"])
     assert ranks[0]["keys"][0] != ranks[1]["keys"][0]  # each rank draws from its own stream
     assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the stitchers identical
