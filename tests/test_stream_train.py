@@ -159,3 +159,33 @@ def test_two_process_ddp_ranks_stream_their_own_shards_and_take_the_same_number_
     assert all(len(keys) == 48 for r in ranks for keys in r["keys"])
     assert ranks[0]["keys"][0] != ranks[1]["keys"][0]  # each rank draws from its own stream
     assert ranks[0]["weights"] == ranks[1]["weights"]  # DDP kept the stitchers identical
+
+
+def test_stream_config_is_the_default_run_streamed():
+    import yaml
+
+    default = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    stream = yaml.safe_load((REPO / "configs" / "stream.yaml").read_text())
+    assert stream["data"].pop("mode") == "stream"
+    assert stream["data"].pop("stream")["augment"]["crop_scale"] is None  # augmentation off, as in the default
+    assert stream["trainer"].pop("default_root_dir") == "runs/stream"
+    default["trainer"].pop("default_root_dir")
+    assert stream == default  # same encoders, scenes, stitcher, hyperparameters and epochs
+    # Every key maps onto a constructor argument (LightningCLI refuses unknown ones).
+    cli = build_cli(["--config", str(REPO / "configs" / "stream.yaml"), "--model.source.name=tiny_vit",
+                     "--model.target.name=tiny_bert", "--data.stream.augment.crop_scale=[0.5, 1.0]"])
+    assert cli.datamodule.mode == "stream" and cli.datamodule.stream.augment.crop_scale == (0.5, 1.0)
+
+
+def test_bad_stream_settings_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown data mode 'streamed'"):
+        StitchingDataModule(mode="streamed")
+    with pytest.raises(ValueError, match="needs data.stream.epoch_length"):
+        StitchingDataModule(train="a.tar", val="b.tar", mode="stream")
+    with pytest.raises(ValueError, match="crop_ratio"):
+        AugmentOptions(crop_ratio=(2.0, 1.0))
+    module = StitchingModule(source=EncoderSpec("tiny_vit"), target=EncoderSpec("tiny_bert"),
+                             stitcher={"name": "linear", "fit": "ridge"})
+    dm = StitchingDataModule(scenes=SCENES, cache_dir=str(tmp_path), mode="stream")
+    with pytest.raises(ValueError, match="use data.mode cached"):
+        module._setup_stream(dm)
