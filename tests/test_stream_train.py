@@ -76,6 +76,15 @@ def test_augmentation_draws_once_per_image_and_changes_what_the_encoders_see(tmp
     tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # uint8 (C, H, W) works the same way
     out = augment(tensor)
     assert out.dtype == torch.uint8 and out.shape == tensor.shape
+    # Workers started by spawn/forkserver get pickled copies: both image encoders must still share one draw.
+    import pickle
+
+    from prh_stitch.encoders import build_encoder
+
+    vit = build_encoder("tiny_vit")
+    pair = pickle.loads(pickle.dumps(augmented({"a": vit, "b": vit}, AugmentOptions(crop_scale=(0.2, 0.5), flip=True))))
+    assert pair["a"].augment is pair["b"].augment and pair["a"].modality == "image"
+    torch.testing.assert_close(pair["a"].transform(image), pair["b"].transform(image))
     plain = object()
     assert augmented({"a": plain}, AugmentOptions())["a"] is plain  # off by default: encoders as they are
     with pytest.raises(ValueError, match="crop_scale"):
