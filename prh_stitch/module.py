@@ -4,6 +4,10 @@ The encoders are held but deliberately kept *outside* the module tree (not regis
 once, before training, to fill the feature store, and after that training touches only cached features. So
 they are never moved to the training device, never wrapped by DDP, never in the optimizer and never in a
 checkpoint; the checkpoint stores their specs (name, layer, pooling, weights source) instead.
+
+The exception is ``data.mode: stream`` (see ``prh_stitch.streamed``): training batches are then raw, and both
+encoders run in every training step, on the training device, without gradients; they stay outside the module
+tree all the same (not wrapped by DDP, not in the optimizer or the checkpoint).
 """
 
 from __future__ import annotations
@@ -202,8 +206,15 @@ class StitchingModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         dm = self._datamodule()
+        if dm.mode == "stream":
+            self._setup_stream(dm)
         dm.setup_features(*self.feature_requests())
-        if stage == "fit":
+        if stage == "fit" and dm.mode == "stream":
+            from prh_stitch.streamed import fit_normalization_on_stream
+
+            fit_normalization_on_stream(self.stitcher, dm.normalization_batches(), self.encode_streamed_batch,
+                                        self.trainer.strategy.all_gather)
+        elif stage == "fit":
             # Deterministic given the training features, so every rank fits the same statistics; a resumed run
             # then overwrites them with the checkpoint's (identical) ones.
             self.stitcher.fit_normalization(*dm.training_tensors())
@@ -224,6 +235,30 @@ class StitchingModule(pl.LightningModule):
                 metrics.update({f"data/{split}_skipped/{reason}": float(n) for reason, n in reasons.items()})
             if metrics:
                 self.logger.log_metrics(metrics, step=0)
+
+    def _setup_stream(self, dm: StitchingDataModule) -> None:
+        if self.stitcher_spec.closed_form_method is not None:
+            raise ValueError(f"stitcher fit/init {self.stitcher_spec.closed_form_method!r} needs the training "
+                             "features in the store: use data.mode cached")
+        # The encoders run in the training loop: on the training device (Lightning moves only the module tree).
+        trainer = self._trainer  # None outside a Trainer (the ``trainer`` property raises instead)
+        device = trainer.strategy.root_device if trainer is not None else self.device
+        self.encoders.source.to(device)
+        self.encoders.target.to(device)
+
+    def encode_streamed_batch(self, batch: Dict[str, Any]) -> tuple:
+        """(source, target) features of a raw streamed batch: the feature store's encode call, no gradients."""
+        from prh_stitch.streamed import encode_streamed
+
+        inputs = batch["inputs"]
+        return (encode_streamed(self.encoders.source, inputs["source"], self.source_spec.layer, self.source_spec.pooling),
+                encode_streamed(self.encoders.target, inputs["target"], self.target_spec.layer, self.target_spec.pooling))
+
+    def on_train_epoch_end(self) -> None:
+        streaming = getattr(self._datamodule(), "streaming", None)
+        if streaming is not None and self.logger is not None:  # mode stream: what this rank's stream skipped so far
+            reasons = streaming.skipped.get("train", {})
+            self.log("data/train_stream_skipped", float(sum(reasons.values())), sync_dist=True, reduce_fx="sum")
 
     def _fit_closed_form(self, dm: StitchingDataModule) -> None:
         """Closed-form fit on the training split; the ridge strength is chosen on the validation split.
@@ -254,7 +289,10 @@ class StitchingModule(pl.LightningModule):
             if batch_idx == 0:
                 self.optimizers().step()  # the closed-form fit; every rank takes it (it all-reduces under DDP)
             return None
-        source, target, _, _ = batch
+        if isinstance(batch, dict):  # data.mode stream: raw inputs, encoded here
+            source, target = self.encode_streamed_batch(batch)
+        else:
+            source, target, _, _ = batch
         loss = self.objective(self.stitcher(source), target)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(source))
         temperature = getattr(self.objective, "temperature", None)

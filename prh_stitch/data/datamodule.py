@@ -15,6 +15,14 @@ use and used instead, so ``python train.py`` needs no data download.
 Skipped samples and shards (by reason, per split) are in ``skipped`` after ``setup_features``, and a summary
 line is printed on rank 0.
 
+``mode: stream`` trains without extracting the training split: its raw batches (decoded uint8 images and
+tokenised captions, each encoder's preprocessing done in the workers, optionally augmented) come from a
+``StreamingDataModule`` over the training shards, resampled with a fixed epoch length so that every DDP rank
+streams its own shards and takes the same number of steps; the ``StitchingModule`` runs both frozen encoders
+on them. Validation still reads the feature store, exactly as in cached mode: every validation sample once
+(the sampler's padding dropped by sample index), of the same un-augmented features, so the whole-set metrics
+are exact and comparable between modes; and the validation set is encoded once, not once per epoch.
+
 ``StreamingDataModule``: ``PairedShards`` (each sample exactly once per epoch across all ranks and workers,
 optional shuffle buffer) or ``ResampledShards`` (shards drawn with replacement, cut to a fixed epoch length).
 The shuffle follows the trainer's epoch (or a count of passes without a trainer), so the order is a function
@@ -26,15 +34,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from prh_stitch.data.augment import AugmentOptions, augmented
 from prh_stitch.data.features import FeatureSet, FeatureStore, Ranks, align_by_key, default_cache_dir
 from prh_stitch.data.stream import PairedShards, SkipStats
 from prh_stitch.data.streaming import Batcher, ResampledShards, StreamLoader
@@ -53,6 +62,25 @@ class SceneData:
     n_val: int = 1024
     seed: int = 0
     image_size: int = 224
+
+
+@dataclass
+class StreamOptions:
+    """How ``mode: stream`` reads the training shards.
+
+    ``epoch_length``: training samples per epoch, all ranks together (null: the built-in scenes' ``n_train``;
+    required with shard patterns, whose streams are resampled without end). ``shuffle_buffer``: samples in the
+    shuffle buffer. ``norm_samples``: training samples whose features fit the stitcher's input/output
+    normalisation before training (all ranks together; at most one epoch). ``augment``: image augmentation.
+    """
+
+    epoch_length: Optional[int] = None
+    shuffle_buffer: int = 1000
+    norm_samples: int = 4096
+    augment: AugmentOptions = field(default_factory=AugmentOptions)
+
+
+MODES = ("cached", "stream")
 
 
 @dataclass
@@ -107,6 +135,8 @@ class StitchingDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         feature_dtype: str = "float32",
         seed: int = 0,
+        mode: str = "cached",
+        stream: StreamOptions = StreamOptions(),
     ) -> None:
         """
         Args:
@@ -121,10 +151,20 @@ class StitchingDataModule(pl.LightningDataModule):
             feature_dtype: storage precision of cached features (float32, float16, bfloat16).
             seed: seed of the training shuffle (the order of epoch e depends only on seed and e, so resumed
                 runs see the same batches as uninterrupted ones).
+            mode: ``cached`` trains from the feature store; ``stream`` streams the training shards through the
+                frozen encoders during training (see the module docstring).
+            stream: options of ``mode: stream`` (epoch length, shuffle buffer, normalisation samples, augmentation).
         """
         super().__init__()
         if (train is None) != (val is None):
             raise ValueError("give both 'train' and 'val' shard patterns, or neither (to use the built-in scenes)")
+        if mode not in MODES:
+            raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "stream" and stream.epoch_length is None and train is not None:
+            raise ValueError("data.mode stream over shards needs data.stream.epoch_length (training samples per epoch)")
+        self.mode = mode
+        self.stream = stream
+        self.streaming: Optional[StreamingDataModule] = None  # the raw training stream of mode 'stream'
         self.train_pattern = train
         self.val_pattern = val
         self.scenes = scenes
@@ -177,7 +217,9 @@ class StitchingDataModule(pl.LightningDataModule):
     def setup_features(self, source: FeatureRequest, target: FeatureRequest) -> None:
         """Get both sides from the store (extracting what it lacks), join them by sample key, build the datasets."""
         ranks = Ranks.from_trainer(self.trainer)
-        for split in SPLITS:
+        if self.mode == "stream":
+            self._setup_stream(source, target)
+        for split in SPLITS if self.mode == "cached" else ("val",):
             a = self._features(source, split, ranks)
             b = self._features(target, split, ranks)
             idx_a, idx_b = align_by_key(a, b)
@@ -194,10 +236,51 @@ class StitchingDataModule(pl.LightningDataModule):
                 f"prh_stitch: {split}: {len(src)} pairs ({src.shape[1]}-d -> {tgt.shape[1]}-d); "
                 f"skipped {sum(self.skipped[split].values())} ({skipped})"
             )
-        if len(self.datasets["train"]) == 0:
+        if self.mode == "cached" and len(self.datasets["train"]) == 0:
             raise ValueError("the training split has no samples")
 
+    def _setup_stream(self, source: FeatureRequest, target: FeatureRequest) -> None:
+        """The raw training stream: resampled shards, both encoders' preprocessing (and augmentation) in the workers."""
+        epoch_length = self.stream.epoch_length or self.scenes.n_train
+        world, _ = self._distributed()
+        if epoch_length < world * self.batch_size:
+            raise ValueError(f"data.stream.epoch_length {epoch_length} is less than one batch per rank "
+                             f"({world} x {self.batch_size}); raise it")
+        self.streaming = StreamingDataModule(
+            train=self.shard_urls("train"), batch_size=self.batch_size, num_workers=self.num_workers,
+            shuffle_buffer=self.stream.shuffle_buffer, seed=self.seed, resampled=True, epoch_length=epoch_length,
+            keep_images=False,
+        )
+        self.streaming.trainer = self.trainer  # its shuffle and draws follow the trainer's epoch
+        self.streaming.set_encoders(augmented({"source": source.encoder, "target": target.encoder},
+                                              self.stream.augment))
+
+    def normalization_batches(self) -> Iterator[Tuple[dict, int]]:
+        """``(batch, rows to use)`` of this rank's share of the first ``stream.norm_samples`` training samples.
+
+        Every rank uses the same number of rows (its stream yields ``epoch_length // world`` per epoch), so the
+        ranks' features can be gathered into one identical set everywhere.
+        """
+        world, _ = self._distributed()
+        epoch_length = self.stream.epoch_length or self.scenes.n_train
+        wanted = min(-(-self.stream.norm_samples // world), epoch_length // world)
+        taken = 0
+        loader = self._require_stream().train_dataloader()
+        for batch in loader:
+            if taken >= wanted:
+                break
+            rows = min(len(batch["key"]), wanted - taken)
+            taken += rows
+            yield batch, rows
+
+    def _require_stream(self) -> StreamingDataModule:
+        if self.streaming is None:
+            raise RuntimeError("the training stream is not set up; the StitchingModule sets it up in its setup()")
+        return self.streaming
+
     def training_tensors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "stream":
+            raise ValueError("closed-form fits need the training features in the store: use data.mode cached")
         src, tgt, _, _ = self.datasets["train"].tensors
         return src, tgt
 
@@ -214,6 +297,8 @@ class StitchingDataModule(pl.LightningDataModule):
         return trainer.world_size, trainer.global_rank
 
     def train_dataloader(self) -> DataLoader:
+        if self.mode == "stream":
+            return self._require_stream().train_dataloader()
         dataset = self._require("train")
         world, rank = self._distributed()
         # Our own DistributedSampler (also for one process): its order depends only on (seed, epoch), which
