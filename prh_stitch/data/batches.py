@@ -43,7 +43,7 @@ class Prepare:
         sample["inputs"] = {name: encoder.transform(model_input(dict(sample, image=image), encoder))
                             for name, encoder in self.encoders.items()}
         if self.keep_images:
-            pixels = np.asarray(image)
+            pixels = np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
             sample["image"] = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1) \
                 if pixels.dtype == np.uint8 else image
         return sample
@@ -74,7 +74,7 @@ def batch_stages(batch_size: int, encoders: Mapping[str, Any], keep_images: Opti
         for batch in batches:
             batch[STATS] = stats.take()
             yield batch
-        yield dict(collate([], encoders), **{STATS: stats.take()})
+        yield {"key": [], STATS: stats.take()}
 
     return [wds.map(Prepare(encoders, keep_images, image_size)),
             wds.batched(batch_size, collation_fn=lambda samples: collate(samples, encoders), partial=True),

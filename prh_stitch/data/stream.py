@@ -196,8 +196,8 @@ class _Source:
             self.process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)
             self.stream = self.process.stdout
         else:
-            opened = gopen(url)
-            if isinstance(opened, Pipe):  # a download command (curl for http(s)://)
+            opened = self.pipe = gopen(url)  # kept: the Pipe closes its stream when it is collected
+            if isinstance(opened, Pipe):  # a download command (curl for http(s)://): we check its status
                 self.process, self.stream = opened.proc, opened.stream
             else:
                 self.stream = opened
