@@ -43,9 +43,8 @@ class Prepare:
         sample["inputs"] = {name: encoder.transform(model_input(dict(sample, image=image), encoder))
                             for name, encoder in self.encoders.items()}
         if self.keep_images:
-            pixels = np.array(image)  # a writable copy (np.asarray of a PIL image is read-only)
-            sample["image"] = torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1) \
-                if pixels.dtype == np.uint8 else image
+            pixels = np.asarray(image)  # (H, W, C) in a batch; channels first by a view, never by a copy
+            sample["image"] = pixels.reshape(*pixels.shape[:2], -1) if pixels.dtype == np.uint8 else image
         return sample
 
 
@@ -54,8 +53,12 @@ def collate(samples: List[Dict[str, Any]], encoders: Mapping[str, Any]) -> Dict[
     batch["inputs"] = {name: encoder.collate([s["inputs"][name] for s in samples]) for name, encoder in encoders.items()}
     if samples and "image" in samples[0]:
         images = [s["image"] for s in samples]
-        tensors = all(isinstance(i, torch.Tensor) for i in images)
-        batch["image"] = torch.stack(images) if tensors and len({i.shape for i in images}) == 1 else images
+        arrays = all(isinstance(i, np.ndarray) for i in images)
+        if arrays and len({i.shape for i in images}) == 1:  # one (B, H, W, C) copy, seen as (B, C, H, W)
+            batch["image"] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        else:
+            batch["image"] = [torch.from_numpy(i.copy()).permute(2, 0, 1) if isinstance(i, np.ndarray) else i
+                              for i in images]
     for name in samples[0] if samples else ():
         if name not in batch and name not in ("image", "inputs"):
             batch[name] = [s[name] for s in samples]  # anything else a stage added (the store's units)
@@ -81,13 +84,18 @@ def batch_stages(batch_size: int, encoders: Mapping[str, Any], keep_images: Opti
             with_counts]
 
 
+def _as_is(batch):
+    return batch
+
+
 class BatchLoader(wds.WebLoader):
     """A DataLoader over a batched pipeline: sets the epoch before each pass, adds the workers' skip counts up in
     ``stats`` and yields the batches that hold samples. ``length``: batches per pass, when known."""
 
     def __init__(self, pipeline, stats: SkipStats, epoch: Callable[[], int], num_workers: int = 0,
                  length: Optional[int] = None) -> None:
-        super().__init__(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0)
+        super().__init__(pipeline, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
+                         collate_fn=_as_is)  # batches are made; default_convert would walk every list again
         self.loader, self.dataset, self.stats, self.epoch, self.length = self.pipeline[0], pipeline, stats, epoch, length
 
     @property

@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from prh_stitch.atomic import atomic_write_bytes
-from prh_stitch.data.batches import Prepare, collate
+from prh_stitch.data.batches import Prepare, _as_is, collate
 from prh_stitch.data.shards import samples_per_shard
 from prh_stitch.data.split import current_consumer, owner, split_mode, unit_size
 from prh_stitch.data.stream import PROBLEM, SkipStats, count_problem, decoded, read_shard
@@ -509,7 +509,7 @@ class FeatureStore:
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
         reader = UnitReader(urls, chunk_size, set(units), self.finished_shards(units), ranks.rank, ranks.world)
         loader = DataLoader(wds.DataPipeline(reader, lambda items: unit_batches(items, batch_size, encoder)),
-                            batch_size=None, num_workers=num_workers)
+                            batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         names = identity["layers"]
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress or ranks.rank != 0) as bar:
