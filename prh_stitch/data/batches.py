@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+from torch.utils.data import get_worker_info
 
 from prh_stitch.data.stream import SkipStats
 
@@ -55,7 +56,13 @@ def collate(samples: List[Dict[str, Any]], encoders: Mapping[str, Any]) -> Dict[
         images = [s["image"] for s in samples]
         arrays = all(isinstance(i, np.ndarray) for i in images)
         if arrays and len({i.shape for i in images}) == 1:  # one (B, H, W, C) copy, seen as (B, C, H, W)
-            batch["image"] = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+            pixels = torch.empty((len(images), *images[0].shape), dtype=torch.uint8)
+            if get_worker_info() is not None:
+                # Straight into shared memory: the DataLoader hands a shared tensor over as it is, where it would
+                # copy any other into a fresh segment (a second copy and a second round of page faults).
+                pixels.share_memory_()
+            np.stack(images, out=pixels.numpy())
+            batch["image"] = pixels.permute(0, 3, 1, 2)
         else:
             batch["image"] = [torch.from_numpy(i.copy()).permute(2, 0, 1) if isinstance(i, np.ndarray) else i
                               for i in images]

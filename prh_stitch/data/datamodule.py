@@ -270,7 +270,7 @@ class StreamingDataModule(pl.LightningDataModule):
             image_mode: convert decoded images to this PIL mode (None keeps the stored one).
             keep_images: put the decoded images in batches, as uint8 (C, H, W) tensors (default: only when no
                 encoder preprocesses them).
-            image_size: resize kept images to this square side (None keeps their size).
+            image_size: resize every decoded image to this square side, before any preprocessing (None: as stored).
         """
         super().__init__()
         if train is None and val is None:

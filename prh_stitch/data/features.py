@@ -17,12 +17,13 @@ final name is whole; an extraction killed mid-way resumes from the units on disk
 decoded again, shards already done are not even read). Only when every unit of every shard is present are
 they merged into the layer arrays and ``index.json`` written, last and atomically; the parts are then removed.
 
-Splitting the work. Units go to consumers (rank x DataLoader worker) by the rule of ``stream.PairedShards``:
-whole shards round robin when there are at least as many shards as consumers, else blocks of a shard round
-robin (every consumer then reads every shard but decodes only its blocks). Under DDP each rank extracts its
-units, all ranks meet, and rank 0 commits. A batch never spans two units, so the batches -- and hence the
-features, bit for bit for a given machine and thread count -- do not depend on how many ranks or workers
-did the work.
+Splitting the work. Units go to consumers (rank x DataLoader worker) by ``split.py``'s one rule: whole shards
+round robin when there are at least as many shards as consumers, else units round robin (every consumer then
+reads every shard but decodes only its units). With fewer units than consumers the unit size shrinks, from the
+manifests' per-shard sample counts, until each consumer has one; it is fixed when the entry is created. Under
+DDP each rank extracts its units, all ranks meet, and rank 0 commits. A batch never spans two units, so the
+batches -- and hence the features, bit for bit for a given machine and thread count -- do not depend on how
+many ranks or workers did the work.
 
 Reading. ``layer-*.npy`` are opened with ``np.load(mmap_mode="c")``: training and evaluation read rows
 straight from the page cache, nothing is loaded up front, and writes stay private to the process.
@@ -346,9 +347,6 @@ class FeatureStore:
             "shards": len(urls),
             "dtype": self.dtype,
         }
-
-    def entry_key(self, encoder: FrozenEncoder, layers: Sequence[Layer], pooling: Optional[str], urls: Sequence[str]) -> str:
-        return self._entry_name(self.identity(encoder, layers, pooling, urls))
 
     @staticmethod
     def _entry_name(identity: Dict[str, Any]) -> str:

@@ -39,9 +39,11 @@ def current_consumer(
     split_by_node: bool = True, split_by_worker: bool = True, rank: Optional[int] = None, world: Optional[int] = None
 ) -> Tuple[int, int]:
     """This process's ``(index, count)``: rank from ``rank``/``world`` or torch.distributed, worker from the DataLoader."""
+    if (rank is None) != (world is None):
+        raise ValueError("pass rank and world together (or neither, to use torch.distributed)")
     if not split_by_node:
         rank, world = 0, 1
-    elif rank is None or world is None:
+    elif rank is None:
         rank, world = rank_world()
     info = get_worker_info() if split_by_worker else None
     worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)

@@ -83,10 +83,6 @@ class SkipStats:
     def shards_read(self) -> int:
         return len(self.shards)
 
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
     def merge(self, other: "SkipStats") -> "SkipStats":
         self.good += other.good
         self.skipped.update(other.skipped)
