@@ -8,8 +8,8 @@ import io
 import json
 import logging
 import os
+import select
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -184,45 +184,23 @@ def _child_pids(pid=None):
     return pids
 
 
-def _alive(pid):
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
-
-
-def _command_name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except FileNotFoundError:  # it ended between listing and reading (``cat`` finishes early)
-        return ""
-
-
-def test_stopping_early_ends_the_whole_pipe_command(four_shards):
+def test_stopping_early_ends_the_whole_pipe_command(four_shards, tmp_path):
     urls, _ = four_shards
     before = _child_pids()
-    # "sleep" keeps the command alive after it has written, as a slow download would; the trailing
-    # "true" stops the shell from exec-ing sleep in its own place, so sleep is a grandchild.
-    iterator = iter(PairedShards(f"pipe:cat {urls[0]}; sleep 30; true"))
+    pidfile = tmp_path / "sleep.pid"
+    # A background "sleep" that outlives the data, as a slow download would: a grandchild of this process. Its pid
+    # is written before any data, so it is there once the first sample arrives. If stopping waited for the command
+    # to end, close() would not return for 1000 s.
+    iterator = iter(PairedShards(f"pipe:sleep 1000 & echo $! > {pidfile}; cat {urls[0]}; wait"))
     next(iterator)
-    (shell,) = _child_pids() - before
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        grandchildren = _child_pids(shell)
-        if any(_command_name(pid) == "sleep" for pid in grandchildren):
-            break
-        time.sleep(0.02)
-    else:
-        raise AssertionError("the pipe command's sleep never started")
-    started = time.monotonic()
+    sleep = os.pidfd_open(int(pidfile.read_text()))
+    assert _child_pids() != before
     iterator.close()
-    assert time.monotonic() - started < 5  # did not wait for the sleep
     assert _child_pids() == before  # the shell is killed and reaped
-    deadline = time.monotonic() + 2
-    while any(map(_alive, grandchildren)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(map(_alive, grandchildren))  # the whole process group went, not only the shell
+    # The whole process group went, not only the shell: the pidfd becomes readable when the process ends (the
+    # timeout only guards against hanging the test run).
+    assert select.select([sleep], [], [], 60)[0] == [sleep]
+    os.close(sleep)
 
 
 def test_shuffle_is_reproducible_and_complete(four_shards):
@@ -272,30 +250,32 @@ def test_two_ranks_times_two_workers_read_every_sample_once(tmp_path, num_shards
     assert all(per_rank)  # no rank idles, even with fewer shards than consumers
 
 
-def test_split_mode_follows_the_documented_rule(four_shards):
+def test_the_sample_split_gives_consumer_r_every_sample_at_position_r_mod_count(four_shards):
     urls, keys = four_shards
-    assert PairedShards(urls).split_mode(4) == "shard"
-    assert PairedShards(urls).split_mode(5) == "sample"
-    # Forcing the per-sample rule over 3 ranks: counts differ by at most one, union exact.
-    shares = [
-        [s["key"] for s in PairedShards(urls, split="sample", split_by_node=True, rank=r, world_size=3)]
-        for r in range(3)
-    ]
-    assert sorted(sum(shares, [])) == sorted(keys)
-    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    for split in ("sample", "auto"):  # 4 shards for 5 consumers: auto splits samples too
+        shares = [[s["key"] for s in PairedShards(urls, split=split, split_by_node=True, rank=r, world_size=5)]
+                  for r in range(5)]
+        assert shares == [keys[r::5] for r in range(5)]
+    # Whole shards, round robin, when there are enough of them (or when asked).
+    shares = [[s["key"] for s in PairedShards(urls, split="shard", split_by_node=True, rank=r, world_size=3)]
+              for r in range(3)]
+    by_shard = [[k for k in keys if k.startswith(f"s{shard}-")] for shard in range(4)]
+    assert shares == [by_shard[0] + by_shard[3], by_shard[1], by_shard[2]]
 
 
 def test_shard_problems_are_counted_once_across_consumers(tmp_path):
     url, keys = write_good_shard(tmp_path / "one.tar", 0, 6)
+    with tarfile.open(url) as tar:
+        image = next(m for m in tar.getmembers() if m.name == "s0-003.png")
     data = open(url, "rb").read()
-    (tmp_path / "one.tar").write_bytes(data[: len(data) // 2])
-    merged = SkipStats()
-    for rank in range(3):
+    (tmp_path / "one.tar").write_bytes(data[:image.offset_data + 10])  # cut inside sample 3's image
+    merged, delivered = SkipStats(), []
+    for rank in range(3):  # one shard, three consumers: the per-sample split
         stats = SkipStats()
-        list(PairedShards(url, split_by_node=True, rank=rank, world_size=3, stats=stats))
+        delivered.append([s["key"] for s in PairedShards(url, split_by_node=True, rank=rank, world_size=3, stats=stats)])
         merged.merge(stats)
-    assert merged.skipped["truncated_shard"] == 1
-    assert merged.good + merged.skipped["truncated_sample"] <= len(keys)
+    assert delivered == [[keys[0]], [keys[1]], [keys[2]]]  # sample 3 (consumer 0's) was cut
+    assert dict(merged.skipped) == {"truncated_shard": 1, "truncated_sample": 1} and merged.good == 3
 
 
 def test_rank_overrides_are_validated(four_shards):

@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from prh_stitch.data.augment import AugmentOptions, augmented
 from prh_stitch.data.features import FeatureSet, FeatureStore, Ranks, align_by_key, default_cache_dir
+from prh_stitch.data.batches import BatchLoader, batch_stages
 from prh_stitch.data.stream import PairedShards, SkipStats
-from prh_stitch.data.streaming import Batcher, ResampledShards, StreamLoader
 from prh_stitch.encoders.base import FrozenEncoder, Layer
 
 log = logging.getLogger("prh_stitch.data")
@@ -319,7 +319,11 @@ def _layer_name(request: FeatureRequest) -> str:
 
 
 class StreamingDataModule(pl.LightningDataModule):
-    """Raw image-caption batches from shards, split over ranks and workers, with visible skip counts."""
+    """Raw image-caption batches from shards, split over ranks and workers, with visible skip counts.
+
+    The webdataset pipeline of ``stream.PairedShards`` with the batching stages of ``batches``; the batch format is
+    described there.
+    """
 
     def __init__(
         self,
@@ -334,10 +338,11 @@ class StreamingDataModule(pl.LightningDataModule):
         split: str = "auto",
         image_mode: Optional[str] = "RGB",
         keep_images: Optional[bool] = None,
+        image_size: Optional[int] = None,
     ) -> None:
         """
         Args:
-            train: shard pattern of the training stream (brace range, glob, folder, list, ``pipe:``).
+            train: shard pattern of the training stream (brace range, glob, folder, list, ``pipe:``, ``https://``).
             val: shard pattern of the validation stream (read once per pass, in order, never resampled).
             batch_size: samples per batch (per rank).
             num_workers: DataLoader workers; decoding and every encoder's preprocessing run there.
@@ -346,10 +351,11 @@ class StreamingDataModule(pl.LightningDataModule):
             resampled: draw training shards with replacement, without end, cut to ``epoch_length`` per epoch
                 (all ranks together; every rank gets the same number of batches).
             epoch_length: samples per training epoch in resampled mode.
-            split: how exactly-once streams split over consumers (``auto``, ``shard``, ``sample``; see stream.py).
+            split: how exactly-once streams split over consumers (``auto``, ``shard``, ``sample``; see split.py).
             image_mode: convert decoded images to this PIL mode (None keeps the stored one).
             keep_images: put the decoded images in batches, as uint8 (C, H, W) tensors (default: only when no
                 encoder preprocesses them).
+            image_size: resize every decoded image to this square side, before any preprocessing (None: as stored).
         """
         super().__init__()
         if train is None and val is None:
@@ -366,6 +372,7 @@ class StreamingDataModule(pl.LightningDataModule):
         self.split = split
         self.image_mode = image_mode
         self.keep_images = keep_images
+        self.image_size = image_size
         self.encoders: Dict[str, FrozenEncoder] = {}
         self.stats: Dict[str, SkipStats] = {"train": SkipStats(), "val": SkipStats()}
         self._passes: Counter = Counter()
@@ -386,15 +393,14 @@ class StreamingDataModule(pl.LightningDataModule):
         pattern = self.patterns[split]
         if pattern is None:
             raise ValueError(f"no {split!r} shard pattern was given to the StreamingDataModule")
-        common = dict(seed=self.seed, split_by_node=True, split_by_worker=True, image_mode=self.image_mode)
-        if split == "train" and self.resampled:
-            return ResampledShards(pattern, self.epoch_length, shuffle_buffer=self.shuffle_buffer, **common)
-        shuffle = self.shuffle_buffer if split == "train" else 0
-        return PairedShards(pattern, shuffle_buffer=shuffle, split=self.split, **common)
+        train = split == "train"
+        return PairedShards(pattern, shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed,
+                            split_by_node=True, split=self.split, image_mode=self.image_mode,
+                            resampled=train and self.resampled, epoch_length=self.epoch_length)
 
     def _epoch_source(self, split: str) -> Callable[[], int]:
         def epoch() -> int:
-            trainer = self._trainer_or_none()
+            trainer = getattr(self, "trainer", None)  # None until a Trainer adopts the module
             if trainer is not None:
                 return int(trainer.current_epoch)
             self._passes[split] += 1
@@ -402,21 +408,19 @@ class StreamingDataModule(pl.LightningDataModule):
 
         return epoch
 
-    def _trainer_or_none(self):
-        # LightningDataModule.trainer is None until a Trainer adopts the module.
-        return getattr(self, "trainer", None)
-
-    def dataloader(self, split: str) -> StreamLoader:
+    def dataloader(self, split: str) -> BatchLoader:
         reader = self.reader(split)
-        batcher = Batcher(reader, self.batch_size, self.encoders, self.keep_images, stats=reader.stats)
-        # Persistent workers: started once per loader, not once per epoch (a fork of a process holding models
-        # costs tens of milliseconds, and copy-on-write faults after it); the epoch reaches them through shared
+        for stage in batch_stages(self.batch_size, self.encoders, self.keep_images, self.image_size, reader.stats):
+            reader.append(stage)
+        length = None
+        if split == "train" and self.resampled:
+            length = reader.batches_per_rank(self.batch_size, self.num_workers)
+        # Persistent workers: started once per loader, not once per epoch; the epoch reaches them through shared
         # memory (see PairedShards.set_epoch).
-        return StreamLoader(batcher, self.stats[split], self._epoch_source(split), num_workers=self.num_workers,
-                            persistent_workers=self.num_workers > 0)
+        return BatchLoader(reader, self.stats[split], self._epoch_source(split), self.num_workers, length)
 
-    def train_dataloader(self) -> StreamLoader:
+    def train_dataloader(self) -> BatchLoader:
         return self.dataloader("train")
 
-    def val_dataloader(self) -> StreamLoader:
+    def val_dataloader(self) -> BatchLoader:
         return self.dataloader("val")

@@ -17,12 +17,13 @@ final name is whole; an extraction killed mid-way resumes from the units on disk
 decoded again, shards already done are not even read). Only when every unit of every shard is present are
 they merged into the layer arrays and ``index.json`` written, last and atomically; the parts are then removed.
 
-Splitting the work. Units go to consumers (rank x DataLoader worker) by the rule of ``stream.PairedShards``:
-whole shards round robin when there are at least as many shards as consumers, else blocks of a shard round
-robin (every consumer then reads every shard but decodes only its blocks). Under DDP each rank extracts its
-units, all ranks meet, and rank 0 commits. A batch never spans two units, so the batches -- and hence the
-features, bit for bit for a given machine and thread count -- do not depend on how many ranks or workers
-did the work.
+Splitting the work. Units go to consumers (rank x DataLoader worker) by ``split.py``'s one rule: whole shards
+round robin when there are at least as many shards as consumers, else units round robin (every consumer then
+reads every shard but decodes only its units). With fewer units than consumers the unit size shrinks, from the
+manifests' per-shard sample counts, until each consumer has one; it is fixed when the entry is created. Under
+DDP each rank extracts its units, all ranks meet, and rank 0 commits. A batch never spans two units, so the
+batches -- and hence the features, bit for bit for a given machine and thread count -- do not depend on how
+many ranks or workers did the work.
 
 Reading. ``layer-*.npy`` are opened with ``np.load(mmap_mode="c")``: training and evaluation read rows
 straight from the page cache, nothing is loaded up front, and writes stay private to the process.
@@ -41,18 +42,21 @@ import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
+import webdataset as wds
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from prh_stitch.atomic import atomic_write_bytes
-from prh_stitch.data.stream import SkipStats, _decode, _read_shard, _ShardProblem
-from prh_stitch.data.streaming import Batcher, receive
+from prh_stitch.data.batches import Prepare, _as_is, collate
+from prh_stitch.data.shards import samples_per_shard
+from prh_stitch.data.split import current_consumer, owner, split_mode, unit_size
+from prh_stitch.data.stream import PROBLEM, SkipStats, count_problem, decoded, read_shard
 from prh_stitch.encoders.base import FrozenEncoder, Layer
 
 log = logging.getLogger("prh_stitch.data")
@@ -73,10 +77,10 @@ def default_cache_dir() -> Path:
 
 
 def data_fingerprint(urls: Sequence[str]) -> str:
-    """Identity of a list of shards: local files by path, size and modification time; ``pipe:`` by URL."""
+    """Identity of a list of shards: local files by path, size and modification time; ``pipe:`` and remote by URL."""
     parts = []
     for url in urls:
-        if url.startswith("pipe:"):
+        if url.startswith("pipe:") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", url):
             parts.append(url)
         else:
             st = os.stat(url)
@@ -210,76 +214,73 @@ def _label(meta: Any) -> int:
 class UnitReader(IterableDataset):
     """Reads this consumer's units of the shards, skipping done ones; yields samples and ``UnitDone`` events.
 
-    Samples (decoded, each tagged with its ``unit``) are yielded in shard order; each unit this consumer owns
-    ends with a ``UnitDone`` carrying its skip counts by reason, so counts reach the main process with the
-    data even from DataLoader workers. Shard-level problems count in the unit that ends the shard.
+    The split is ``split.py``'s rule: whole shards when there are at least as many as consumers, else units
+    (numbered over all shards in order). Samples (decoded, tagged with their ``unit``) come in shard order; each unit
+    this consumer owns ends with a ``UnitDone`` carrying its skip counts by reason, so counts reach the main process
+    with the data even from DataLoader workers. Shard-level problems count in the unit that ends the shard.
+    ``finished_shards``: {shard: its number of units} of shards done in an earlier run (not read again).
     """
 
-    def __init__(
-        self,
-        urls: Sequence[str],
-        chunk_size: int,
-        done: Set[Tuple[int, int]],
-        finished_shards: Set[int],
-        rank: int = 0,
-        world: int = 1,
-        image_mode: Optional[str] = "RGB",
-    ) -> None:
+    def __init__(self, urls: Sequence[str], chunk_size: int, done: Set[Tuple[int, int]],
+                 finished_shards: Dict[int, int], rank: int = 0, world: int = 1, image_mode: Optional[str] = "RGB") -> None:
         super().__init__()
-        self.urls = list(urls)
-        self.chunk_size = int(chunk_size)
-        self.done = set(done)
-        self.finished_shards = set(finished_shards)
-        self.rank = rank
-        self.world = world
-        self.image_mode = image_mode
-
-    def consumer(self) -> Tuple[int, int]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        return self.rank * workers + worker, self.world * workers
+        self.urls, self.chunk_size, self.done, self.finished = list(urls), int(chunk_size), set(done), dict(finished_shards)
+        self.rank, self.world, self.image_mode = rank, world, image_mode
 
     def __iter__(self) -> Iterator[Any]:
-        index, count = self.consumer()
-        by_shard = len(self.urls) >= count
+        index, count = current_consumer(True, True, self.rank, self.world)
+        by_shard = split_mode("auto", len(self.urls), count) == "shard"
+        units_before = 0  # units of the shards before this one: the running unit number of the "sample" split
         for shard, url in enumerate(self.urls):
-            if shard in self.finished_shards or (by_shard and shard % count != index):
+            if shard in self.finished:
+                units_before += self.finished[shard]
+                continue
+            if by_shard and owner(shard, count) != index:
                 continue
 
-            def mine(block: int, shard: int = shard) -> bool:
-                return (by_shard or (shard + block) % count == index) and (shard, block) not in self.done
+            def mine(block: int, shard: int = shard, first: int = units_before) -> bool:
+                return (by_shard or owner(first + block, count) == index) and (shard, block) not in self.done
 
-            yield from self._shard(shard, url, mine)
+            units_before += yield from self._shard(shard, url, mine)
 
-    def _shard(self, shard: int, url: str, mine: Callable[[int], bool]) -> Iterator[Any]:
-        block, position, good = 0, 0, 0
-        skipped: Counter = Counter()
-        problems: List[_ShardProblem] = []
-        for item in _read_shard(url):
-            if isinstance(item, _ShardProblem):
+    def _shard(self, shard: int, url: str, mine: Callable[[int], bool]):
+        """The shard's samples and unit ends; returns its number of units."""
+        block, position, stats = 0, 0, SkipStats()
+        problems = []
+        for item in read_shard(url):
+            if PROBLEM in item:
                 problems.append(item)
                 continue
             if position // self.chunk_size != block:
                 if mine(block):
-                    yield UnitDone(shard, block, url, self.chunk_size, False, good, dict(skipped))
-                block, good, skipped = position // self.chunk_size, 0, Counter()
+                    yield UnitDone(shard, block, url, self.chunk_size, False, stats.good, dict(stats.skipped))
+                block, stats = position // self.chunk_size, SkipStats()
             position += 1
-            if not mine(block):
-                continue  # not decoded: someone else's block, or one finished in an earlier run
-            sample, reason, detail = _decode(item, self.image_mode)
-            if sample is None:
-                skipped[reason] += 1
-                log.warning("skipping sample %r in %s: %s (%s)", item.key, url, reason, detail)
-                continue
-            good += 1
-            sample["unit"] = (shard, block)
-            sample["label"] = _label(sample["meta"])
-            yield sample
+            if mine(block):  # else not decoded: someone else's unit, or one finished in an earlier run
+                for sample in decoded([item], stats, self.image_mode):
+                    yield dict(sample, unit=(shard, block), label=_label(sample["meta"]))
         if mine(block):
             for problem in problems:
-                skipped[problem.reason] += 1
-                log.warning("shard %s: %s (%s)", url, problem.reason, problem.detail)
-            yield UnitDone(shard, block, url, position - block * self.chunk_size, True, good, dict(skipped))
+                count_problem(problem, stats)
+            yield UnitDone(shard, block, url, position - block * self.chunk_size, True, stats.good, dict(stats.skipped))
+        return block + 1
+
+
+def unit_batches(items: Iterable[Any], batch_size: int, encoder: FrozenEncoder) -> Iterator[Tuple[str, Any]]:
+    """The worker side of extraction: ``("batch", batch)`` of prepared samples, never spanning two units, and
+    ``("done", UnitDone)`` once a unit's samples are all in batches."""
+    prepare, batch = Prepare({"encoder": encoder}, keep_images=False), []
+    for item in items:
+        if isinstance(item, UnitDone) or len(batch) == batch_size:
+            if batch:
+                yield "batch", collate(batch, {"encoder": encoder})
+            batch = []
+        if isinstance(item, UnitDone):
+            yield "done", item
+        else:
+            batch.append(prepare(item))
+    if batch:
+        yield "batch", collate(batch, {"encoder": encoder})
 
 
 # -- the store -----------------------------------------------------------------------------------------
@@ -346,9 +347,6 @@ class FeatureStore:
             "shards": len(urls),
             "dtype": self.dtype,
         }
-
-    def entry_key(self, encoder: FrozenEncoder, layers: Sequence[Layer], pooling: Optional[str], urls: Sequence[str]) -> str:
-        return self._entry_name(self.identity(encoder, layers, pooling, urls))
 
     @staticmethod
     def _entry_name(identity: Dict[str, Any]) -> str:
@@ -424,7 +422,7 @@ class FeatureStore:
         return feature_set
 
     # ---- extraction ---------------------------------------------------------------------------
-    def _open_entry(self, entry: Path, identity: Dict[str, Any]) -> int:
+    def _open_entry(self, entry: Path, identity: Dict[str, Any], chunk_size: Optional[int] = None) -> int:
         """Create the entry (or check an existing one is the same); return its chunk size."""
         path = entry / IDENTITY
         if path.is_file():
@@ -432,8 +430,9 @@ class FeatureStore:
             self._check_identity(entry, stored["identity"], identity)
             return int(stored["chunk_size"])
         entry.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps({"identity": identity, "chunk_size": self.chunk_size}, indent=1).encode())
-        return self.chunk_size
+        chunk_size = chunk_size or self.chunk_size
+        atomic_write_bytes(path, json.dumps({"identity": identity, "chunk_size": chunk_size}, indent=1).encode())
+        return chunk_size
 
     @staticmethod
     def _check_identity(entry: Path, stored: Dict[str, Any], wanted: Dict[str, Any]) -> None:
@@ -465,13 +464,10 @@ class FeatureStore:
         return units
 
     @staticmethod
-    def finished_shards(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Set[int]:
-        """Shards whose last unit and every unit before it are on disk."""
-        finished = set()
-        for (shard, block), (_, last) in units.items():
-            if last and all((shard, b) in units for b in range(block)):
-                finished.add(shard)
-        return finished
+    def finished_shards(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Dict[int, int]:
+        """``{shard: its number of units}`` of shards whose last unit and every unit before it are on disk."""
+        return {shard: block + 1 for (shard, block), (_, last) in units.items()
+                if last and all((shard, b) in units for b in range(block))}
 
     def extract(
         self,
@@ -502,31 +498,33 @@ class FeatureStore:
         ranks = ranks or Ranks()
         identity = identity or self.identity(encoder, layers, pooling, urls)
         entry = entry or self.root / self._entry_name(identity)
-        chunk_size = self._open_entry(entry, identity)
+        # Units small enough that every rank x worker gets one (fixed when the entry is created; batches never
+        # span units, so the features depend on the unit size, not on how many consumers share the work).
+        consumers = ranks.world * max(1, num_workers)
+        chunk_size = self._open_entry(entry, identity, unit_size(self.chunk_size, samples_per_shard(urls), consumers))
         (entry / "parts").mkdir(exist_ok=True)
         units = self.units_on_disk(entry)
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
         reader = UnitReader(urls, chunk_size, set(units), self.finished_shards(units), ranks.rank, ranks.world)
-        batches = Batcher(reader, batch_size, {"encoder": encoder}, keep_images=False, flush_on_event=True)
-        loader = DataLoader(batches, batch_size=None, num_workers=num_workers)
+        loader = DataLoader(wds.DataPipeline(reader, lambda items: unit_batches(items, batch_size, encoder)),
+                            batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         names = identity["layers"]
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress or ranks.rank != 0) as bar:
-            for packet in receive(loader, batches.received):
-                if packet.samples:
+            for kind, item in loader:
+                if kind == "batch":
                     # One device-to-host copy per batch; the rows wait on the CPU until their unit is complete.
-                    outputs = [out.cpu() for out in encoder.encode(packet.inputs["encoder"], layers, pooling)]
-                    for row, sample in enumerate(packet.samples):
-                        unit = pending.setdefault(tuple(sample["unit"]), {"samples": [], "outputs": []})
-                        unit["samples"].append(sample)
-                        unit["outputs"].append([out[row] for out in outputs])
-                    report.samples_encoded += len(packet.samples)
-                    bar.update(len(packet.samples))
-                for event in packet.events:
-                    if isinstance(event, UnitDone):
-                        unit = pending.pop((event.shard, event.block), {"samples": [], "outputs": []})
-                        self._write_part(entry, event, unit["samples"], unit["outputs"], names, encoder.name)
-                        report.chunks_computed += 1
+                    outputs = [out.cpu() for out in encoder.encode(item["inputs"]["encoder"], layers, pooling)]
+                    for row, (key, caption, label, unit) in enumerate(zip(item["key"], item["caption"], item["label"], item["unit"])):
+                        rows = pending.setdefault(tuple(unit), {"samples": [], "outputs": []})
+                        rows["samples"].append({"key": key, "caption": caption, "label": label})
+                        rows["outputs"].append([out[row] for out in outputs])
+                    report.samples_encoded += len(item["key"])
+                    bar.update(len(item["key"]))
+                else:
+                    rows = pending.pop((item.shard, item.block), {"samples": [], "outputs": []})
+                    self._write_part(entry, item, rows["samples"], rows["outputs"], names, encoder.name)
+                    report.chunks_computed += 1
         return report
 
     def _write_part(self, entry: Path, done: UnitDone, samples: List[dict], outputs: List[List[Tensor]],

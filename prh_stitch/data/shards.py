@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import braceexpand
+import webdataset as wds
 from PIL import Image
 
 from prh_stitch.atomic import atomic_write_text
@@ -150,7 +151,7 @@ class ShardWriter:
         self._keys: set = set()
         self._shards: List[dict] = []
         self._written: List[Path] = []
-        self._tar: Optional[tarfile.TarFile] = None
+        self._tar: Optional[wds.TarWriter] = None
         self._tmp_path: Optional[Path] = None
         self._count = 0
         self._payload = 0
@@ -200,15 +201,7 @@ class ShardWriter:
                 "sample %s alone takes %d bytes > max_shard_bytes=%d; it gets a shard of its own",
                 key, _tar_file_bytes(sample_bytes), self.max_shard_bytes,
             )
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            # Fixed metadata: byte-identical shards for identical samples.
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **{name.split(".", 1)[1]: data for name, data in members}})
         self._keys.add(key)
         self._count += 1
         self._payload += sample_bytes
@@ -217,13 +210,16 @@ class ShardWriter:
         name = shard_name(self.prefix, len(self._shards))
         # Hidden temporary name: globs like "train-*.tar" never pick up a shard that is being written.
         self._tmp_path = self.out_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self._tmp_path, "wb")
+        # Fixed metadata (mtime, owner, mode): the same samples give byte-identical shards.
+        self._tar = wds.TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
         self._count = 0
         self._payload = 0
 
     def _finish_shard(self) -> None:
         assert self._tar is not None and self._tmp_path is not None
         self._tar.close()
+        self._file.close()
         name = shard_name(self.prefix, len(self._shards))
         final = self.out_dir / name
         os.replace(self._tmp_path, final)
@@ -263,6 +259,9 @@ class ShardWriter:
             "max_shard_bytes": self.max_shard_bytes,
             "pattern": shard_pattern(self.prefix, len(self._shards)),
             "shards": self._shards,
+            # The wids index of the series (webdataset's indexed reader opens the manifest as it is).
+            "wids_version": 1,
+            "shardlist": [{"url": shard["name"], "nsamples": shard["num_samples"]} for shard in self._shards],
             "keys_sha256": keys_digest(self._keys),
             "info": self.info,
         }
@@ -273,10 +272,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Remove the shard in progress and every shard this writer completed; write no manifest."""
         if self._tar is not None:
-            try:
-                self._tar.close()
-            except OSError:
-                pass
+            self._file.close()
         if self._tmp_path is not None:
             self._tmp_path.unlink(missing_ok=True)
         for path in self._written:
@@ -355,28 +351,23 @@ def expand_urls(pattern: str | Sequence[str]) -> List[str]:
     """Shard URLs named by ``pattern``, in order.
 
     Accepts brace ranges (``shards/train-{000000..000123}.tar``), globs (``shards/*.tar``), a folder
-    (all ``*.tar`` in it), ``pipe:COMMAND`` URLs (brace-expanded, then passed through), ``file:`` paths,
-    and several patterns in a list or joined by ``,`` or ``::``. Local paths are checked: a pattern
-    that names nothing, or names files that do not exist, raises ValueError saying so. Other URL schemes
-    are rejected with a hint to wrap them in ``pipe:`` (e.g. ``pipe:curl -s URL``).
+    (all ``*.tar`` in it), ``file:`` paths, ``pipe:COMMAND`` and remote URLs (``https://...``, anything
+    ``webdataset.gopen`` opens; brace-expanded, then passed through), and several patterns in a list or
+    joined by ``,`` or ``::``. Local paths are checked: a pattern that names nothing, or names files that
+    do not exist, raises ValueError saying so.
     """
     pieces = _split_patterns(pattern)
     if not pieces:
         raise ValueError(f"no shards match {pattern!r}: the pattern is empty ({_CLI_HINT})")
     urls: List[str] = []
     for piece in pieces:
-        if piece.startswith("pipe:"):
-            urls.extend(braceexpand.braceexpand(piece))
-            continue
         if piece.startswith("file:"):
             piece = piece[len("file:"):]
             if piece.startswith("//"):
                 piece = piece[2:]
-        elif re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", piece):
-            raise ValueError(
-                f"unsupported shard URL {piece!r}: only local paths and pipe: URLs are read; "
-                f"stream remote shards with e.g. 'pipe:curl -sL {piece}'"
-            )
+        elif piece.startswith("pipe:") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", piece):
+            urls.extend(braceexpand.braceexpand(piece))  # read through gopen; nothing to check here
+            continue
         matched, missing = [], []
         for path in braceexpand.braceexpand(os.path.expanduser(piece)):
             if glob.has_magic(path):
@@ -399,6 +390,18 @@ def expand_urls(pattern: str | Sequence[str]) -> List[str]:
         # Overlapping patterns would deliver those samples twice per epoch.
         logger.warning("%d shard(s) named more than once in %r; each is read once", len(urls) - len(unique), pattern)
     return unique
+
+
+def samples_per_shard(urls: Sequence[str]) -> Optional[List[int]]:
+    """Samples in each shard, from the manifests next to them; None unless every shard is in one."""
+    counts: dict = {}
+    for folder in {os.path.dirname(url) for url in urls if "://" not in url and not url.startswith("pipe:")}:
+        for path in glob.glob(os.path.join(glob.escape(folder or "."), "*-manifest.json")):
+            manifest = _read_manifest(Path(path)) or {}
+            for shard in manifest.get("shards", []):
+                counts[os.path.join(folder, shard["name"])] = shard["num_samples"]
+    found = [counts.get(url) for url in urls]
+    return None if None in found else found
 
 
 # -- the cached built-in scene dataset ----------------------------------------------------------------

@@ -1,79 +1,60 @@
-"""Streaming paired image-caption samples out of tar shards, skipping and counting bad data.
+"""Reading paired image-caption shards: a ``webdataset`` pipeline with a few stages of our own.
 
-Why our own reader on Python's ``tarfile`` rather than ``webdataset.WebDataset``: the guarantees we need
-are per sample and per shard at once. webdataset's handlers act per pipeline stage, so an exception in
-the tar iterator ends the shard without telling the truncated sample from the good ones before it, a
-silently cut archive (cut on a header boundary) is indistinguishable from a complete one, and decoding
-errors surface as exceptions without a reason to count. Reading with ``tarfile`` in stream mode (``r|*``,
-which also reads gzip'd tars and pipes) lets us
+The pipeline (``paired_pipeline``): shard list (``webdataset.SimpleShardList``, or ``webdataset.ResampledShards``
+for resampled epochs) -> per-epoch shard shuffle (``webdataset.shuffle``) -> our split stage (``split.py``'s one
+rule) -> our shard reader -> sample shuffle buffer (``webdataset.shuffle``) -> our decoder -> transforms. Shards
+open through ``webdataset.gopen`` (local paths, ``file:``, ``http(s)://`` via curl, and every scheme gopen knows),
+except ``pipe:`` commands, which we start ourselves (see ``_Source``).
 
-* deliver every complete sample that precedes a truncation, and drop only the sample whose member was cut;
-* tell a complete archive (it ends with the zero-block end marker) from one that just stops;
-* decode image, caption and meta ourselves and count each failure by reason.
+Ours, because webdataset cannot do it:
 
-Uncompressed ustar/pax/GNU tars (what img2dataset and webdataset write) are read by a small header parser of
-our own (``_members_ustar``) instead, with the same members and the same problems by reason (tested against
-``tarfile`` on archives cut at every byte and corrupted at many): ``tarfile`` spent a fifth of the time of
-reading and decoding a 224-px JPEG sample on parsing headers. Everything else goes to ``tarfile``.
+* the reader, on ``tarfile`` in stream mode: it delivers every complete sample before a truncation and marks the
+  sample whose member was cut, and it tells a complete archive (zero-block end marker) from one that just stops
+  (webdataset ends such a shard silently, or with an exception that loses which samples were good);
+* decoding with each failure counted by reason (``SkipStats``), where webdataset's handlers only skip or raise;
+* a ``pipe:`` command that exits non-zero is reported, and one stopped early is killed with its whole process group
+  (webdataset's ``Pipe`` waits for the command to finish, up to two hours);
+* the exactly-once "sample" split when there are fewer shards than consumers.
 
-Skip reasons (``SkipStats.skipped`` keys): per sample ``missing_image``, ``undecodable_image``,
-``missing_caption``, ``undecodable_caption``, ``empty_caption``, ``undecodable_meta``,
-``truncated_sample``; per shard ``unreadable_shard`` (cannot be opened, or is not a tar),
-``truncated_shard`` (ends before its end marker), ``pipe_failed`` (a ``pipe:`` command exited non-zero).
-
-Splitting across DataLoader workers and torch.distributed ranks -- the rule implemented:
-
-* consumers = (world_size if split_by_node else 1) x (num_workers if split_by_worker else 1), and
-  consumer index = rank x num_workers + worker_id. Every consumer sees the same shard order.
-* ``split="shard"``: consumer c reads shards c, c + consumers, c + 2 x consumers, ... The union is the
-  dataset exactly once, always; per-consumer counts are equal only when the shards hold equal numbers of
-  samples and their number is a multiple of consumers.
-* ``split="sample"``: every consumer reads every shard and keeps the samples whose running position
-  (over raw samples, good or bad, in the common shard order) is c modulo consumers. Exactly once as
-  well, counts differ by at most one, at the price of each consumer reading all bytes.
-* ``split="auto"`` (default): "shard" when there are at least as many shards as consumers, else
-  "sample", so no consumer sits idle and nothing is dropped or duplicated.
-
-Shard-level problems are counted by one consumer only (the one that owns the shard by the shard rule), so
-merged statistics count each problem once. With DataLoader workers, each worker process updates its own
-copy of ``stats``; the parent's copy sees the counts only with ``num_workers=0`` (as ``scan`` does).
+Skip reasons (``SkipStats.skipped`` keys): per sample ``missing_image``, ``undecodable_image``, ``missing_caption``,
+``undecodable_caption``, ``empty_caption``, ``undecodable_meta``, ``truncated_sample``; per shard
+``unreadable_shard`` (cannot be opened, or is not a tar), ``truncated_shard`` (ends before its end marker),
+``pipe_failed`` (a ``pipe:`` or download command exited non-zero). With DataLoader workers each worker counts in
+its own copy of the stats; ``batches.BatchLoader`` carries the workers' counts to the main process with the batches.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
-import re
+import random
 import signal
 import subprocess
 import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
-import numpy as np
 import torch
+import webdataset as wds
+from webdataset.gopen import Pipe, gopen
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
+from webdataset.tariterators import base_plus_ext
 
 from prh_stitch.data.shards import expand_urls, keys_digest
-from prh_stitch.distributed import rank_world
+from prh_stitch.data.split import SPLIT_MODES, current_consumer, owner, split_mode
 
 logger = logging.getLogger("prh_stitch.data")
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-SAMPLE_REASONS = (
-    "truncated_sample", "missing_image", "missing_caption", "undecodable_caption",
-    "empty_caption", "undecodable_meta", "undecodable_image",
-)
-SHARD_REASONS = ("unreadable_shard", "truncated_shard", "pipe_failed")
-SPLIT_MODES = ("auto", "shard", "sample")
-# The webdataset grouping rule: the key is everything before the first dot of the last path component.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-_PIPE_DRAIN_CHUNK = 1 << 16
+PROBLEM = "__problem__"  # key of a shard-level problem record in the stream of raw samples
+TRUNCATED = "__truncated__"  # set on a raw sample one of whose members was cut off
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)  # what cut or corrupt archives raise
 
 
 @dataclass
@@ -87,7 +68,7 @@ class SkipStats:
     def _shard(self, url: str) -> Dict[str, Any]:
         return self.shards.setdefault(url, {"good": 0, "skipped": Counter()})
 
-    def shard_opened(self, url: str) -> None:
+    def opened(self, url: str) -> None:
         self._shard(url)
 
     def add_good(self, url: str) -> None:
@@ -102,13 +83,6 @@ class SkipStats:
     def shards_read(self) -> int:
         return len(self.shards)
 
-    @property
-    def total_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    def copy(self) -> "SkipStats":
-        return SkipStats().merge(self)
-
     def merge(self, other: "SkipStats") -> "SkipStats":
         self.good += other.good
         self.skipped.update(other.skipped)
@@ -118,41 +92,28 @@ class SkipStats:
             mine["skipped"].update(counts["skipped"])
         return self
 
+    def take(self) -> "SkipStats":
+        """The counts so far, which are then reset (how a worker hands its counts on with each batch)."""
+        taken = SkipStats(self.good, self.skipped, self.shards)
+        self.good, self.skipped, self.shards = 0, Counter(), {}
+        return taken
+
     def as_dict(self) -> Dict[str, Any]:
         return {
             "good": self.good,
             "skipped": dict(sorted(self.skipped.items())),
             "shards_read": self.shards_read,
-            "shards": [
-                {"url": url, "good": c["good"], "skipped": dict(sorted(c["skipped"].items()))}
-                for url, c in sorted(self.shards.items())
-            ],
+            "shards": [{"url": url, "good": c["good"], "skipped": dict(sorted(c["skipped"].items()))}
+                       for url, c in sorted(self.shards.items())],
         }
 
 
-@dataclass
-class _RawSample:
-    """The undecoded members of one key, as read from a shard."""
-
-    key: str
-    url: str
-    files: Dict[str, bytes]
-    truncated: bool = False  # one of its members was cut off by the end of the data
-
-
-@dataclass
-class _ShardProblem:
-    url: str
-    reason: str
-    detail: str
+# -- opening and reading one shard ---------------------------------------------------------------------
 
 
 class _EndMarkerTarInfo(tarfile.TarInfo):
-    """Records on the TarFile whether the archive ended with its zero-block end marker.
-
-    ``TarFile.next()`` returns None both for a proper end marker and for data that just stops on a
-    header boundary; only the header parser knows which, so we note it where it is decided.
-    """
+    """Notes on the TarFile whether the archive ended with its end marker: ``TarFile.next()`` returns None both
+    for a proper end marker and for data that stops on a header boundary; only the header parser knows which."""
 
     @classmethod
     def fromtarfile(cls, tar):
@@ -163,306 +124,214 @@ class _EndMarkerTarInfo(tarfile.TarInfo):
             raise
 
 
-def _split_name(name: str) -> Tuple[Optional[str], Optional[str]]:
-    match = _KEY_EXT.match(name)
-    if not match:
-        return None, None
-    return match.group(1), match.group(2).lower()
+def _problem(url: str, reason: str, detail: str) -> Dict[str, Any]:
+    return {PROBLEM: reason, "detail": detail, "__url__": url}
 
 
-# tarfile, gzip (via tarfile's _Stream) and the OS report cut or corrupt archives with these.
-_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
-
-
-_Member = Tuple[str, Optional[bytes]]  # (member name, its bytes; None when the data stops inside it)
-
-
-def _members_tarfile(url: str, stream) -> Iterator[Union[_Member, _ShardProblem]]:
-    """Regular members of any tar ``tarfile`` reads in stream mode (gzip/bzip2/xz too); problems last."""
+def _members(url: str, stream) -> Iterator[Any]:
+    """``(name, bytes)`` of each regular member (bytes None when the data stops inside it); a problem last."""
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndMarkerTarInfo)
     except _TAR_ERRORS as exc:
-        yield _ShardProblem(url, "unreadable_shard", f"not a readable tar: {exc}")
+        yield _problem(url, "unreadable_shard", f"not a readable tar: {exc}")
         return
     while True:
         try:
             info = tar.next()
         except _TAR_ERRORS as exc:
-            yield _ShardProblem(url, "truncated_shard", f"archive cut or corrupt: {exc}")
+            yield _problem(url, "truncated_shard", f"archive cut or corrupt: {exc}")
             return
         if info is None:
             if not getattr(tar, "prh_saw_end_marker", False):
-                yield _ShardProblem(url, "truncated_shard", "archive stops without its end marker")
+                yield _problem(url, "truncated_shard", "archive stops without its end marker")
             return
-        tar.members = []  # stream mode remembers every header otherwise; memory would grow with the shard
-        if not info.isreg():
-            continue
-        try:
-            data = tar.extractfile(info).read()
-        except _TAR_ERRORS as exc:
-            yield info.name, None
-            yield _ShardProblem(url, "truncated_shard", f"member {info.name} cut off: {exc}")
-            return
-        yield info.name, data
-
-
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-_REGULAR = (b"0", b"\0", b"7")
-
-
-def _octal(field: bytes) -> int:
-    """A numeric header field: NUL/space-padded octal, or GNU base-256 (first byte 0x80 or 0xff)."""
-    if field[0] in (0o200, 0o377):
-        value = int.from_bytes(field[1:], "big")
-        return value - 256 ** (len(field) - 1) if field[0] == 0o377 else value
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text or b"0", 8)  # ValueError on garbage
-
-
-def _checksum_ok(header: bytes) -> bool:
-    try:
-        stored = _octal(header[148:156])
-    except ValueError:
-        return False
-    unsigned = 256 + sum(header) - sum(header[148:156])
-    if stored == unsigned:
-        return True
-    signed = 256 + sum(b - 256 if b > 127 else b for i, b in enumerate(header) if not 148 <= i < 156)
-    return stored == signed  # some old writers summed signed chars
-
-
-def _pax_records(data: bytes) -> Dict[str, str]:
-    """``"LEN key=value\n"`` records of a pax extended header (only ``path`` and ``size`` matter here)."""
-    records, position = {}, 0
-    while position < len(data):
-        space = data.index(b" ", position)
-        length = int(data[position:space])
-        key, _, value = data[space + 1:position + length - 1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        position += length
-    return records
-
-
-def _members_ustar(url: str, stream, first: bytes) -> Iterator[Union[_Member, _ShardProblem]]:
-    """Regular members of an uncompressed ustar/pax/GNU tar whose first header block is ``first``.
-
-    The same members, and the same problems (by reason), as ``_members_tarfile`` -- a test checks both on
-    archives cut at every offset -- at a twentieth of the cost: ``tarfile`` parses every field of every
-    header in Python, about 25 us a member, which was a fifth of reading and decoding a 224-px JPEG sample.
-    """
-    header, offset, overrides = first, 0, {}
-    while True:
-        if len(header) < _BLOCK:
-            what = "archive stops without its end marker" if not header else f"header at byte {offset} cut off"
-            yield _ShardProblem(url, "unreadable_shard" if offset == 0 else "truncated_shard", what)
-            return
-        if header == _ZERO_BLOCK:
-            return  # the end marker
-        try:
-            if not _checksum_ok(header):
-                raise ValueError("bad header checksum")
-            size = _octal(header[124:136])
-            if size < 0:
-                raise ValueError("negative member size")
-        except ValueError as exc:
-            if offset == 0:
-                yield _ShardProblem(url, "unreadable_shard", f"not a readable tar: {exc}")
-            else:
-                yield _ShardProblem(url, "truncated_shard", f"archive cut or corrupt: {exc} at byte {offset}")
-            return
-        kind = header[156:157]
-        name = header[:100].split(b"\0", 1)[0]
-        prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" and header[263:265] == b"00" else b""
-        name = (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape")
-        name = overrides.pop("path", name)
-        size = int(overrides.pop("size", size)) if kind not in (b"x", b"g", b"L", b"K") else size
-        data = stream.read(size) if size else b""
-        offset += _BLOCK + size
-        if len(data) < size:
-            if kind in _REGULAR:
-                yield name, None
-                yield _ShardProblem(url, "truncated_shard", f"member {name} cut off")
-            else:
-                yield _ShardProblem(url, "truncated_shard", f"archive cut or corrupt: header data at byte {offset} cut off")
-            return
-        padding = -size % _BLOCK
-        if padding:
-            stream.read(padding)  # a short read here shows up as a short header next
-            offset += padding
-        if kind == b"x":
+        tar.members = []  # stream mode remembers every header otherwise: memory would grow with the shard
+        if info.isreg():
             try:
-                overrides = _pax_records(data)
-            except ValueError as exc:
-                yield _ShardProblem(url, "truncated_shard", f"archive cut or corrupt: bad pax header ({exc})")
+                yield info.name, tar.extractfile(info).read()
+            except _TAR_ERRORS as exc:
+                yield info.name, None
+                yield _problem(url, "truncated_shard", f"member {info.name} cut off: {exc}")
                 return
-        elif kind == b"L":
-            overrides = {"path": data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")}
-        elif kind in _REGULAR:
-            yield name, data
-        if kind not in (b"x", b"L"):
-            overrides = {} if kind != b"g" else overrides
-        header = stream.read(_BLOCK)
 
 
-class _Prepended(io.RawIOBase):
-    """``stream`` with bytes already read from it put back in front (for tarfile's format detection)."""
+def tar_samples(url: str, stream) -> Iterator[Dict[str, Any]]:
+    """webdataset-style raw samples (``__key__``, ``__url__``, one bytes value per extension) of an open tar.
 
-    def __init__(self, head: bytes, stream) -> None:
-        super().__init__()
-        self.head, self.stream = head, stream
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(size)
-        if size is None or size < 0:
-            out, self.head = self.head + self.stream.read(), b""
-            return out
-        out, self.head = self.head[:size], self.head[size:]
-        if len(out) < size:
-            out += self.stream.read(size - len(out))
-        return out
-
-
-def _members(url: str, stream) -> Iterator[Union[_Member, _ShardProblem]]:
-    """Uncompressed ustar/pax/GNU tars (what img2dataset and webdataset write) by the fast reader; anything
-    else (gzip'd, bzip2'd, old v7 tars, not a tar at all) by ``tarfile``."""
-    try:
-        head = stream.read(_BLOCK)
-    except _TAR_ERRORS as exc:
-        yield _ShardProblem(url, "unreadable_shard", f"not a readable tar: {exc}")
-        return
-    if len(head) == _BLOCK and head[257:262] == b"ustar":
-        yield from _members_ustar(url, stream, head)
-    else:
-        yield from _members_tarfile(url, _Prepended(head, stream))
-
-
-def _read_tar(url: str, stream, members: Callable = _members) -> Iterator[Union[_RawSample, _ShardProblem]]:
-    """Samples of one opened tar stream in order; a final _ShardProblem if it is unreadable or cut."""
-    key: Optional[str] = None
-    files: Dict[str, bytes] = {}
-    cut = False
-    problem: Optional[_ShardProblem] = None
-    for item in members(url, stream):
-        if isinstance(item, _ShardProblem):
-            problem = item
-            break
-        name, data = item
-        member_key, ext = _split_name(name)
-        if member_key is None or member_key.startswith("__"):
-            continue  # no extension, or webdataset's __meta__ members (cut or not: the problem follows)
-        if member_key != key:
-            if key is not None:
-                yield _RawSample(key, url, files)
-            key, files = member_key, {}
-        if data is None:
-            cut = True
+    Members group by webdataset's rule (``base_plus_ext``); ``__meta__`` members are skipped; a repeated extension
+    keeps its first member. A sample with a cut member gets ``__truncated__``; a shard problem comes last.
+    """
+    sample: Optional[Dict[str, Any]] = None
+    for item in _members(url, stream):
+        if isinstance(item, dict):
+            if sample is not None:
+                yield sample
+            yield item
+            return
+        key, ext = base_plus_ext(item[0])
+        if key is None or key.startswith("__"):
             continue
-        files.setdefault(ext, data)  # a repeated extension keeps the first, like a dict of unique members
-    if key is not None:
-        yield _RawSample(key, url, files, truncated=cut)
-    if problem is not None:
-        yield problem
-
-
-def _read_shard(url: str) -> Iterator[Union[_RawSample, _ShardProblem]]:
-    """Open a local path or a ``pipe:COMMAND`` URL and read it; the pipe's exit status is checked."""
-    process = None
-    try:
-        if url.startswith("pipe:"):
-            # Own process group, so stopping early can end the whole pipeline, not only the shell.
-            process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, start_new_session=True)
-            stream = process.stdout
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        if item[1] is None:
+            sample[TRUNCATED] = True
         else:
-            stream = open(url, "rb")
-    except OSError as exc:
-        yield _ShardProblem(url, "unreadable_shard", str(exc))
-        return
-    finished = False
-    tar_problem: Optional[_ShardProblem] = None
+            sample.setdefault(ext.lower(), item[1])
+    if sample is not None:
+        yield sample
+
+
+class _Source:
+    """An opened shard: ``pipe:`` commands started by us in their own process group; the rest by gopen."""
+
+    def __init__(self, url: str) -> None:
+        self.process, self.own_group = None, url.startswith("pipe:")
+        if self.own_group:
+            self.process = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+            self.stream = self.process.stdout
+        else:
+            opened = self.pipe = gopen(url)  # kept: the Pipe closes its stream when it is collected
+            if isinstance(opened, Pipe):  # a download command (curl for http(s)://): we check its status
+                self.process, self.stream = opened.proc, opened.stream
+            else:
+                self.stream = opened
+
+    def close(self, finished: bool) -> int:
+        """Close; a command is drained if read to the end, else killed. Returns its exit status (0 for files)."""
+        if self.process is None:
+            self.stream.close()
+            return 0
+        if finished:
+            while self.stream.read(1 << 16):  # trailing padding: so the command is not killed by SIGPIPE
+                pass
+        else:
+            try:  # the whole group of a pipe: command (a shell's children too); gopen's command alone
+                os.killpg(self.process.pid, signal.SIGKILL) if self.own_group else self.process.kill()
+            except ProcessLookupError:
+                pass  # already gone
+        self.stream.close()
+        status = self.process.wait()  # reaped either way
+        return status if finished else 0
+
+
+def read_shard(url: str) -> Iterator[Dict[str, Any]]:
+    """Raw samples of one shard, then a problem record if it is unreadable, cut, or its command failed."""
     try:
-        for item in _read_tar(url, stream):
-            if isinstance(item, _ShardProblem):
-                tar_problem = item
+        source = _Source(url)
+    except (OSError, ValueError) as exc:
+        yield _problem(url, "unreadable_shard", str(exc))
+        return
+    problem, finished = None, False
+    try:
+        for item in tar_samples(url, source.stream):
+            if PROBLEM in item:
+                problem = item
             else:
                 yield item
         finished = True
     finally:
-        if process is None:
-            stream.close()
-        elif finished:
-            # Read to the end so the command is not killed by SIGPIPE on trailing padding.
-            while stream.read(_PIPE_DRAIN_CHUNK):
-                pass
-            stream.close()
-            process.wait()
-        else:  # the consumer stopped early: stop the command too
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # already gone
-            stream.close()
-            process.wait()
-    if process is not None and process.returncode != 0:
-        detail = f"command exited with status {process.returncode}"
-        if tar_problem is not None:
-            detail += f"; {tar_problem.detail}"
-        tar_problem = _ShardProblem(url, "pipe_failed", detail)
-    if tar_problem is not None:
-        yield tar_problem
+        status = source.close(finished)
+    if status != 0:
+        detail = f"command exited with status {status}" + (f"; {problem['detail']}" if problem else "")
+        problem = _problem(url, "pipe_failed", detail)
+    if problem is not None:
+        yield problem
 
 
-def _decode(
-    raw: _RawSample, image_mode: Optional[str]
-) -> Tuple[Optional[Dict[str, Any]], Optional[str], str]:
-    """``(sample, None, "")`` for a good sample, ``(None, reason, detail)`` for a bad one."""
-    if raw.truncated:
-        return None, "truncated_sample", "a member was cut off by the end of the shard"
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw.files), None)
+# -- decoding --------------------------------------------------------------------------------------------
+
+
+def decode_sample(raw: Dict[str, Any], image_mode: Optional[str]) -> Dict[str, Any]:
+    """``{key, image, caption, meta, url}`` of a raw sample; ``{"skip": reason, "detail": ...}`` when it is bad."""
+    def bad(reason: str, detail: str) -> Dict[str, Any]:
+        return {"skip": reason, "detail": detail}
+
+    if raw.get(TRUNCATED):
+        return bad("truncated_sample", "a member was cut off by the end of the shard")
+    members = sorted(k for k in raw if not k.startswith("__"))
+    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_ext is None:
-        return None, "missing_image", f"no image member ({'/'.join(IMAGE_EXTENSIONS)}); found {sorted(raw.files)}"
-    if "txt" not in raw.files:
-        return None, "missing_caption", f"no .txt member; found {sorted(raw.files)}"
+        return bad("missing_image", f"no image member ({'/'.join(IMAGE_EXTENSIONS)}); found {members}")
+    if "txt" not in raw:
+        return bad("missing_caption", f"no .txt member; found {members}")
     try:
-        caption = raw.files["txt"].decode("utf-8").strip()
+        caption = raw["txt"].decode("utf-8").strip()
     except UnicodeDecodeError as exc:
-        return None, "undecodable_caption", str(exc)
+        return bad("undecodable_caption", str(exc))
     if not caption:
-        return None, "empty_caption", "caption is empty or whitespace"
-    meta: Dict[str, Any] = {}
-    if "json" in raw.files:
+        return bad("empty_caption", "caption is empty or whitespace")
+    meta: Any = {}
+    if "json" in raw:
         try:
-            meta = json.loads(raw.files["json"].decode("utf-8"))
+            meta = json.loads(raw["json"].decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            return None, "undecodable_meta", str(exc)
+            return bad("undecodable_meta", str(exc))
         if not isinstance(meta, dict):
-            return None, "undecodable_meta", f"meta is a JSON {type(meta).__name__}, not an object"
+            return bad("undecodable_meta", f"meta is a JSON {type(meta).__name__}, not an object")
     try:
-        # Not a ``with`` block: closing would discard the decoded pixels and force a copy. load() lets go of
-        # the in-memory file once a single-frame image is decoded.
-        image = Image.open(io.BytesIO(raw.files[image_ext]))
-        image.load()  # decode all pixels now: a truncated or garbage file fails here, not in a transform
+        image = Image.open(io.BytesIO(raw[image_ext]))
+        image.load()  # all pixels now: a truncated or garbage file fails here, not in a transform
         if image_mode and image.mode != image_mode:
             image = image.convert(image_mode)
-    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types (OSError, SyntaxError, ValueError, struct.error...) on garbage
-        return None, "undecodable_image", f"{type(exc).__name__}: {exc}"
-    return {"key": raw.key, "image": image, "caption": caption, "meta": meta, "url": raw.url}, None, ""
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types (OSError, SyntaxError, ValueError...)
+        return bad("undecodable_image", f"{type(exc).__name__}: {exc}")
+    return {"key": raw["__key__"], "image": image, "caption": caption, "meta": meta, "url": raw["__url__"]}
 
 
-class PairedShards(IterableDataset):
+def decoded(raw_samples: Iterable[Dict[str, Any]], stats: SkipStats, image_mode: Optional[str]) -> Iterator[Dict[str, Any]]:
+    """The decoding stage: good samples on, bad ones counted by reason and logged once at WARNING."""
+    for raw in raw_samples:
+        sample = decode_sample(raw, image_mode)
+        if "skip" in sample:
+            stats.add_skip(raw["__url__"], sample["skip"])
+            logger.warning("skipping sample %r in %s: %s (%s)", raw["__key__"], raw["__url__"], sample["skip"], sample["detail"])
+            continue
+        stats.add_good(sample["url"])
+        yield sample
+
+
+def count_problem(problem: Dict[str, Any], stats: SkipStats) -> None:
+    stats.add_skip(problem["__url__"], problem[PROBLEM])
+    logger.warning("shard %s: %s (%s)", problem["__url__"], problem[PROBLEM], problem["detail"])
+
+
+# -- the pipeline ----------------------------------------------------------------------------------------
+
+
+class _Stage(wds.PipelineStage):
+    """A stage built when a pass starts (``build()`` returns a filter), so it sees the epoch and the worker."""
+
+    def __init__(self, build: Callable[[], Callable[[Iterable], Iterator]]) -> None:
+        self.build = build
+
+    def run(self, src: Iterable) -> Iterator:
+        return self.build()(src)
+
+
+class _EpochResampled(wds.ResampledShards):
+    """webdataset's shards drawn with replacement, seeded by (seed, our epoch, consumer) instead of its own count."""
+
+    def __init__(self, urls: List[str], seed: int, epoch: Callable[[], int], consumer: Callable[[], int]) -> None:
+        super().__init__(urls, seed=seed, worker_seed=consumer, deterministic=True)
+        self.epoch_of = epoch
+
+    def __iter__(self):
+        self.epoch = self.epoch_of() - 1  # the parent adds one
+        return super().__iter__()
+
+
+class PairedShards(wds.DataPipeline):
     """Paired image-caption samples streamed from shards: dicts ``{key, image, caption, meta, url}``.
 
-    ``urls`` is anything ``expand_urls`` accepts (checked here, so a bad pattern fails at construction).
-    ``shuffle_buffer > 0`` shuffles the shard order per epoch and samples through a buffer of that many
-    undecoded samples; the order is a function of ``seed``, ``set_epoch(epoch)`` and the consumer, so a
-    run is reproducible. ``rank`` / ``world_size`` override torch.distributed (tests, custom launchers).
-    ``image_mode`` converts decoded images (``"RGB"`` by default; None keeps the stored mode). Bad samples
-    and shards are skipped, counted in ``stats`` (``self.stats``) and logged once each at WARNING.
-    See the module docstring for the splitting rule (``split``).
+    ``urls``: anything ``expand_urls`` accepts (checked here). ``shuffle_buffer > 0`` shuffles the shard order per
+    epoch and the samples through a buffer of that many; the order is a function of ``seed``, ``set_epoch`` and the
+    consumer. ``split``: see ``split.py``; ``rank``/``world_size`` override torch.distributed. ``resampled``: shards
+    drawn with replacement by each consumer, ``epoch_length`` samples per epoch over all ranks (each rank
+    ``epoch_length // world``, spread over its workers as evenly as possible, so every rank gets as many batches).
+    ``image_mode`` converts decoded images (None keeps the stored mode). Bad samples and shards are skipped and
+    counted in ``stats``.
     """
 
     def __init__(
@@ -479,8 +348,9 @@ class PairedShards(IterableDataset):
         world_size: Optional[int] = None,
         split: str = "auto",
         image_mode: Optional[str] = "RGB",
+        resampled: bool = False,
+        epoch_length: Optional[int] = None,
     ) -> None:
-        super().__init__()
         if split not in SPLIT_MODES:
             raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
         if shuffle_buffer < 0:
@@ -489,125 +359,115 @@ class PairedShards(IterableDataset):
             raise ValueError("pass rank and world_size together (or neither, to use torch.distributed)")
         if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        if resampled and (epoch_length is None or epoch_length < 1):
+            raise ValueError(f"resampled streams need epoch_length >= 1 (samples per epoch), got {epoch_length}")
         self.urls: List[str] = expand_urls(urls)
-        self.image_transform = image_transform
-        self.caption_transform = caption_transform
-        self.shuffle_buffer = shuffle_buffer
-        self.seed = seed
-        self.split_by_node = split_by_node
-        self.split_by_worker = split_by_worker
         self.stats = stats if stats is not None else SkipStats()
-        self.rank = rank
-        self.world_size = world_size
-        self.split = split
-        self.image_mode = image_mode
-        # In shared memory, so DataLoader workers that outlive an epoch (persistent_workers=True) read the
-        # epoch the main process sets, instead of the one in the copy of the dataset they started with.
+        self.seed, self.split, self.image_mode = seed, split, image_mode
+        self.split_by_node, self.split_by_worker, self.rank, self.world_size = split_by_node, split_by_worker, rank, world_size
+        self.epoch_length = epoch_length
+        # In shared memory, so DataLoader workers that outlive an epoch (persistent_workers=True) read the epoch the
+        # main process sets, not the one in the copy of the dataset they started with.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        shuffle = shuffle_buffer > 0
+        if resampled:
+            stages = [_EpochResampled(self.urls, seed, lambda: self.epoch, lambda: self.consumer()[0]),
+                      self._read_resampled]
+        else:
+            stages = [wds.SimpleShardList(self.urls),
+                      _Stage(lambda: wds.shuffle(len(self.urls), len(self.urls), rng=self._rng()) if shuffle else _same),
+                      self._read_split]
+        stages.append(_Stage(lambda: wds.shuffle(shuffle_buffer, shuffle_buffer, rng=self._rng(True)) if shuffle else _same))
+        stages.append(lambda raw: decoded(raw, self.stats, image_mode))
+        if image_transform is not None or caption_transform is not None:
+            stages.append(wds.map(lambda s: dict(s, image=(image_transform or _same)(s["image"]),
+                                                 caption=(caption_transform or _same)(s["caption"]))))
+        if resampled:
+            stages.append(lambda samples: itertools.islice(samples, self.quota()))
+        super().__init__(*stages)
 
     @property
     def epoch(self) -> int:
         return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Change the shuffle of the next pass (call it before the pass's DataLoader iterator is created)."""
+        """Change the shuffle of the next pass (before the pass's DataLoader iterator is created)."""
         self._epoch.fill_(int(epoch))
 
-    def consumer(self) -> Tuple[int, int]:
-        """``(index, count)`` of this reader among all ranks x workers that split the data."""
-        if self.split_by_node:
-            rank, world = (self.rank, self.world_size) if self.rank is not None else rank_world()
-        else:
-            rank, world = 0, 1
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if (info is not None and self.split_by_worker) else (0, 1)
-        return rank * workers + worker, world * workers
+    def consumer(self):
+        return current_consumer(self.split_by_node, self.split_by_worker, self.rank, self.world_size)
 
-    def split_mode(self, consumers: int) -> str:
-        if self.split != "auto":
-            return self.split
-        return "shard" if len(self.urls) >= consumers else "sample"
+    def _rng(self, per_consumer: bool = False) -> random.Random:
+        # The shard order must be the same on every consumer (the split relies on it); the sample buffer need not.
+        return random.Random(str((self.seed, self.epoch, self.consumer() if per_consumer else None)))
 
-    def shard_order(self) -> List[str]:
-        """The shard order of this epoch; identical on every consumer, which the split rule relies on."""
-        if self.shuffle_buffer <= 0:
-            return list(self.urls)
-        permutation = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.urls))
-        return [self.urls[i] for i in permutation]
-
-    def _raw_samples(self) -> Iterator[_RawSample]:
-        """This consumer's share of undecoded samples; shard problems are counted here."""
+    def quota(self) -> int:
+        """Resampled: this consumer's samples per epoch (its rank's share, spread over the rank's workers)."""
         index, count = self.consumer()
-        order = self.shard_order()
-        mode = self.split_mode(count)
-        position = 0  # running sample position over all shards, for the "sample" rule
+        info = get_worker_info() if self.split_by_worker else None
+        workers = info.num_workers if info is not None else 1
+        per_rank = self.epoch_length // (count // workers)
+        worker = index % workers
+        return per_rank // workers + (1 if worker < per_rank % workers else 0)
+
+    def batches_per_rank(self, batch_size: int, num_workers: int) -> int:
+        """Resampled: batches one rank yields per epoch when each worker batches its own quota."""
+        _, world = current_consumer(self.split_by_node, False, self.rank, self.world_size)
+        workers, per_rank = max(1, num_workers), self.epoch_length // world
+        return sum(-(-(per_rank // workers + (w < per_rank % workers)) // batch_size) for w in range(workers))
+
+    def _read_split(self, shards: Iterable[Dict[str, str]]) -> Iterator[Dict[str, Any]]:
+        """Reads this consumer's share by the one split rule; counts shard problems the shard's owner sees."""
+        index, count = self.consumer()
+        order = [shard["url"] for shard in shards]
+        by_shard = split_mode(self.split, len(order), count) == "shard"
+        position = 0  # raw samples so far in the common order, for the "sample" split
         for shard_position, url in enumerate(order):
-            owns_shard = shard_position % count == index
-            if mode == "shard" and not owns_shard:
+            owns = owner(shard_position, count) == index
+            if by_shard and not owns:
                 continue
-            self.stats.shard_opened(url)
-            for item in _read_shard(url):
-                if isinstance(item, _ShardProblem):
-                    if owns_shard:
-                        self.stats.add_skip(url, item.reason)
-                        logger.warning("shard %s: %s (%s)", url, item.reason, item.detail)
+            self.stats.opened(url)
+            for item in read_shard(url):
+                if PROBLEM in item:
+                    if owns:
+                        count_problem(item, self.stats)
                     continue
-                mine = mode == "shard" or position % count == index
                 position += 1
-                if mine:
+                if by_shard or owner(position - 1, count) == index:
                     yield item
 
-    def _shuffled(self, raw: Iterator[_RawSample]) -> Iterator[_RawSample]:
-        if self.shuffle_buffer <= 0:
-            yield from raw
-            return
-        index, count = self.consumer()
-        rng = np.random.default_rng([self.seed, self.epoch, index, count])
-        buffer: List[_RawSample] = []
-        for item in raw:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            slot = int(rng.integers(len(buffer)))
-            buffer[slot], item = item, buffer[slot]
-            yield item
-        for slot in rng.permutation(len(buffer)):
-            yield buffer[slot]
+    def _read_resampled(self, shards: Iterable[Dict[str, str]]) -> Iterator[Dict[str, Any]]:
+        barren = 0  # draws in a row that gave no sample at all
+        for shard in shards:
+            delivered = False
+            self.stats.opened(shard["url"])
+            for item in read_shard(shard["url"]):
+                if PROBLEM in item:
+                    count_problem(item, self.stats)
+                    continue
+                delivered = True
+                yield item
+            barren = 0 if delivered else barren + 1
+            if barren >= 3 * len(self.urls) + 10:
+                raise ValueError(f"{barren} shard draws in a row gave no sample from {len(self.urls)} shard(s) "
+                                 f"({self.urls[0]} ...); check them with: python -m prh_stitch.data check \"PATTERN\"")
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
-        good_before, skipped_before = self.stats.good, self.stats.total_skipped
-        for raw in self._shuffled(self._raw_samples()):
-            sample, reason, detail = _decode(raw, self.image_mode)
-            if sample is None:
-                self.stats.add_skip(raw.url, reason)  # type: ignore[arg-type]
-                logger.warning("skipping sample %r in %s: %s (%s)", raw.key, raw.url, reason, detail)
-                continue
-            self.stats.add_good(raw.url)
-            if self.image_transform is not None:
-                sample["image"] = self.image_transform(sample["image"])
-            if self.caption_transform is not None:
-                sample["caption"] = self.caption_transform(sample["caption"])
-            yield sample
-        index, count = self.consumer()
-        logger.info(
-            "consumer %d/%d finished a pass: %d good, %d skipped",
-            index, count, self.stats.good - good_before, self.stats.total_skipped - skipped_before,
-        )
+
+def _same(x):
+    return x
 
 
 def scan(urls: str | Sequence[str]) -> Dict[str, Any]:
     """Read and decode every sample once; report counts, skips by reason, shards and the key hash.
 
-    ``keys_sha256`` hashes the sorted good keys the same way the writer's manifest does, so a scan of
-    intact shards reproduces the manifest's value. ``duplicate_keys`` counts keys seen more than once.
+    ``keys_sha256`` hashes the sorted good keys as the writer's manifest does, so a scan of intact shards
+    reproduces the manifest's value; ``duplicate_keys`` counts keys seen more than once.
     """
-    dataset = PairedShards(urls, split_by_worker=False, split_by_node=False, image_mode=None)
-    keys: List[str] = []
+    dataset = PairedShards(urls, split_by_worker=False, image_mode=None)
+    keys = []
     for sample in dataset:
         keys.append(sample["key"])
         sample["image"].close()
     report = dataset.stats.as_dict()
-    report["num_shards"] = len(dataset.urls)
-    report["duplicate_keys"] = len(keys) - len(set(keys))
-    report["keys_sha256"] = keys_digest(keys)
+    report.update(num_shards=len(dataset.urls), duplicate_keys=len(keys) - len(set(keys)), keys_sha256=keys_digest(keys))
     return report
