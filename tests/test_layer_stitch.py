@@ -453,3 +453,48 @@ def test_layer_sweep_trains_every_cell_and_refuses_empty_layer_lists(tmp_path):
     assert not list(tmp_path.glob("*.json"))  # out=None writes nothing
     with pytest.raises(ValueError, match="give at least one layer of each model to sweep"):
         layer_sweep("tiny_resnet", "tiny_resnet", [], ["layer1"], out=None)
+
+
+def test_sweep_keeps_lightnings_banner_out_and_restores_the_log_levels(tmp_path, caplog):
+    import logging
+
+    lightning_log = logging.getLogger("pytorch_lightning")
+    previous, fabric = lightning_log.level, logging.getLogger("lightning_fabric").level
+    lightning_log.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO):
+            _trainer(1)  # a plain Trainer announces the hardware: the check below can see it
+            assert any("GPU available" in r.getMessage() for r in caplog.records)
+            caplog.clear()
+            layer_sweep("tiny_resnet", "tiny_resnet", ["pre_logits"], ["pre_logits"], epochs=0, n_train=8, n_val=8,
+                        image_size=32, cache_dir=str(tmp_path), out=None)
+            assert not any("GPU available" in r.getMessage() for r in caplog.records)
+        assert lightning_log.level == logging.INFO
+        assert logging.getLogger("lightning_fabric").level == fabric
+    finally:
+        lightning_log.setLevel(previous)
+
+
+def test_penalty_figure_shows_the_matrix_its_values_and_labels():
+    from prh_stitch.layer_stitch.sweep import penalty_figure
+
+    penalty = [[0.1, 0.5, -0.2], [0.9, 0.0, 0.3]]
+    report = SweepReport("net_a", "net_b", "labels", "accuracy", layers_a=["x", "y"], layers_b=["p", "q", "r"],
+                         score=penalty, penalty=penalty, agreement=penalty)
+    fig = penalty_figure(report)
+    ax = fig.axes[0]
+    image = ax.images[0]
+    np.testing.assert_array_equal(image.get_array(), np.array(penalty))
+    assert image.get_clim() == (-0.2, 0.9) and image.get_cmap().name == "magma_r"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["p", "q", "r"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["x", "y"]
+    assert [(t.get_text(), t.get_position()) for t in ax.texts] == [
+        ("0.10", (0, 0)), ("0.50", (1, 0)), ("-0.20", (2, 0)), ("0.90", (0, 1)), ("0.00", (1, 1)), ("0.30", (2, 1))]
+    # Dark cells (above half the maximum, 0.45) get white text.
+    assert [t.get_color() for t in ax.texts] == ["black", "white", "black", "white", "black", "black"]
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == (
+        "B = net_b (resumes after)", "A = net_a (cut at)", "stitching penalty (accuracy)")
+    assert len(fig.axes) == 2  # the heatmap and its colour bar
+    zeros = SweepReport("a", "b", "soft", "agreement with B", ["x"], ["p"], score=[[1.0]], penalty=[[0.0]],
+                        agreement=[[1.0]])
+    assert penalty_figure(zeros).axes[0].images[0].get_clim() == (0.0, 1e-6)  # a flat matrix still has a range

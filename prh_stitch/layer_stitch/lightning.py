@@ -25,7 +25,7 @@ from prh_stitch.encoders.base import Layer
 from prh_stitch.encoders.timm_backend import TimmEncoder
 from prh_stitch.layer_stitch.data import LayerStitchDataModule
 from prh_stitch.layer_stitch.probe import fit_probe
-from prh_stitch.layer_stitch.stitch_layer import StitchLayer, activation_kind
+from prh_stitch.layer_stitch.stitch_layer import StitchLayer
 from prh_stitch.layer_stitch.surgery import layer_name, require_timm, run_from, run_until
 
 TARGETS = ("soft", "labels")
@@ -111,20 +111,16 @@ class LayerStitchingModule(pl.LightningModule):
             self.b_outputs = {s: self.frozen.probe(features[s].to(device)).cpu() for s in SPLITS}
 
     def _fit_shapes(self, dm: LayerStitchDataModule) -> None:
-        """At the data's resolution the spatial sizes (the resize target) may differ from the probe image's."""
+        """At the data's resolution the spatial sizes (the resize target) may differ from the probe image's; the
+        widths do not (they are the networks' own)."""
         if dm.image_size == self._shapes_at:
             return
         first = torch.arange(1)
         with torch.no_grad():
-            in_shape = tuple(run_until(self.frozen.a, self.layer_a,
-                                       dm.normalised_images(self.frozen.a, "train", first)).shape[1:])
-            out_shape = tuple(run_until(self.frozen.b, self.layer_b,
-                                        dm.normalised_images(self.frozen.b, "train", first)).shape[1:])
-        if in_shape[0] != self.stitch.in_shape[0] or out_shape[0] != self.stitch.out_shape[0] or \
-                activation_kind(in_shape) != self.stitch.kind:
-            raise ValueError(f"at {dm.image_size}px the cut shapes are {in_shape} -> {out_shape}, which the stitching "
-                             f"layer built for {self.stitch.in_shape} -> {self.stitch.out_shape} cannot take")
-        self.stitch.in_shape, self.stitch.out_shape = in_shape, out_shape
+            self.stitch.in_shape = tuple(run_until(self.frozen.a, self.layer_a,
+                                                   dm.normalised_images(self.frozen.a, "train", first)).shape[1:])
+            self.stitch.out_shape = tuple(run_until(self.frozen.b, self.layer_b,
+                                                    dm.normalised_images(self.frozen.b, "train", first)).shape[1:])
         self._shapes_at = dm.image_size
 
     def setup(self, stage: str) -> None:
