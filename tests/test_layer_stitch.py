@@ -219,9 +219,13 @@ def test_cache_computes_once_and_recomputes_damaged_or_foreign_files(tmp_path):
     assert cache.get({"what": "a"}, compute(9.0), torch.float16) is first and calls == [1.5]
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(9.0), torch.float16).tolist() == first.tolist()
     assert calls == [1.5]  # read back from disk
+    assert ActivationCache(tmp_path).get({"what": "a", "n": 1}, compute(7.0), torch.float16).tolist() == [[7.0] * 2] * 3
+    assert ActivationCache(tmp_path).get({"n": 1, "what": "a"}, compute(8.0), torch.float16).tolist() == [[7.0] * 2] * 3
+    assert calls == [1.5, 7.0]  # the same identity written in another key order is the same entry
     path = cache.path({"what": "a"})
     assert path.parent == tmp_path / "layer_stitch" and path.suffix == ".safetensors"
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
+    assert cache.path({"what": "b"}) != path
+    assert len(list(path.parent.iterdir())) == 2 and path.exists()  # no temporary file left behind
 
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # one byte of the tensor changed
@@ -232,7 +236,7 @@ def test_cache_computes_once_and_recomputes_damaged_or_foreign_files(tmp_path):
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(4.0), torch.float16).tolist() == [[4.0, 4.0]] * 3
     path.write_bytes(b"not a safetensors file")
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(5.0), torch.float16).tolist() == [[5.0, 5.0]] * 3
-    assert calls == [1.5, 2.0, 3.0, 4.0, 5.0]
+    assert calls == [1.5, 7.0, 2.0, 3.0, 4.0, 5.0]
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(6.0), torch.float16).tolist() == [[5.0, 5.0]] * 3
 
 

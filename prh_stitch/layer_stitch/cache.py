@@ -29,7 +29,7 @@ def tensor_digest(value: Tensor) -> str:
     """SHA-256 of a tensor's dtype, shape and bytes."""
     value = value.detach().contiguous().cpu()
     h = hashlib.sha256(f"{value.dtype}{tuple(value.shape)}".encode())
-    h.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    h.update(value.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -42,8 +42,12 @@ class ActivationCache:
         self._memo: Dict[str, Tensor] = {}
 
     @staticmethod
-    def key(identity: Dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+    def spec(identity: Dict[str, Any]) -> str:
+        """The identity as canonical JSON (key order does not matter): what the file stores and is checked against."""
+        return json.dumps(identity, sort_keys=True)
+
+    def key(self, identity: Dict[str, Any]) -> str:
+        return hashlib.sha256(self.spec(identity).encode()).hexdigest()
 
     def path(self, identity: Dict[str, Any]) -> Path:
         return self.root / f"{self.key(identity)}.safetensors"
@@ -56,13 +60,12 @@ class ActivationCache:
         value = self._read(path, identity)
         if value is None:
             value = compute().to(dtype).contiguous()
-            metadata = {"identity": json.dumps(identity, sort_keys=True), "sha256": tensor_digest(value)}
+            metadata = {"identity": self.spec(identity), "sha256": tensor_digest(value)}
             atomic_write_bytes(path, save_safetensors({"value": value}, metadata=metadata))
         self._memo[key] = value
         return value
 
-    @staticmethod
-    def _read(path: Path, identity: Dict[str, Any]) -> Optional[Tensor]:
+    def _read(self, path: Path, identity: Dict[str, Any]) -> Optional[Tensor]:
         """The stored tensor if the file is whole and is what ``identity`` asks for; else None (recompute)."""
         if not path.is_file():
             return None
@@ -73,7 +76,7 @@ class ActivationCache:
         except (SafetensorError, OSError) as exc:
             log.warning("recomputing unreadable cache file %s (%s)", path, exc)
             return None
-        if metadata.get("identity") != json.dumps(identity, sort_keys=True):
+        if metadata.get("identity") != self.spec(identity):
             log.warning("recomputing %s: it holds other outputs than its name says", path)
             return None
         if metadata.get("sha256") != tensor_digest(value):
