@@ -204,7 +204,7 @@ def test_precise_batchnorm_makes_eval_mode_compute_the_trained_function():
 
 # ---- the cache ---------------------------------------------------------------------------------------------------------
 
-def test_cache_computes_once_and_recomputes_damaged_or_foreign_files(tmp_path):
+def test_cache_computes_once_and_recomputes_damaged_or_foreign_files(tmp_path, caplog):
     calls = []
 
     def compute(value):
@@ -231,11 +231,14 @@ def test_cache_computes_once_and_recomputes_damaged_or_foreign_files(tmp_path):
     data[-1] ^= 0xFF  # one byte of the tensor changed
     path.write_bytes(bytes(data))
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(2.0), torch.float16).tolist() == [[2.0, 2.0]] * 3
+    assert "its contents do not match their checksum" in caplog.text
     cache.get({"what": "b"}, compute(3.0), torch.float32)
     path.write_bytes(cache.path({"what": "b"}).read_bytes())  # another entry's file under this name
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(4.0), torch.float16).tolist() == [[4.0, 4.0]] * 3
+    assert "it holds other outputs than its name says" in caplog.text
     path.write_bytes(b"not a safetensors file")
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(5.0), torch.float16).tolist() == [[5.0, 5.0]] * 3
+    assert "recomputing unreadable cache file" in caplog.text
     assert calls == [1.5, 7.0, 2.0, 3.0, 4.0, 5.0]
     assert ActivationCache(tmp_path).get({"what": "a"}, compute(6.0), torch.float16).tolist() == [[5.0, 5.0]] * 3
 
