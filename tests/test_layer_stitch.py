@@ -514,3 +514,16 @@ def test_the_transitional_command_maps_layer_sweeps_signature(capsys):
     assert main_sweep(["--model_a", "tiny_resnet", "--layers_a", "[]", "--out", "null"]) == 2
     assert capsys.readouterr().err == ("evaluate.py layer-sweep: error: give at least one layer of each model to sweep "
                                        "(layers_a and layers_b)\n")
+
+
+def test_lstsq_init_of_maps_holds_for_activations_near_batchnorms_eps():
+    """Channels whose variance is of the order of BatchNorm's eps (1e-5) still get exactly the affine map."""
+    x, true_w, g = _correlated(10, (3, 4, 4), 2, seed=3)
+    x = x * 2e-3
+    x_rows = x.permute(0, 2, 3, 1).reshape(-1, 3)
+    y_rows = x_rows @ true_w.T + 1e-4 * torch.randn(len(x_rows), 2, generator=g)
+    layer = StitchLayer((3, 4, 4), (2, 4, 4), init="lstsq")
+    layer.init_from_data(x, y_rows.reshape(10, 4, 4, 2).permute(0, 3, 1, 2), "lstsq")
+    weight, bias = _independent_least_squares(x_rows, y_rows, 1e-4)
+    expected = (x_rows.double() @ weight.T + bias).reshape(10, 4, 4, 2).permute(0, 3, 1, 2)
+    torch.testing.assert_close(layer.eval()(x).double(), expected, atol=1e-6, rtol=1e-3)
