@@ -26,10 +26,10 @@ from prh_stitch.layer_stitch.surgery import require_timm
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _timm(name):
+def _timm(name, **kwargs):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name, pretrained=False, **kwargs)
     return TimmEncoder(name, model=model)
 
 
@@ -37,7 +37,8 @@ def _timm(name):
 def encoders():
     return {"tiny_resnet": build_encoder("tiny_resnet", True, None, {}),
             "tiny_vit": build_encoder("tiny_vit", True, None, {}),
-            "test_efficientnet": _timm("test_efficientnet")}
+            "test_efficientnet": _timm("test_efficientnet"),
+            "vit_without_class_token": _timm("test_vit", class_token=False, global_pool="avg")}
 
 
 def _hooked_output(encoder, name, images):
@@ -62,10 +63,10 @@ def _forward_with_replaced(encoder, name, replacement, images):
 
 # ---- surgery ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["tiny_resnet", "tiny_vit", "test_efficientnet"])
+@pytest.mark.parametrize("name", ["tiny_resnet", "tiny_vit", "test_efficientnet", "vit_without_class_token"])
 def test_run_until_and_run_from_match_hooks_on_the_whole_network(encoders, name):
     encoder = encoders[name]
-    size = encoder.data_config["input_size"][-1] if name == "tiny_vit" else 64  # the ViT takes only its own size
+    size = encoder.data_config["input_size"][-1] if "vit" in name else 64  # the ViT takes only its own size
     images = torch.randn(2, 3, size, size)
     with torch.no_grad():
         expected = encoder.model(images)
@@ -187,8 +188,8 @@ def test_identity_data_init_keeps_the_identity_in_both_modes_and_bad_methods_are
 
 
 def test_precise_batchnorm_makes_eval_mode_compute_the_trained_function():
-    x = torch.randn(9, 4, 5, 5) * 2 + 1
-    layer = StitchLayer((4, 5, 5), (6, 5, 5), init="default")
+    x = torch.randn(9, 4, 5, 3) * 2 + 1  # not square: rows are counted over both sides
+    layer = StitchLayer((4, 5, 3), (6, 5, 3), init="default")
     with torch.no_grad():
         layer.bn.weight.uniform_(0.5, 2.0)
         layer.bn.bias.uniform_(-1.0, 1.0)
