@@ -116,6 +116,7 @@ def test_stitch_layer_resizes_maps_and_identity_init_is_exact():
     [
         ((8, 4, 4), (5, 16), "default", r"cannot stitch a map of shape \(8, 4, 4\) into a tokens of shape \(5, 16\)"),
         ((1, 2, 3, 4), (1, 2, 3, 4), "default", "cannot stitch a unknown"),
+        ((8,), (5, 16), "default", r"cannot stitch a vector of shape \(8,\) into a tokens of shape \(5, 16\)"),
         ((5, 16), (6, 16), "default", "cannot stitch 5 tokens into 6: token sequences must have the same length"),
         ((8,), (8,), "random", "unknown stitch init 'random'; choose one of lstsq, identity, default"),
         ((8, 4, 4), (12, 4, 4), "identity", r"identity init needs equal widths, got 8 -> 12"),
