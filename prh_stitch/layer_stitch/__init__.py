@@ -1,0 +1,34 @@
+"""Layer-to-layer stitching: run network A up to layer i, a stitching layer, then network B from layer j.
+
+The classic test of whether two networks represent alike (Lenc & Vedaldi 2015; Bansal et al. 2021): if a cheap
+stitching layer can carry A's layer-i activations into B's layer j with little loss, the two representations differ
+by little more than that layer. One concept per module:
+
+- :mod:`.surgery` — ``run_until`` (timm's ``forward_intermediates``) and ``run_from`` (the rest of the network);
+- :mod:`.stitch_layer` — :class:`StitchLayer` (1×1 conv + BatchNorm for maps, linear for tokens and vectors) and
+  its least-squares initialisation;
+- :mod:`.cache` — the frozen networks' outputs on disk (atomic, identity- and checksum-verified);
+- :mod:`.data` — :class:`LayerStitchDataModule` (images with labels, and those cached outputs);
+- :mod:`.probe` — the linear probe of ``target: labels``;
+- :mod:`.lightning` — :class:`LayerStitchingModule`, what ``train.py --config configs/layer_stitch_*.yaml`` trains;
+- :mod:`.sweep` — :func:`layer_sweep`, every (i, j) of two layer lists: the penalty matrix and its report.
+"""
+
+from prh_stitch.layer_stitch.data import LayerStitchDataModule
+from prh_stitch.layer_stitch.lightning import LayerStitchingModule
+from prh_stitch.layer_stitch.probe import fit_probe
+from prh_stitch.layer_stitch.stitch_layer import StitchLayer
+from prh_stitch.layer_stitch.surgery import run_from, run_until
+from prh_stitch.layer_stitch.sweep import SweepReport, layer_sweep, write_sweep_report
+
+
+def main_sweep(argv=None) -> int:
+    """Transitional bridge for ``evaluate.py layer-sweep`` until the command line maps :func:`layer_sweep` itself
+    (options are its parameters: ``--model_a``, ``--layers_a`` ...). Delete it with that change."""
+    from prh_stitch.layer_stitch.command import main_sweep as bridge
+
+    return bridge(argv)
+
+
+__all__ = ["LayerStitchDataModule", "LayerStitchingModule", "StitchLayer", "SweepReport", "fit_probe",
+           "layer_sweep", "main_sweep", "run_from", "run_until", "write_sweep_report"]
