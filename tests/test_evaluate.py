@@ -244,7 +244,7 @@ def test_correlations_equal_scipy():
     assert trend_sentence(correlation_report(x[:2], y[:2]), True, "x").startswith("no clear trend")
 
 
-def test_study_end_to_end_with_measured_bits_per_byte_and_resume(data, tiny_lm, tmp_path):
+def test_study_end_to_end_with_measured_bits_per_byte(data, tiny_lm, tmp_path):
     from prh_stitch.alignment.competence import bits_per_byte
 
     lm_dir, model, tokenizer = tiny_lm
@@ -286,6 +286,52 @@ device: cpu
     assert "no clear trend" in vision_side["sentence"] and "n = 2" in vision_side["sentence"]
     assert (out / "mine" / "competence_mutual_knn_vision.png").is_file()
     assert (out / "mine" / "alignment.json").is_file() and (out / "study.md").is_file()
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_study_resumes_from_the_store_and_the_score_cache(data, tmp_path, monkeypatch):
+    import shutil
+
+    import prh_stitch.alignment.scoring as scoring
+
+    cache = tmp_path / "cache"
+    config = tmp_path / "study.yaml"
+    config.write_text(f"vision: [tiny_vit, tiny_resnet]\ntext: [tiny_bert]\ndata: [{{name: mine, shards: \"{data}\"}}]\n"
+                      "metrics: [mutual_knn]\nk: 5\npermutations: 5\nbootstrap: 10\nmax_null: 1\nhalf_samples: 4\n"
+                      f"competence: {{vision: {{scores: {{tiny_vit: 1.0, tiny_resnet: 2.0}}}}}}\n"
+                      f"cache_dir: {cache}\ndevice: cpu\n")
+    original, scored = scoring.paired, []
+
+    def counting(fa, fb, device, crash_at=None):
+        scored.append(1)
+        if len(scored) == crash_at:
+            raise _Crash("interrupted while scoring the second model pair")
+        return original(fa, fb, device)
+
+    def study(out):
+        assert main(["study", "--config", str(config), "--out", str(tmp_path / out), "--no-progress"]) == 0
+        return (json.loads((tmp_path / out / "mine" / "alignment.json").read_text())["records"],
+                [dict(a, figure=None) for a in json.loads((tmp_path / out / "study.json").read_text())["datasets"][0]
+                 ["competence"]])
+
+    monkeypatch.setattr(scoring, "paired", lambda fa, fb, device: counting(fa, fb, device, crash_at=2))
+    with pytest.raises(_Crash):
+        main(["study", "--config", str(config), "--out", str(tmp_path / "first"), "--no-progress"])
+    assert not (tmp_path / "first" / "study.json").exists() and len(list((cache / "scores").glob("*.json"))) == 1
+    # The rerun: every feature from the store (no encoder runs) and the first pair's scores from the cache.
+    monkeypatch.setattr(scoring, "paired", counting)
+    monkeypatch.setattr(FeatureStore, "extract", lambda *a, **k: pytest.fail("an encoder ran again on a warm store"))
+    scored.clear()
+    resumed = study("resumed")
+    assert len(scored) == 1
+    # Identical to the same study scored from scratch (same features, an empty score cache).
+    shutil.rmtree(cache / "scores")
+    scored.clear()
+    fresh = study("fresh")
+    assert len(scored) == 2 and resumed == fresh
 
 
 def test_shipped_study_configs_are_valid():
@@ -394,8 +440,8 @@ def test_baseline_between_identical_encoders_is_perfect(data, tmp_path):
 
 # ---- the outlier clamp (--outlier-quantile, study key outlier_quantile) ---------------------------------
 
-def score_files():
-    return set((default_cache_dir() / "scores").glob("*.json"))
+def score_files(cache):
+    return set((Path(cache) / "scores").glob("*.json"))
 
 
 def paired_layers(data, quantile=None):
@@ -409,8 +455,9 @@ def paired_layers(data, quantile=None):
 
 
 def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data, tmp_path):
+    cache = tmp_path / "cache"  # its own score cache: the files counted here are this test's alone
     base = ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--metrics", "mutual_knn",
-            "--k", "5", *FAST]
+            "--k", "5", "--cache-dir", str(cache), *FAST]
 
     def run(name, *extra):
         assert main(base + ["--out", str(tmp_path / name), *extra]) == 0
@@ -419,9 +466,10 @@ def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data
     off = run("off")
     a, b = paired_layers(data)
     assert off["records"][0]["matrix"] == layer_alignment(a, b, "mutual_knn", k=5)["scores"].tolist()
-    before = score_files()
+    before = score_files(cache)
+    assert len(before) == 1
     on = run("on", "--outlier-quantile", "0.9")
-    assert len(score_files() - before) == 1  # scored and cached anew, not read from the unclamped entry
+    assert len(score_files(cache) - before) == 1  # scored and cached anew, not read from the unclamped entry
     (r,) = on["records"]
     ca, cb = paired_layers(data, 0.9)
     assert r["matrix"] == layer_alignment(ca, cb, "mutual_knn", k=5)["scores"].tolist()
@@ -433,11 +481,11 @@ def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data
     assert "features clamped at the 0.9 quantile of |x| per layer" in (tmp_path / "on" / "alignment.md").read_text()
     assert "no outlier clamp" in (tmp_path / "off" / "alignment.md").read_text()
     # Reruns read their own entries back; q = 1 clamps nothing and shares the unclamped entry.
-    files = score_files()
+    files = score_files(cache)
     assert run("off_again")["records"] == off["records"]
     assert run("on_again", "--outlier-quantile", "0.9")["records"] == on["records"]
     assert run("one", "--outlier-quantile", "1")["records"] == off["records"]
-    assert score_files() == files
+    assert score_files(cache) == files
 
 
 def random_affine_checkpoint(path):
