@@ -125,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args[:1] == ["layer-sweep"] and _layer_sweep() is None:  # until layer_sweep exists: its own command line
         from prh_stitch.layer_stitch import main_sweep
 
-        return main_sweep(args[1:])
+        return run_command(PROG, lambda: main_sweep(args[1:]))
     return run_command(PROG, lambda: _run(with_shipped_configs(standard_spelling(args, option_spellings()))))
 
 
