@@ -5,12 +5,15 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from prh_stitch.errors import UserError
+
+if TYPE_CHECKING:  # features.py imports this module; the annotation alone needs the name
+    from prh_stitch.alignment.features import Extraction
 
 DEFAULT_METRICS = ("mutual_knn", "cka", "cknna")
 

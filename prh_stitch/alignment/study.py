@@ -24,7 +24,7 @@ from prh_stitch.alignment.align import Model, extract_models, parse_pairs, score
 from prh_stitch.alignment.features import Extraction, encoder_record
 from prh_stitch.alignment.report import alignment_outputs
 from prh_stitch.alignment.scoring import ScoreCache
-from prh_stitch.alignment.settings import ScoreSettings, cache_root, clamp_note, pick_device
+from prh_stitch.alignment.settings import Inputs, ScoreSettings, clamp_note, pick_device
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
 from prh_stitch.errors import UserError
 
@@ -188,8 +188,6 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     here) and, per dataset, the align report and the competence figures. ``config_file`` is recorded in the
     reports (default: ``config`` when it is a path).
     """
-    from prh_stitch.data.features import FeatureStore
-
     started = time.perf_counter()
     cfg = load_config(config)
     config_file = config_file or _config_name(config)
@@ -197,14 +195,13 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
                              bootstrap=cfg.bootstrap, max_null=cfg.max_null, half_samples=cfg.half_samples,
                              seed=cfg.seed, outlier_quantile=cfg.outlier_quantile)
     kinds = parse_pairs(cfg.pairs)
-    dev = pick_device(device or cfg.device)
-    root = cache_root(cfg.cache_dir)
+    inputs = Inputs(device or cfg.device, cfg.cache_dir, cfg.feature_dtype, cfg.batch_size, cfg.num_workers, progress)
+    dev, root = pick_device(inputs.device), inputs.root()
     out_dir = Path(out or cfg.out)
     models = [Model(s.name, s, "vision") for s in cfg.vision] + [Model(s.name, s, "text") for s in cfg.text]
     if len({m.label for m in models}) != len(models):
         raise UserError("an encoder is listed twice in the study config")
-    ex = Extraction(FeatureStore(root / "features", cfg.feature_dtype), dev, cfg.batch_size, cfg.num_workers,
-                    progress)
+    ex = inputs.extraction()
     run = StudyRun(cfg, settings, kinds, models, ex, ScoreCache(root / "scores"), out_dir)
     datasets, notes = [], []
     for block in cfg.data:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
 
 from prh_stitch.errors import UserError, parser_error_line
 
@@ -123,7 +123,7 @@ class StudyConfig:
     device: Optional[str] = None
     batch_size: int = 64
     num_workers: int = 0
-    feature_dtype: str = "float32"
+    feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
 
 def study_parser(prog: str = "study"):
