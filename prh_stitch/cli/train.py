@@ -86,13 +86,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def build_cli(argv: Optional[List[str]] = None) -> StitchCLI:
     """Parse the config and command line and build model, data and trainer (nothing runs yet)."""
-    return StitchCLI(
-        LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        args=with_shipped_configs(argv_of(argv)), run=False, seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": PROG, "description": "Train a stitcher between two frozen encoders, or a stitching "
-                       "layer between two networks' layers (model.class_path)."},
-    )
+    import warnings
+
+    with warnings.catch_warnings():
+        # The arguments are the command line's own, with shipped config names resolved to their files.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return StitchCLI(
+            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            args=with_shipped_configs(argv_of(argv)), run=False, seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": PROG, "description": "Train a stitcher between two frozen encoders, or a "
+                           "stitching layer between two networks' layers (model.class_path)."},
+        )
 
 
 def _train(argv: Optional[List[str]]) -> int:
