@@ -2,7 +2,7 @@
 
 import sys
 
-from prh_stitch.evaluation import main
+from prh_stitch.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from prh_stitch.cli import main
+from prh_stitch.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

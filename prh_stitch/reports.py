@@ -1,7 +1,9 @@
 """Writing evaluation reports: JSON, CSV, markdown tables and matplotlib figures, each written atomically.
 
 Every file goes to a temporary sibling first and is renamed into place, so an interrupted or failed run never
-leaves a half-written report that looks finished. Figures use the Agg backend (no display needed).
+leaves a half-written report that looks finished. Figures are ``matplotlib.figure.Figure`` objects built without
+pyplot, so drawing one never switches the process's backend (a notebook keeps its own); ``save_figure`` writes
+one as PNG.
 """
 
 from __future__ import annotations
@@ -100,30 +102,27 @@ def provenance(command: str, config: Dict[str, Any], device: str, seed: int,
 
 # ---- figures ------------------------------------------------------------------------------------------
 
-def _pyplot():
-    import matplotlib
+def new_figure(figsize: Sequence[float]):
+    """A figure and its one axes, outside pyplot: no global figure manager, no backend switch."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=tuple(figsize))
+    return fig, fig.subplots()
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
 def layer_heatmap(scores: torch.Tensor, layers_a: Sequence[str], layers_b: Sequence[str], model_a: str,
-                  model_b: str, metric: str, best: Sequence[int], chance: Optional[float], path) -> Path:
+                  model_b: str, metric: str, best: Sequence[int], chance: Optional[float]):
     """Layer × layer scores of one model pair; the best cell (max) and the last-layer cell are marked."""
-    plt = _pyplot()
     m = scores.double().numpy()
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 + 0.45 * len(layers_b)), max(3.5, 1.2 + 0.4 * len(layers_a))))
+    fig, ax = new_figure((max(4.5, 1.6 + 0.45 * len(layers_b)), max(3.5, 1.2 + 0.4 * len(layers_a))))
     image = ax.imshow(m, cmap="viridis", aspect="auto", origin="lower")
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(metric)
@@ -141,18 +140,17 @@ def layer_heatmap(scores: torch.Tensor, layers_a: Sequence[str], layers_b: Seque
     ax.legend(loc="upper left", bbox_to_anchor=(0, -0.25), fontsize=7, ncol=2, frameon=False)
     ax.set_title(f"{metric}: {model_a} × {model_b}" + (f" (chance {chance:.3f})" if chance is not None else ""),
                  fontsize=9)
-    return save_figure(fig, path)
+    return fig
 
 
 def model_heatmap(models: Sequence[str], matrix: List[List[Optional[float]]], metric: str, what: str,
-                  chance: Optional[float], path) -> Path:
+                  chance: Optional[float]):
     """Model × model headline scores of one metric; pairs that were not scored stay blank."""
-    plt = _pyplot()
     import numpy as np
 
     m = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     size = 1.8 + 0.9 * len(models)
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    fig, ax = new_figure((size + 1.0, size))
     image = ax.imshow(np.ma.masked_invalid(m), cmap="viridis")
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"{metric} ({what})")
@@ -167,7 +165,7 @@ def model_heatmap(models: Sequence[str], matrix: List[List[Optional[float]]], me
                         path_effects=_outline())
     ax.set_title(f"{metric} between models ({what})" + (f"\nchance ≈ {chance:.3f}" if chance is not None else ""),
                  fontsize=9)
-    return save_figure(fig, path)
+    return fig
 
 
 def _outline():
@@ -177,10 +175,9 @@ def _outline():
 
 
 def competence_scatter(points: Sequence[Dict[str, Any]], xlabel: str, metric: str, chance: Optional[float],
-                       title: str, subtitle: str, path) -> Path:
+                       title: str, subtitle: str):
     """Alignment (with bootstrap intervals) against competence, one labelled point per model."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = new_figure((6.4, 4.6))
     xs = [p["competence"] for p in points]
     ys = [p["score"] for p in points]
     low = [p["score"] - p["ci_low"] if p.get("ci_low") is not None else 0.0 for p in points]
@@ -201,4 +198,4 @@ def competence_scatter(points: Sequence[Dict[str, Any]], xlabel: str, metric: st
     ax.set_title(f"{title}\n{subtitle}", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     ax.grid(alpha=0.3)
-    return save_figure(fig, path)
+    return fig

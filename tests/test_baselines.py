@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from prh_stitch.baselines import BASELINES
+from prh_stitch.evaluation.baselines import BASELINES
 from prh_stitch.metrics import retrieval
 
 

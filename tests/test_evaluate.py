@@ -15,7 +15,7 @@ from prh_stitch.data.features import FeatureStore, align_by_key, default_cache_d
 from prh_stitch.data.shards import write_shards
 from prh_stitch.data.sources import scenes
 from prh_stitch.encoders import EncoderSpec, build_encoder
-from prh_stitch.evaluation import main
+from prh_stitch.cli.evaluate import main
 from prh_stitch.losses import build_loss
 from prh_stitch.metrics import calibrate, layer_alignment, retrieval
 from prh_stitch.stitchers import Stitcher
@@ -206,7 +206,7 @@ def tiny_lm(tmp_path_factory):
 
 
 def test_bits_per_byte_equals_a_token_by_token_computation(tiny_lm):
-    from prh_stitch.competence import bits_per_byte
+    from prh_stitch.alignment.competence import bits_per_byte
 
     _, model, tokenizer = tiny_lm
     texts = ["a red circle", "two small blue squares on a gray background", "é – ünïcode bytes count"]
@@ -226,7 +226,7 @@ def test_bits_per_byte_equals_a_token_by_token_computation(tiny_lm):
 def test_correlations_equal_scipy():
     from scipy import stats
 
-    from prh_stitch.competence import correlation_report, pearson, spearman, trend_sentence
+    from prh_stitch.alignment.competence import correlation_report, pearson, spearman, trend_sentence
 
     x, y = [75.1, 76.7, 77.5, 80.0, 81.0], [0.20, 0.22, 0.22, 0.30, 0.31]
     assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0])
@@ -244,8 +244,8 @@ def test_correlations_equal_scipy():
     assert trend_sentence(correlation_report(x[:2], y[:2]), True, "x").startswith("no clear trend")
 
 
-def test_study_end_to_end_with_measured_bits_per_byte_and_resume(data, tiny_lm, tmp_path):
-    from prh_stitch.competence import bits_per_byte
+def test_study_end_to_end_with_measured_bits_per_byte(data, tiny_lm, tmp_path):
+    from prh_stitch.alignment.competence import bits_per_byte
 
     lm_dir, model, tokenizer = tiny_lm
     config = tmp_path / "study.yaml"
@@ -288,8 +288,54 @@ device: cpu
     assert (out / "mine" / "alignment.json").is_file() and (out / "study.md").is_file()
 
 
+class _Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_study_resumes_from_the_store_and_the_score_cache(data, tmp_path, monkeypatch):
+    import shutil
+
+    import prh_stitch.alignment.scoring as scoring
+
+    cache = tmp_path / "cache"
+    config = tmp_path / "study.yaml"
+    config.write_text(f"vision: [tiny_vit, tiny_resnet]\ntext: [tiny_bert]\ndata: [{{name: mine, shards: \"{data}\"}}]\n"
+                      "metrics: [mutual_knn]\nk: 5\npermutations: 5\nbootstrap: 10\nmax_null: 1\nhalf_samples: 4\n"
+                      f"competence: {{vision: {{scores: {{tiny_vit: 1.0, tiny_resnet: 2.0}}}}}}\n"
+                      f"cache_dir: {cache}\ndevice: cpu\n")
+    original, scored = scoring.paired, []
+
+    def counting(fa, fb, device, crash_at=None):
+        scored.append(1)
+        if len(scored) == crash_at:
+            raise _Crash("interrupted while scoring the second model pair")
+        return original(fa, fb, device)
+
+    def study(out):
+        assert main(["study", "--config", str(config), "--out", str(tmp_path / out), "--no-progress"]) == 0
+        return (json.loads((tmp_path / out / "mine" / "alignment.json").read_text())["records"],
+                [dict(a, figure=None) for a in json.loads((tmp_path / out / "study.json").read_text())["datasets"][0]
+                 ["competence"]])
+
+    monkeypatch.setattr(scoring, "paired", lambda fa, fb, device: counting(fa, fb, device, crash_at=2))
+    with pytest.raises(_Crash):
+        main(["study", "--config", str(config), "--out", str(tmp_path / "first"), "--no-progress"])
+    assert not (tmp_path / "first" / "study.json").exists() and len(list((cache / "scores").glob("*.json"))) == 1
+    # The rerun: every feature from the store (no encoder runs) and the first pair's scores from the cache.
+    monkeypatch.setattr(scoring, "paired", counting)
+    monkeypatch.setattr(FeatureStore, "extract", lambda *a, **k: pytest.fail("an encoder ran again on a warm store"))
+    scored.clear()
+    resumed = study("resumed")
+    assert len(scored) == 1
+    # Identical to the same study scored from scratch (same features, an empty score cache).
+    shutil.rmtree(cache / "scores")
+    scored.clear()
+    fresh = study("fresh")
+    assert len(scored) == 2 and resumed == fresh
+
+
 def test_shipped_study_configs_are_valid():
-    from prh_stitch.study import load_config
+    from prh_stitch.alignment.study_config import load_config
 
     offline = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "study_offline.yaml"))
     assert [s.name for s in offline.vision] == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -360,11 +406,21 @@ def test_n_too_small_for_k(tmp_path, capsys):
 def test_study_config_errors(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("vision: [tiny_vit]\ntext: [tiny_bert]\ndata: [{name: x, scenes: {n: 10}}]\nmetric: [cka]\n")
-    assert_user_error(capsys, ["study", "--config", str(config)], "unknown key(s) ['metric']")
+    assert_user_error(capsys, ["study", "--config", str(config)], "does not accept option 'metric'")
     config.write_text("vision: [tiny_vit, tiny_vit]\ntext: [tiny_bert]\ndata: [{name: x, scenes: {n: 10}}]\n")
     assert_user_error(capsys, ["study", "--config", str(config)], "listed twice")
     config.write_text("vision: [tiny_vit]\ntext: [tiny_bert]\ndata: [{name: x, scenes: {n: 10, size: 3}}]\n")
-    assert_user_error(capsys, ["study", "--config", str(config)], "data[0].scenes")
+    assert_user_error(capsys, ["study", "--config", str(config)], "data", "scenes", "'size' is not accepted")
+    # The library reads a file, a mapping or a shipped name through the same parser: same errors, same key names.
+    from prh_stitch.alignment.study_config import load_config
+    from prh_stitch.errors import UserError
+
+    with pytest.raises(UserError, match="'metric' is not accepted"):
+        load_config({"vision": ["tiny_vit"], "text": ["tiny_bert"], "data": [{"name": "x"}], "metric": ["cka"]})
+    with pytest.raises(UserError, match="'size' is not accepted"):
+        load_config(str(config))
+    with pytest.raises(UserError, match="no such file"):
+        load_config("no_such_study")
 
 
 def test_baseline_between_identical_encoders_is_perfect(data, tmp_path):
@@ -384,8 +440,8 @@ def test_baseline_between_identical_encoders_is_perfect(data, tmp_path):
 
 # ---- the outlier clamp (--outlier-quantile, study key outlier_quantile) ---------------------------------
 
-def score_files():
-    return set((default_cache_dir() / "scores").glob("*.json"))
+def score_files(cache):
+    return set((Path(cache) / "scores").glob("*.json"))
 
 
 def paired_layers(data, quantile=None):
@@ -399,8 +455,9 @@ def paired_layers(data, quantile=None):
 
 
 def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data, tmp_path):
+    cache = tmp_path / "cache"  # its own score cache: the files counted here are this test's alone
     base = ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--metrics", "mutual_knn",
-            "--k", "5", *FAST]
+            "--k", "5", "--cache-dir", str(cache), *FAST]
 
     def run(name, *extra):
         assert main(base + ["--out", str(tmp_path / name), *extra]) == 0
@@ -409,9 +466,10 @@ def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data
     off = run("off")
     a, b = paired_layers(data)
     assert off["records"][0]["matrix"] == layer_alignment(a, b, "mutual_knn", k=5)["scores"].tolist()
-    before = score_files()
+    before = score_files(cache)
+    assert len(before) == 1
     on = run("on", "--outlier-quantile", "0.9")
-    assert len(score_files() - before) == 1  # scored and cached anew, not read from the unclamped entry
+    assert len(score_files(cache) - before) == 1  # scored and cached anew, not read from the unclamped entry
     (r,) = on["records"]
     ca, cb = paired_layers(data, 0.9)
     assert r["matrix"] == layer_alignment(ca, cb, "mutual_knn", k=5)["scores"].tolist()
@@ -423,11 +481,11 @@ def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data
     assert "features clamped at the 0.9 quantile of |x| per layer" in (tmp_path / "on" / "alignment.md").read_text()
     assert "no outlier clamp" in (tmp_path / "off" / "alignment.md").read_text()
     # Reruns read their own entries back; q = 1 clamps nothing and shares the unclamped entry.
-    files = score_files()
+    files = score_files(cache)
     assert run("off_again")["records"] == off["records"]
     assert run("on_again", "--outlier-quantile", "0.9")["records"] == on["records"]
     assert run("one", "--outlier-quantile", "1")["records"] == off["records"]
-    assert score_files() == files
+    assert score_files(cache) == files
 
 
 def random_affine_checkpoint(path):
@@ -485,22 +543,25 @@ def test_study_outlier_quantile_key(data, tmp_path, capsys):
     assert json.loads((tmp_path / "study" / "study.json").read_text())["settings"]["outlier_quantile"] == 0.9
     assert "features clamped at the 0.9 quantile" in (tmp_path / "study" / "study.md").read_text()
     capsys.readouterr()
-    for bad, message in (("1.5", "must lie in (0, 1]"), ("0", "must lie in (0, 1]"), ("high", "must be a number")):
+    for bad, message in (("1.5", "in the study config must lie in (0, 1]"), ("0", "must lie in (0, 1]"),
+                         ("high", "Expected a <class 'float'>; Given value: high")):
         config.write_text(body + f"outlier_quantile: {bad}\n")
-        assert_user_error(capsys, ["study", "--config", str(config)], "outlier_quantile in", message)
+        assert_user_error(capsys, ["study", "--config", str(config)], "outlier_quantile", message)
 
 
 def test_bad_outlier_quantile_and_nan_features(data, tmp_path, capsys, monkeypatch):
-    import prh_stitch.evaluation as evaluation
+    import prh_stitch.alignment.scoring as scoring
 
     out = tmp_path / "out"
     base = ["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", data, "--out", str(out),
             "--metrics", "mutual_knn", "--k", "5", *FAST]
-    for bad in ("0", "1.5", "nan", "-0.2"):
+    for bad in ("0", "1.5", "-0.2"):
         assert_user_error(capsys, base + ["--outlier-quantile", bad], "--outlier-quantile must lie in (0, 1]", out=out)
+    # NaN: not a number to the parser (YAML reads "nan" as text), an error naming the option all the same.
+    assert_user_error(capsys, base + ["--outlier-quantile", "nan"], "outlier_quantile", "Given value: nan", out=out)
     assert_user_error(capsys, ["stitch", "--ckpt", str(tmp_path / "missing.ckpt"), "--data", data, "--out", str(out),
                                "--outlier-quantile", "1.5"], "--outlier-quantile must lie in (0, 1]", out=out)
-    original = evaluation.paired
+    original = scoring.paired
 
     def poisoned(fa, fb, device):  # one NaN in tiny_vit's second layer, as a broken extraction would leave
         a, b, ia, ib = original(fa, fb, device)
@@ -508,7 +569,7 @@ def test_bad_outlier_quantile_and_nan_features(data, tmp_path, capsys, monkeypat
         a[1][3, 2] = float("nan")
         return a, b, ia, ib
 
-    monkeypatch.setattr(evaluation, "paired", poisoned)
+    monkeypatch.setattr(scoring, "paired", poisoned)
     name = store_features("tiny_vit", data).info["layers"][1]
     assert_user_error(capsys, base + ["--outlier-quantile", "0.77"], f"tiny_vit layer {name} contains NaN or Inf",
                       "drop or repair those samples", out=out)

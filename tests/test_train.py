@@ -207,9 +207,10 @@ def test_default_config_file_matches_the_code_defaults(tmp_path, monkeypatch):
     for config in (from_code, from_file):
         config.pop("config", None)
     assert from_file == from_code
-    assert from_code["model"]["source"]["name"] == "efficientnet_lite0"
-    assert from_code["model"]["target"]["name"] == "minilm_l6"
-    assert from_code["model"]["stitcher"]["name"] == "linear"
+    assert from_code["model"]["class_path"] == "prh_stitch.module.StitchingModule"  # the default subclass
+    assert from_code["model"]["init_args"]["source"]["name"] == "efficientnet_lite0"
+    assert from_code["model"]["init_args"]["target"]["name"] == "minilm_l6"
+    assert from_code["model"]["init_args"]["stitcher"]["name"] == "linear"
 
 
 def test_two_process_ddp_on_cpu_validates_over_the_whole_set(tmp_path):

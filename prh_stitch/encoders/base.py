@@ -28,8 +28,9 @@ def keep_large_allocations_in_heap() -> None:
     By default glibc serves allocations above 32 MB (a CNN activation at batch 64 is ~100 MB) with a fresh mmap and
     unmaps them on free, so every layer of every batch page-faults its output in again: on a 2-core CPU that was
     ~40 % of EfficientNet feature-extraction time in system calls (measured: 11 -> 21 images/s with this setting).
-    Raising the mmap and trim thresholds lets freed buffers be reused. Process-wide and harmless elsewhere; a no-op
-    where glibc is absent.
+    Raising the mmap and trim thresholds lets freed buffers be reused. Process-wide, so it is the caller's choice: the
+    commands (train.py, evaluate.py) opt in at their entry points; a library call never changes it. A no-op where
+    glibc is absent.
     """
     global _HEAP_TUNED
     if _HEAP_TUNED:
@@ -167,7 +168,6 @@ class FrozenEncoder(nn.Module, ABC):
     @torch.inference_mode()
     def encode(self, batch: Any, layers: Sequence[Layer] = (-1,), pooling: Optional[str] = None) -> List[Tensor]:
         """Pooled features, one ``(B, D)`` float tensor per requested layer, in the order asked."""
-        keep_large_allocations_in_heap()
         resolved = [self.resolve_layer(layer) for layer in layers]
         return self._encode(batch, resolved, pooling)
 

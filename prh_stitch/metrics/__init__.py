@@ -9,13 +9,13 @@ L2-normalised first, as the paper does before every metric. Bad input raises ``V
 - Kernel family (``cka``, ``unbiased_cka``, ``cknna``) and ``svcca`` (deterministic).
 - ``retrieval``: recall@k both ways, ranks, mean cosine; ``groups`` counts same-caption items as correct.
 - ``layer_alignment``: every layer pair, best/last pair; ``calibrate``: chance, permutation null, bootstrap.
-- ``METRICS``: registry name → functional metric; torchmetrics wrappers (``MutualKNN`` … ``Retrieval``).
+- ``METRICS``: registry name → functional metric (each registered where it is defined, with its spec);
+  torchmetrics wrappers (``MutualKNN`` … ``Retrieval``).
 - ``clamp_outliers``: the paper's outlier clamp (each element to ±the q quantile of |x|), applied per layer before
   scoring when asked for (``outlier_quantile``; off by default).
 """
 
-from prh_stitch.registry import Registry
-
+from ._spec import METRICS
 from .calibration import calibrate
 from .cca import svcca
 from .kernels import cka, cknna, unbiased_cka
@@ -24,11 +24,6 @@ from .layers import layer_alignment
 from .outliers import clamp_outliers, outlier_threshold
 from .retrieval import retrieval
 from .wrappers import CKA, CKNNA, LCSKNN, SVCCA, CycleKNN, EditDistanceKNN, MutualKNN, Retrieval, UnbiasedCKA
-
-METRICS = Registry("metric")
-for _fn in (mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, cka, unbiased_cka, cknna, svcca):
-    METRICS.register(_fn.__name__)(_fn)
-del _fn
 
 __all__ = [
     "METRICS", "calibrate", "cka", "clamp_outliers", "cknna", "cycle_knn", "edit_distance_knn", "layer_alignment",

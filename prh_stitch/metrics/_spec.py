@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import Tensor
 
+from prh_stitch.registry import Registry
+
 from ._checks import check_pair
 
 
@@ -30,7 +32,8 @@ class MetricSpec:
     defaults: Dict[str, Any] = field(default_factory=dict)
 
 
-_SPECS: Dict[str, MetricSpec] = {}
+# The one registry of alignment metrics: name -> functional metric, each carrying its spec as ``fn.spec``.
+METRICS: Registry = Registry("metric")
 
 
 def defaults_of(fn: Callable) -> Dict[str, Any]:
@@ -41,17 +44,15 @@ def defaults_of(fn: Callable) -> Dict[str, Any]:
 
 def attach(fn: Callable, **parts: Any) -> MetricSpec:
     spec = MetricSpec(name=fn.__name__, defaults=defaults_of(fn), **parts)
-    _SPECS[spec.name] = spec
     fn.spec = spec  # type: ignore[attr-defined]
+    METRICS.register(spec.name)(fn)
     return spec
 
 
 def spec_of(metric: Any) -> MetricSpec:
     """The spec of a metric given by name or as the functional metric itself."""
     if isinstance(metric, str):
-        if metric not in _SPECS:
-            raise ValueError(f"unknown metric {metric!r}; choose one of: {', '.join(sorted(_SPECS))}")
-        return _SPECS[metric]
+        return METRICS.get(metric).spec
     spec = getattr(metric, "spec", None)
     if not isinstance(spec, MetricSpec):
         raise ValueError(f"{metric!r} is not a prh_stitch metric (pass a name or a function from prh_stitch.metrics)")

@@ -1,30 +1,31 @@
-"""``python train.py``: LightningCLI over StitchingModule and StitchingDataModule.
+"""``python train.py`` / ``prh-train``: LightningCLI over a LightningModule and a LightningDataModule.
 
-Every YAML key maps one to one onto a constructor argument (``model.*`` -> StitchingModule, ``data.*`` ->
-StitchingDataModule, ``trainer.*`` -> Trainer, ``checkpoint.*`` -> ModelCheckpoint). With no arguments the
-defaults in the code are the default run (the same values as configs/default.yaml).
+Every YAML key maps one to one onto a constructor argument (``model.*`` -> the module, ``data.*`` -> the data
+module, ``trainer.*`` -> Trainer, ``checkpoint.*`` -> ModelCheckpoint). Which module and data module is
+LightningCLI's own subclass selection: ``model.class_path`` / ``data.class_path`` (the layer-stitch configs set
+``prh_stitch.layer_stitch.LayerStitchingModule`` and ``LayerStitchDataModule``); without them it is the feature
+stitcher (StitchingModule, StitchingDataModule), so ``python train.py`` with no arguments is the default run (the
+same values as configs/default.yaml). ``--config NAME`` finds a shipped config by name (``--config tiny``).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
+from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities import rank_zero_info
 
-from prh_stitch.data.datamodule import StitchingDataModule
+from prh_stitch.cli.common import argv_of, run_command, with_shipped_configs
 from prh_stitch.module import StitchingModule
 
-# ``task`` (top-level config key or --task) picks the model and data classes; the default is the feature stitcher,
-# so configs without the key (default.yaml, tiny.yaml) and `python train.py` are unchanged.
-TASKS = ("stitch", "layer_stitch")
-
-# Errors of ours that carry a message meant for the user; anything else keeps its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+PROG = "train.py"
+# The classes a config without ``class_path`` trains: the feature stitcher.
+DEFAULT_MODEL = "prh_stitch.module.StitchingModule"
+DEFAULT_DATA = "prh_stitch.data.datamodule.StitchingDataModule"
 
 
 class LatestCheckpoint(ModelCheckpoint):
@@ -54,15 +55,12 @@ class StitchCLI(LightningCLI):
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_argument(
-            "--task", type=str, default="stitch",
-            help="stitch: a stitcher between two encoders' features (default); layer_stitch: cut network A at a "
-                 "layer and continue through network B (prh_stitch.layer_stitch).",
-        )
-        parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
             help="Resume training: a checkpoint path, or 'last' for the newest last.ckpt under trainer.default_root_dir.",
         )
         parser.set_defaults({
+            "model": {"class_path": DEFAULT_MODEL},
+            "data": {"class_path": DEFAULT_DATA},
             "trainer.max_epochs": 40,
             "trainer.default_root_dir": "runs/default",
             "trainer.log_every_n_steps": 10,
@@ -79,54 +77,27 @@ def find_last_checkpoint(root: str | os.PathLike) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        return _train(argv)
-    except USER_ERRORS as exc:
-        if os.environ.get("PRH_STITCH_DEBUG"):
-            raise
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 2
+    """Entry point of ``train.py``; returns the exit status (2 for bad input, with one line on stderr)."""
+    from prh_stitch.encoders.base import keep_large_allocations_in_heap
 
-
-def _requested_task(argv: Optional[List[str]]) -> str:
-    """The ``task`` of the last config file or ``--task`` option that sets one (later ones win, as in the parser)."""
-    import yaml
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    task = "stitch"
-    for position, arg in enumerate(args):
-        name, _, value = arg.partition("=")
-        if name not in ("--config", "--task"):
-            continue
-        if not value and position + 1 < len(args):
-            value = args[position + 1]
-        if name == "--task":
-            task = value
-        elif os.path.isfile(value):
-            with open(value) as handle:
-                loaded = yaml.safe_load(handle)
-            if isinstance(loaded, dict) and "task" in loaded:
-                task = str(loaded["task"])
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return task
+    keep_large_allocations_in_heap()  # an explicit choice of this command: see the function's docstring
+    return run_command(PROG, lambda: _train(argv), parser_exits=True)
 
 
 def build_cli(argv: Optional[List[str]] = None) -> StitchCLI:
     """Parse the config and command line and build model, data and trainer (nothing runs yet)."""
-    if _requested_task(argv) == "layer_stitch":
-        from prh_stitch.layer_stitch import LayerStitchDataModule, LayerStitchingModule
+    import warnings
 
-        model_class, data_class = LayerStitchingModule, LayerStitchDataModule
-        description = "Train a stitching layer from network A's layer i into network B's layer j."
-    else:
-        model_class, data_class = StitchingModule, StitchingDataModule
-        description = "Train a stitcher between two frozen encoders."
-    return StitchCLI(
-        model_class, data_class, args=argv, run=False, seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "train.py", "description": description},
-    )
+    with warnings.catch_warnings():
+        # The arguments are the command line's own, with shipped config names resolved to their files.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return StitchCLI(
+            LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+            args=with_shipped_configs(argv_of(argv)), run=False, seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": PROG, "description": "Train a stitcher between two frozen encoders, or a "
+                           "stitching layer between two networks' layers (model.class_path)."},
+        )
 
 
 def _train(argv: Optional[List[str]]) -> int:

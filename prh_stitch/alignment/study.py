@@ -14,140 +14,29 @@ cache, so an interrupted study picks up where it stopped and a finished one reru
 from __future__ import annotations
 
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-import yaml
-
-from prh_stitch import competence as comp
 from prh_stitch import reports
-from prh_stitch.evaluation import (EvalError, Extraction, Model, ScoreCache, ScoreSettings, alignment_outputs,
-                                   cache_root, check_metrics, clamp_note, encoder_record, extract_models, parse_pairs,
-                                   pick_device, score_models)
-
-
-# ---- config -------------------------------------------------------------------------------------------
-
-@dataclass
-class ScenesData:
-    n: int = 1024  # evaluated scenes (the validation split)
-    seed: int = 0
-    image_size: int = 224
-    n_train: int = 4096  # size of the (unused here) training split; 4096 shares the default training run's shards
-
-
-@dataclass
-class FashionMnistData:
-    n: int = 1000  # first n images of the split
-    split: str = "test"
-
-
-@dataclass
-class DataBlock:
-    name: str
-    shards: Optional[str] = None
-    scenes: Optional[ScenesData] = None
-    fashion_mnist: Optional[FashionMnistData] = None
-    optional: bool = False  # skip with a note (instead of failing) when the dataset is not installed
-
-
-@dataclass
-class CompetenceBlock:
-    label: str = "competence"
-    higher_is_better: bool = True
-    scores: Union[Dict[str, float], str, None] = None  # {model: value}, or "imagenet_top1" (built-in table)
-    measure: Optional[str] = None  # "bits_per_byte" (text, causal LMs): measured on the dataset's captions
-
-
-@dataclass
-class StudyConfig:
-    vision: List[Any]
-    text: List[Any]
-    data: List[DataBlock]
-    metrics: List[str] = field(default_factory=lambda: ["mutual_knn"])
-    k: int = 10
-    permutations: int = 20
-    bootstrap: int = 200
-    max_null: int = 5
-    half_samples: int = 100
-    seed: int = 0
-    outlier_quantile: Optional[float] = None  # clamp each layer to ±(this quantile of |x|) first; the paper: 0.95
-    pairs: str = "vt"
-    competence: Dict[str, CompetenceBlock] = field(default_factory=dict)
-    out: str = "runs/study"
-    cache_dir: Optional[str] = None
-    device: Optional[str] = None
-    batch_size: int = 64
-    num_workers: int = 0
-    feature_dtype: str = "float32"
-
-
-def _strict(cls, value: Any, where: str):
-    """Build a dataclass from a mapping; unknown or missing keys are errors that name the valid ones."""
-    if not isinstance(value, dict):
-        raise EvalError(f"{where} must be a mapping, got {type(value).__name__}")
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(value) - names)
-    if unknown:
-        raise EvalError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
-    required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
-    missing = [k for k in required if k not in value]
-    if missing:
-        raise EvalError(f"{where} lacks required key(s) {missing}")
-    return cls(**value)
-
-
-def load_config(path: str) -> StudyConfig:
-    from prh_stitch.encoders import EncoderSpec
-    from prh_stitch.metrics.outliers import check_quantile
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise EvalError(f"cannot read study config {path!r}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise EvalError(f"study config {path!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    cfg = _strict(StudyConfig, raw, f"study config {path}")
-    for side in ("vision", "text"):
-        specs = getattr(cfg, side)
-        if not isinstance(specs, list):
-            raise EvalError(f"{side} must be a list of encoders")
-        setattr(cfg, side, [EncoderSpec.coerce(s) for s in specs])
-    blocks = []
-    for i, block in enumerate(cfg.data if isinstance(cfg.data, list) else [None]):
-        b = _strict(DataBlock, block, f"data[{i}]")
-        b.scenes = _strict(ScenesData, b.scenes, f"data[{i}].scenes") if b.scenes is not None else None
-        b.fashion_mnist = (_strict(FashionMnistData, b.fashion_mnist, f"data[{i}].fashion_mnist")
-                           if b.fashion_mnist is not None else None)
-        if sum(x is not None for x in (b.shards, b.scenes, b.fashion_mnist)) != 1:
-            raise EvalError(f"data[{i}] ({b.name}) needs exactly one of shards, scenes or fashion_mnist")
-        blocks.append(b)
-    if not blocks:
-        raise EvalError("the study config lists no data")
-    cfg.data = blocks
-    if not isinstance(cfg.competence, dict) or set(cfg.competence) - {"vision", "text"}:
-        raise EvalError("competence must be a mapping with keys 'vision' and/or 'text'")
-    cfg.competence = {side: _strict(CompetenceBlock, block, f"competence.{side}")
-                      for side, block in cfg.competence.items()}
-    for side, block in cfg.competence.items():
-        if block.measure not in (None, "bits_per_byte") or (block.measure and side != "text"):
-            raise EvalError(f"competence.{side}.measure: only 'bits_per_byte' for text models is supported")
-        if isinstance(block.scores, str) and block.scores != "imagenet_top1":
-            raise EvalError(f"competence.{side}.scores: a mapping {{model: value}} or 'imagenet_top1'")
-    cfg.metrics = list(check_metrics(cfg.metrics))
-    parse_pairs(cfg.pairs)
-    try:
-        cfg.outlier_quantile = check_quantile(cfg.outlier_quantile, f"outlier_quantile in {path}")
-    except ValueError as exc:
-        raise EvalError(str(exc)) from None
-    return cfg
+from prh_stitch.alignment import competence as comp
+from prh_stitch.alignment.align import Model, extract_models, parse_pairs, score_models
+from prh_stitch.alignment.features import Extraction, encoder_record
+from prh_stitch.alignment.report import alignment_outputs
+from prh_stitch.alignment.scoring import ScoreCache
+from prh_stitch.alignment.settings import Inputs, ScoreSettings, clamp_note, pick_device
+from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
+from prh_stitch.errors import UserError
 
 
 # ---- data ---------------------------------------------------------------------------------------------
 
-def resolve_data(block: DataBlock, root: Path) -> Optional[List[str]]:
-    """Shard URLs of a data block (built-in datasets written into the cache once); None = skipped."""
+class DatasetMissing(UserError):
+    """An optional dataset of the study is not installed: the study notes it and goes on."""
+
+
+def resolve_data(block: DataBlock, root: Path) -> List[str]:
+    """Shard URLs of a data block (built-in datasets written into the cache once)."""
     from prh_stitch.data.shards import ensure_scene_shards, expand_urls
 
     if block.shards is not None:
@@ -159,7 +48,7 @@ def resolve_data(block: DataBlock, root: Path) -> Optional[List[str]]:
     return _fashion_mnist_shards(block, root)
 
 
-def _fashion_mnist_shards(block: DataBlock, root: Path) -> Optional[List[str]]:
+def _fashion_mnist_shards(block: DataBlock, root: Path) -> List[str]:
     import json
     import os
     import shutil
@@ -177,10 +66,9 @@ def _fashion_mnist_shards(block: DataBlock, root: Path) -> Optional[List[str]]:
         samples = SOURCES.get("fashion_mnist")(split=fm.split, limit=fm.n)
     except ValueError as exc:
         if block.optional:
-            print(f"evaluate.py study: note: skipping {block.name!r}: Fashion-MNIST is not installed in "
-                  f"{fashion_mnist_dir()} (apt-get install dataset-fashion-mnist)")
-            return None
-        raise EvalError(str(exc)) from None
+            raise DatasetMissing(f"{block.name}: skipped (dataset not installed): Fashion-MNIST is not in "
+                                 f"{fashion_mnist_dir()} (apt-get install dataset-fashion-mnist)") from None
+        raise UserError(str(exc)) from None
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         write_shards(samples, tmp, prefix=fm.split, samples_per_shard=1000, source="fashion_mnist",
@@ -271,7 +159,8 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
         figure = reports.competence_scatter(
             points, block.label, metric, chance,
             f"{dataset}: {metric} (best layer pair, the paper's max) vs {block.label}",
-            _wrap(sentence), out / f"competence_{metric}_{side}.png").name
+            _wrap(sentence))
+        figure = reports.save_figure(figure, out / f"competence_{metric}_{side}.png").name
     return {"side": side, "metric": metric, "competence": block.label, "higher_is_better": block.higher_is_better,
             "points": points, "correlation_best": best, "correlation_last": last, "sentence": sentence,
             "figure": figure,
@@ -291,74 +180,94 @@ def _wrap(text: str, width: int = 95) -> str:
 
 # ---- run ----------------------------------------------------------------------------------------------
 
-def run_study(config_path: str, out: Optional[str] = None, device: Optional[str] = None,
-              progress: bool = True) -> int:
-    from prh_stitch.data.features import FeatureStore
+def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Optional[str] = None,
+              device: Optional[str] = None, progress: bool = True, config_file: Optional[str] = None) -> Dict[str, Any]:
+    """Run the study of ``config`` (a YAML path or shipped name, a mapping, or a StudyConfig); return its summary.
 
+    Reports go to ``out`` (default: the config's ``out``): ``study.md``, ``study.json`` (the summary returned
+    here) and, per dataset, the align report and the competence figures. ``config_file`` is recorded in the
+    reports (default: ``config`` when it is a path).
+    """
     started = time.perf_counter()
-    cfg = load_config(config_path)
+    cfg = load_config(config)
+    config_file = config_file or _config_name(config)
     settings = ScoreSettings(metrics=tuple(cfg.metrics), k=cfg.k, permutations=cfg.permutations,
                              bootstrap=cfg.bootstrap, max_null=cfg.max_null, half_samples=cfg.half_samples,
                              seed=cfg.seed, outlier_quantile=cfg.outlier_quantile)
     kinds = parse_pairs(cfg.pairs)
-    dev = pick_device(device or cfg.device)
-    root = cache_root(cfg.cache_dir)
+    inputs = Inputs(device or cfg.device, cfg.cache_dir, cfg.feature_dtype, cfg.batch_size, cfg.num_workers, progress)
+    dev, root = pick_device(inputs.device), inputs.root()
     out_dir = Path(out or cfg.out)
     models = [Model(s.name, s, "vision") for s in cfg.vision] + [Model(s.name, s, "text") for s in cfg.text]
     if len({m.label for m in models}) != len(models):
-        raise EvalError("an encoder is listed twice in the study config")
-    ex = Extraction(FeatureStore(root / "features", cfg.feature_dtype), dev, cfg.batch_size, cfg.num_workers,
-                    progress)
-    cache = ScoreCache(root / "scores")
+        raise UserError("an encoder is listed twice in the study config")
+    ex = inputs.extraction()
+    run = StudyRun(cfg, settings, kinds, models, ex, ScoreCache(root / "scores"), out_dir)
     datasets, notes = [], []
     for block in cfg.data:
-        t0 = time.perf_counter()
-        urls = resolve_data(block, root)
-        if urls is None:
-            notes.append(f"{block.name}: skipped (dataset not installed)")
+        try:
+            urls = resolve_data(block, root)
+        except DatasetMissing as missing:
+            notes.append(str(missing))
             continue
-        feature_sets = extract_models(models, urls, ex)
-        t1 = time.perf_counter()
-        records = score_models(models, feature_sets, kinds, settings, dev, cache, progress)
-        t2 = time.perf_counter()
-        target = out_dir / block.name
-        header = reports.provenance(
-            "study", {"config_file": str(config_path), "data": asdict(block)}, str(dev), cfg.seed,
-            {label: encoder_record(fs) for label, fs in feature_sets.items()}, settings=asdict(settings))
-        analyses = []
-        for side, block_c in cfg.competence.items():
-            side_models = [m for m in models if m.modality == side]
-            values, excluded = competence_values(block_c, side_models, feature_sets, dev, cache)
-            analyses += [dict(competence_analysis(side, block_c, side_models, values, records, metric, target,
-                                                  block.name), excluded=excluded) for metric in settings.metrics]
-        alignment_outputs(target, models, records, header, f"Alignment on {block.name}")
-        datasets.append({"name": block.name, "n": records[0]["n"], "records": records, "competence": analyses,
-                         "seconds": {"features": round(t1 - t0, 2), "scores": round(t2 - t1, 2),
-                                     "total": round(time.perf_counter() - t0, 2)}})
+        datasets.append(run.dataset(block, urls, config_file))
     if not datasets:
-        raise EvalError("no dataset of the study could be read: " + "; ".join(notes))
+        raise UserError("no dataset of the study could be read: " + "; ".join(notes))
     summary = {
-        **reports.provenance("study", _config_dict(cfg, config_path), str(dev), cfg.seed, {}, settings=asdict(settings)),
+        **reports.provenance("study", _config_dict(cfg, config_file), str(dev), cfg.seed, {}, settings=asdict(settings)),
         "datasets": [{k: v for k, v in d.items() if k != "records"} | {"alignment": f"{d['name']}/alignment.json"}
                      for d in datasets],
         "notes": notes, "seconds": round(time.perf_counter() - started, 2),
     }
     reports.write_text(out_dir / "study.md", study_markdown(summary, datasets))
     reports.write_json(out_dir / "study.json", summary)
-    for d in datasets:
-        for a in d["competence"]:
-            print(f"{d['name']} / {a['metric']} / {a['side']}: {a['sentence']}")
-    for note in notes:
-        print(f"note: {note}")
-    print(f"evaluate.py study: report in {out_dir / 'study.md'} ({summary['seconds']:.1f} s)")
-    return 0
+    return summary
 
 
-def _config_dict(cfg: StudyConfig, path: str) -> Dict[str, Any]:
+class StudyRun:
+    """One study's fixed parts (config, settings, models, extraction, cache, report folder), per dataset."""
+
+    def __init__(self, cfg: StudyConfig, settings: ScoreSettings, kinds, models: List[Model], ex: Extraction,
+                 cache: ScoreCache, out_dir: Path) -> None:
+        self.cfg, self.settings, self.kinds, self.models = cfg, settings, kinds, models
+        self.ex, self.cache, self.out_dir = ex, cache, out_dir
+
+    def dataset(self, block: DataBlock, urls: List[str], config_file: Optional[str]) -> Dict[str, Any]:
+        """Features, scores, the align report and the competence analyses of one dataset."""
+        t0 = time.perf_counter()
+        feature_sets = extract_models(self.models, urls, self.ex)
+        t1 = time.perf_counter()
+        records = score_models(self.models, feature_sets, self.kinds, self.settings, self.ex.device, self.cache,
+                               self.ex.progress)
+        t2 = time.perf_counter()
+        target = self.out_dir / block.name
+        header = reports.provenance(
+            "study", {"config_file": config_file, "data": asdict(block)}, str(self.ex.device),
+            self.cfg.seed, {label: encoder_record(fs) for label, fs in feature_sets.items()},
+            settings=asdict(self.settings))
+        analyses = []
+        for side, block_c in self.cfg.competence.items():
+            side_models = [m for m in self.models if m.modality == side]
+            values, excluded = competence_values(block_c, side_models, feature_sets, self.ex.device, self.cache)
+            analyses += [dict(competence_analysis(side, block_c, side_models, values, records, metric, target,
+                                                  block.name), excluded=excluded) for metric in self.settings.metrics]
+        alignment_outputs(target, self.models, records, header, f"Alignment on {block.name}")
+        return {"name": block.name, "n": records[0]["n"], "records": records, "competence": analyses,
+                "seconds": {"features": round(t1 - t0, 2), "scores": round(t2 - t1, 2),
+                            "total": round(time.perf_counter() - t0, 2)}}
+
+
+def _config_name(config: Any) -> Optional[str]:
+    from prh_stitch.configs import shipped_config
+
+    return str(shipped_config(config)) if isinstance(config, (str, Path)) else None
+
+
+def _config_dict(cfg: StudyConfig, config_file: Optional[str]) -> Dict[str, Any]:
     d = asdict(cfg)
     d["vision"] = [s.to_dict() for s in cfg.vision]
     d["text"] = [s.to_dict() for s in cfg.text]
-    d["config_file"] = str(path)
+    d["config_file"] = config_file
     return d
 
 

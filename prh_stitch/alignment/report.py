@@ -1,0 +1,88 @@
+"""The align report: a long-form table, markdown, model × model and layer × layer figures, one JSON index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from prh_stitch import reports
+from prh_stitch.alignment.settings import clamp_note
+
+TABLE_FIELDS = ("model_a", "model_b", "metric", "pair", "score", "layer_a", "layer_b", "layer_a_name",
+                "layer_b_name", "chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high", "max_null_mean",
+                "n")
+
+
+def long_table(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per record and layer choice: the best pair (max over layer pairs) and the last layers."""
+    rows = []
+    for r in records:
+        rows.append({**r, "pair": "best (max over layer pairs)"})
+        rows.append({**r, **r["last"], "pair": "last layers", "max_null_mean": None})
+    return [{k: row.get(k) for k in TABLE_FIELDS} for row in rows]
+
+
+def alignment_outputs(out: Path, models: Sequence[Any], records: Sequence[Dict], header: Dict[str, Any],
+                      title: str) -> Dict[str, Any]:
+    """Render alignment.json/.csv/.md and the figures into atomic files under ``out``.
+
+    The JSON (the report's index) is written last, so its presence means the report is complete.
+    """
+    labels = [m.label for m in models]
+    figures = []
+    for metric, recs in _by_metric(records).items():
+        figures.append(_model_figure(out, labels, metric, recs))
+        for r in recs:
+            name = f"layers_{metric}_{_slug(r['model_a'])}__{_slug(r['model_b'])}.png"
+            figure = reports.layer_heatmap(torch.tensor(r["matrix"]), r["layers_a"], r["layers_b"], r["model_a"],
+                                           r["model_b"], metric, (r["layer_a"], r["layer_b"]), r.get("chance"))
+            figures.append(reports.save_figure(figure, out / name).name)
+    reports.write_csv(out / "alignment.csv", long_table(records), TABLE_FIELDS)
+    reports.write_text(out / "alignment.md", alignment_markdown(records, header, title))
+    payload = {**header, "records": list(records), "figures": figures}
+    reports.write_json(out / "alignment.json", payload)
+    return payload
+
+
+def _by_metric(records: Sequence[Dict]) -> Dict[str, List[Dict]]:
+    by_metric: Dict[str, List[Dict]] = {}
+    for r in records:
+        by_metric.setdefault(r["metric"], []).append(r)
+    return by_metric
+
+
+def _model_figure(out: Path, labels: List[str], metric: str, recs: List[Dict]) -> str:
+    matrix: List[List[Optional[float]]] = [[None] * len(labels) for _ in labels]
+    for r in recs:
+        i, j = labels.index(r["model_a"]), labels.index(r["model_b"])
+        matrix[i][j] = matrix[j][i] = r["score"]
+    figure = reports.model_heatmap(labels, matrix, metric, "best layer pair", recs[0].get("chance"))
+    return reports.save_figure(figure, out / f"models_{metric}.png").name
+
+
+def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: str) -> str:
+    rows = []
+    for r in records:
+        last = r["last"]
+        rows.append([r["model_a"], r["model_b"], r["metric"],
+                     f"{r['score']:.3f} ({r['layer_a_name']}, {r['layer_b_name']})",
+                     reports.fmt(r.get("max_null_mean"), 3), reports.fmt(r.get("max_calibrated"), 3),
+                     f"{last['score']:.3f}", reports.fmt(last.get("chance"), 3), reports.fmt(last.get("null_mean"), 3),
+                     reports.fmt(last.get("calibrated"), 3), reports.interval(last.get("ci_low"), last.get("ci_high"))])
+    settings = header.get("settings", {})
+    return (f"# {title}\n\nN = {records[0]['n'] if records else '–'} paired samples, k = {settings.get('k')}, "
+            f"{settings.get('permutations')} permutations, {settings.get('bootstrap')} bootstrap resamples, "
+            f"seed {settings.get('seed')}, {clamp_note(settings.get('outlier_quantile'))}, "
+            f"device {header.get('device')}.\n\n"
+            "**best** is the maximum over all layer pairs (the paper's headline number); because it is a maximum "
+            "it sits above chance even for unrelated models, so compare it with *null of max* (the same maximum "
+            "with the pairing shuffled). **last** is the last-layer pair, with its chance level, permutation null, "
+            "calibrated score (s − null)/(1 − null) and 95% bootstrap interval.\n\n"
+            + reports.markdown_table(["model A", "model B", "metric", "best (layers)", "null of max",
+                                      "calibrated max", "last", "chance", "null", "calibrated", "95% CI"], rows))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)

@@ -1,0 +1,193 @@
+"""The study config: dataclasses parsed by jsonargparse (the machinery of every command), then checked.
+
+An unknown or misspelt key is an error that names it; so is a value of the wrong type. A config is a YAML file
+(a path, or the name of a shipped one: ``study_offline``), a mapping, or a :class:`StudyConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Mapping, Optional, Union
+
+from prh_stitch.errors import UserError, parser_error_line
+
+
+@dataclass
+class ScenesData:
+    """The built-in scenes, written into the cache once.
+
+    Args:
+        n: evaluated scenes (the validation split)
+        seed: scene generator seed
+        image_size: image side in pixels
+        n_train: size of the (unused here) training split; 4096 shares the default training run's shards
+    """
+
+    n: int = 1024
+    seed: int = 0
+    image_size: int = 224
+    n_train: int = 4096
+
+
+@dataclass
+class FashionMnistData:
+    """Fashion-MNIST from the system dataset folder.
+
+    Args:
+        n: first n images of the split
+        split: train or test
+    """
+
+    n: int = 1000
+    split: str = "test"
+
+
+@dataclass
+class DataBlock:
+    """One dataset of the study: exactly one of shards, scenes or fashion_mnist.
+
+    Args:
+        name: the dataset's name in the reports (its report folder)
+        shards: a shard pattern of image–caption pairs
+        scenes: the built-in scenes
+        fashion_mnist: Fashion-MNIST
+        optional: skip with a note (instead of failing) when the dataset is not installed
+    """
+
+    name: str
+    shards: Optional[str] = None
+    scenes: Optional[ScenesData] = None
+    fashion_mnist: Optional[FashionMnistData] = None
+    optional: bool = False
+
+
+@dataclass
+class CompetenceBlock:
+    """How good the models of one modality are.
+
+    Args:
+        label: the competence's name in reports
+        higher_is_better: whether a larger value means a better model
+        scores: {model: value}, or "imagenet_top1" (the built-in table)
+        measure: "bits_per_byte" (text, causal LMs): measured on the dataset's captions
+    """
+
+    label: str = "competence"
+    higher_is_better: bool = True
+    scores: Union[Dict[str, float], str, None] = None
+    measure: Optional[str] = None
+
+
+@dataclass
+class StudyConfig:
+    """Does alignment rise with competence? Models, datasets, scoring settings and competence.
+
+    Args:
+        vision: image encoders (names or spec mappings)
+        text: text encoders (names or spec mappings)
+        data: the datasets
+        metrics: alignment metrics
+        k: neighbours for the kNN metrics and CKNNA
+        permutations: permutation-null draws per headline score
+        bootstrap: bootstrap resamples per headline score
+        max_null: permutation draws of the max over layer pairs
+        half_samples: half-sample rescoring draws for intervals of correlations
+        seed: seed of every resampling
+        outlier_quantile: clamp each layer to ±(this quantile of |x|) first; the paper: 0.95
+        pairs: vt (vision–text), vv, tt, a comma list, or all
+        competence: per modality (vision, text), how good the models are
+        out: report folder
+        cache_dir: feature store and score cache (default $PRH_STITCH_CACHE)
+        device: auto, cpu, cuda, ...
+        batch_size: encoder batch size for feature extraction
+        num_workers: DataLoader workers for extraction
+        feature_dtype: float32, float16 or bfloat16
+    """
+
+    vision: List[Union[str, Dict[str, Any]]]
+    text: List[Union[str, Dict[str, Any]]]
+    data: List[DataBlock]
+    metrics: List[str] = field(default_factory=lambda: ["mutual_knn"])
+    k: int = 10
+    permutations: int = 20
+    bootstrap: int = 200
+    max_null: int = 5
+    half_samples: int = 100
+    seed: int = 0
+    outlier_quantile: Optional[float] = None
+    pairs: str = "vt"
+    competence: Dict[str, CompetenceBlock] = field(default_factory=dict)
+    out: str = "runs/study"
+    cache_dir: Optional[str] = None
+    device: Optional[str] = None
+    batch_size: int = 64
+    num_workers: int = 0
+    feature_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+def study_parser(prog: str = "study"):
+    """The parser of a study config: StudyConfig's fields at the top level, ``--config`` for a YAML file."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, exit_on_error=False, description=StudyConfig.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="a study YAML (a path or a shipped name)")
+    parser.add_class_arguments(StudyConfig, None)
+    return parser
+
+
+def load_config(source: Union[str, Path, Mapping[str, Any], StudyConfig]) -> StudyConfig:
+    """A checked StudyConfig from a YAML path or shipped name, a mapping, or a StudyConfig."""
+    from argparse import ArgumentError
+
+    from prh_stitch.configs import shipped_config
+
+    if isinstance(source, StudyConfig):  # through the parser too, so a hand-built config is checked the same way
+        source = asdict(source)
+    parser = study_parser()
+    where = "the study config" if isinstance(source, Mapping) else f"study config {source}"
+    try:
+        if isinstance(source, Mapping):
+            namespace = parser.parse_object(dict(source))
+        else:
+            path = shipped_config(source)
+            if not path.is_file():
+                raise UserError(f"cannot read study config {str(source)!r}: no such file (nor a shipped config of "
+                                "that name)")
+            namespace = parser.parse_args(["--config", str(path)])
+            where = f"study config {path}"
+    except ArgumentError as exc:
+        raise UserError(f"{where}: {parser_error_line(str(exc))}") from None
+    namespace.pop("config", None)
+    return check_config(StudyConfig(**parser.instantiate(namespace).as_dict()), where)
+
+
+def check_config(cfg: StudyConfig, where: str) -> StudyConfig:
+    """What types cannot say: one data source per block, known competence measures, metrics, pairs, quantile."""
+    from prh_stitch.alignment.align import parse_pairs
+    from prh_stitch.alignment.settings import check_metrics
+    from prh_stitch.encoders import EncoderSpec
+    from prh_stitch.metrics.outliers import check_quantile
+
+    cfg.vision = [EncoderSpec.coerce(s) for s in cfg.vision]
+    cfg.text = [EncoderSpec.coerce(s) for s in cfg.text]
+    if not cfg.data:
+        raise UserError("the study config lists no data")
+    for i, b in enumerate(cfg.data):
+        if sum(x is not None for x in (b.shards, b.scenes, b.fashion_mnist)) != 1:
+            raise UserError(f"data[{i}] ({b.name}) needs exactly one of shards, scenes or fashion_mnist")
+    if set(cfg.competence) - {"vision", "text"}:
+        raise UserError("competence must be a mapping with keys 'vision' and/or 'text'")
+    for side, block in cfg.competence.items():
+        if block.measure not in (None, "bits_per_byte") or (block.measure and side != "text"):
+            raise UserError(f"competence.{side}.measure: only 'bits_per_byte' for text models is supported")
+        if isinstance(block.scores, str) and block.scores != "imagenet_top1":
+            raise UserError(f"competence.{side}.scores: a mapping {{model: value}} or 'imagenet_top1'")
+    cfg.metrics = list(check_metrics(cfg.metrics))
+    parse_pairs(cfg.pairs)
+    try:
+        cfg.outlier_quantile = check_quantile(cfg.outlier_quantile, f"outlier_quantile in {where}")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return cfg
+

@@ -1,0 +1,203 @@
+"""``python evaluate.py``: how well two models stitch, how aligned their representations are, and whether
+alignment grows with competence.
+
+Subcommands (``python evaluate.py SUBCOMMAND --help`` lists every option; ``--config FILE`` reads them from YAML
+and ``--print_config`` prints one):
+
+- ``stitch``: a trained stitcher (``--ckpt``) or a training-free baseline (``--baseline``) on held-out pairs:
+  retrieval, the objective's loss, alignment of stitched and of raw features, zero-shot classification.
+- ``align``: the paper's measurement: every layer pair of every model pair, the best pair (max over layer
+  pairs, as the paper reports it) and the last-layer pair, each against chance, a permutation null and a
+  bootstrap interval; figures and tables.
+- ``study``: the convergence study from a YAML config (see :mod:`prh_stitch.alignment.study`).
+- ``layer-sweep``: the stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.
+
+Options map onto the library's signatures: :class:`~prh_stitch.alignment.ScoreSettings` and
+:class:`~prh_stitch.alignment.Inputs` (shared), :func:`~prh_stitch.evaluation.evaluate_stitcher`,
+:func:`align_models`, :class:`~prh_stitch.alignment.StudyConfig`, and ``prh_stitch.layer_stitch.layer_sweep``.
+User errors print one line ``evaluate.py: error: ...`` and exit with status 2; reports are written only after
+everything is computed, each file atomically, so a failed run leaves no half-written report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from prh_stitch.cli.common import argv_of, option_kinds, run_command, standard_spelling, with_shipped_configs
+
+PROG = "evaluate.py"
+SCORE_SKIP = {"half_samples"}  # study only
+
+
+def align_models(data: str, out: str, vision: str = "", text: str = "", pairs: str = "vt") -> None:
+    """Layer × layer alignment between models (the paper's measurement).
+
+    Args:
+        data: shard pattern of held-out image–caption pairs (brace ranges, globs, folders, pipe: URLs; several
+            joined by ',')
+        out: report folder
+        vision: comma list of image encoders (built-ins or timm:NAME)
+        text: comma list of text encoders (built-ins or hf:ID)
+        pairs: vt (vision–text, default), vv, tt, a comma list, or all
+    """
+
+
+def stitch_outputs(data: str, out: str, tensorboard: str = "auto") -> None:
+    """Evaluate a trained stitcher or a baseline on held-out pairs.
+
+    Args:
+        data: shard pattern of held-out image–caption pairs (brace ranges, globs, folders, pipe: URLs; several
+            joined by ',')
+        out: report folder
+        tensorboard: TensorBoard folder; auto = next to the training run (…/version_N/evaluate); none
+    """
+
+
+def _layer_sweep():
+    """The layer-sweep function (prh_stitch.layer_stitch.layer_sweep), or None where it does not exist yet."""
+    import prh_stitch.layer_stitch as layer_stitch
+
+    return getattr(layer_stitch, "layer_sweep", None)
+
+
+def _subparser(description: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML file (--print_config writes one)")
+    return parser
+
+
+def _shared(parser, score: bool = True) -> None:
+    from prh_stitch.alignment import Inputs, ScoreSettings
+
+    if score:
+        parser.add_class_arguments(ScoreSettings, None, skip=SCORE_SKIP)
+    parser.add_class_arguments(Inputs, None)
+
+
+def build_parser():
+    """The parser of every subcommand; each one's options are a signature of the library."""
+    from jsonargparse import ArgumentParser
+
+    from prh_stitch.alignment.study_config import StudyConfig
+    from prh_stitch.evaluation import evaluate_stitcher
+
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=False)
+    commands = parser.add_subcommands(dest="command")
+    stitch = _subparser("Evaluate a trained stitcher or a training-free baseline on held-out pairs.")
+    # evaluate_stitcher's **settings are ScoreSettings' fields: jsonargparse follows them there.
+    stitch.add_function_arguments(evaluate_stitcher, None, skip={"data", "inputs"} | SCORE_SKIP)
+    stitch.add_function_arguments(stitch_outputs, None)
+    _shared(stitch, score=False)
+    commands.add_subcommand("stitch", stitch, help="evaluate a trained stitcher or a baseline on held-out pairs")
+    align = _subparser("Layer × layer alignment between models (the paper's measurement).")
+    align.add_function_arguments(align_models, None)
+    _shared(align)
+    commands.add_subcommand("align", align, help="layer × layer alignment between models (the paper's measurement)")
+    study = _subparser("The convergence study: alignment against competence.")
+    study.add_class_arguments(StudyConfig, None)
+    study.add_argument("--progress", type=bool, default=True, help="progress bars")
+    commands.add_subcommand("study", study, help="the convergence study: alignment against competence")
+    sweep_fn = _layer_sweep()
+    if sweep_fn is not None:
+        sweep = _subparser("Stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.")
+        sweep.add_function_arguments(sweep_fn, None)
+    else:  # listed for --help; main() hands its arguments to prh_stitch.layer_stitch.main_sweep
+        sweep = _subparser("Stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.")
+    commands.add_subcommand("layer-sweep", sweep, help="stitching penalty of every cut, with a heatmap")
+    return parser
+
+
+def option_spellings() -> Dict[str, str]:
+    from prh_stitch.alignment import Inputs, ScoreSettings
+    from prh_stitch.evaluation import evaluate_stitcher
+
+    sweep_fn = _layer_sweep()
+    return option_kinds(ScoreSettings, Inputs, evaluate_stitcher, align_models, stitch_outputs,
+                        *([sweep_fn] if sweep_fn else [])) | {"progress": "bool"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``evaluate.py``; returns the exit status (2 for bad input, with one line on stderr)."""
+    args = argv_of(argv)
+    if args[:1] == ["layer-sweep"] and _layer_sweep() is None:  # until layer_sweep exists: its own command line
+        from prh_stitch.layer_stitch import main_sweep
+
+        return run_command(PROG, lambda: main_sweep(args[1:]))
+    return run_command(PROG, lambda: _run(with_shipped_configs(standard_spelling(args, option_spellings()))))
+
+
+def _run(args: List[str]) -> int:
+    from prh_stitch.encoders.base import keep_large_allocations_in_heap
+
+    namespace = build_parser().parse_args(args)
+    keep_large_allocations_in_heap()  # an explicit choice of this command: see the function's docstring
+    command = namespace.command
+    options = namespace[command].as_dict()
+    config = options.pop("config", None)  # the YAML files read, when any
+    config_file = str(config[-1]) if config else None
+    commands = {"stitch": cmd_stitch, "align": cmd_align, "study": cmd_study, "layer-sweep": cmd_layer_sweep}
+    return commands[command](options, config_file)
+
+
+def _split(options: Dict[str, Any]):
+    """The options of ScoreSettings and of Inputs, and the rest."""
+    from dataclasses import fields
+
+    from prh_stitch.alignment import Inputs, ScoreSettings
+
+    score = {f.name: options.pop(f.name) for f in fields(ScoreSettings) if f.name in options}
+    inputs = Inputs(**{f.name: options.pop(f.name) for f in fields(Inputs) if f.name in options})
+    return score, inputs, options
+
+
+def cmd_stitch(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
+    from prh_stitch.evaluation import evaluate_stitcher
+    from prh_stitch.evaluation.report import tensorboard_dir
+
+    score, inputs, rest = _split(options)
+    out, tensorboard = rest.pop("out"), rest.pop("tensorboard")
+    result = evaluate_stitcher(rest.pop("data"), inputs=inputs, **rest, **score)
+    path = result.write(out, tensorboard_dir(tensorboard, rest.get("ckpt"), out))
+    r, n = result.report["retrieval"], result.report["n"]
+    print(f"evaluate.py stitch: recall@1 {r['a2b/recall@1']:.4f} (stitched → target), N = {n}; report in {path}")
+    return 0
+
+
+def cmd_align(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
+    from prh_stitch.alignment import align
+
+    score, inputs, rest = _split(options)
+    models = {"vision": _names(rest["vision"]), "text": _names(rest["text"])}
+    result = align(models, rest["data"], pairs=rest["pairs"], inputs=inputs, **score)
+    result.write(rest["out"])
+    print(f"evaluate.py align: {len(result.records)} record(s) written to {Path(rest['out']) / 'alignment.json'}")
+    return 0
+
+
+def _names(value: str) -> List[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def cmd_study(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
+    from prh_stitch.alignment import run_study
+
+    progress = options.pop("progress")
+    summary = run_study(options, progress=progress, config_file=config_file)
+    for dataset in summary["datasets"]:
+        for a in dataset["competence"]:
+            print(f"{dataset['name']} / {a['metric']} / {a['side']}: {a['sentence']}")
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    print(f"evaluate.py study: report in {Path(options['out']) / 'study.md'} ({summary['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_layer_sweep(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
+    report = _layer_sweep()(**options)
+    r = report if isinstance(report, dict) else report.to_dict()
+    print(f"B alone ({r['metric']}): {r['b_score']:.4f}; penalty matrix (rows {r['model_a']}, columns "
+          f"{r['model_b']}) in {options.get('out')}/penalty.png, .csv, .json ({r['seconds']:.0f} s)")
+    return 0
