@@ -509,12 +509,12 @@ def test_penalty_figure_shows_the_matrix_its_values_and_labels():
     assert penalty_figure(zeros).axes[0].images[0].get_clim() == (0.0, 1e-6)  # a flat matrix still has a range
 
 
-def test_the_transitional_command_maps_layer_sweeps_signature(capsys):
-    """``evaluate.py layer-sweep`` until the command-line package maps ``layer_sweep`` itself (then delete this)."""
-    from prh_stitch.layer_stitch.command import main_sweep
+def test_evaluate_layer_sweep_maps_layer_sweeps_signature(capsys):
+    """``evaluate.py layer-sweep``'s options are layer_sweep's parameters; its errors are one line, exit 2."""
+    from prh_stitch.cli.evaluate import main
 
-    assert main_sweep(["--model_a", "tiny_resnet", "--layers_a", "[]", "--out", "null"]) == 2
-    assert capsys.readouterr().err == ("evaluate.py layer-sweep: error: give at least one layer of each model to sweep "
+    assert main(["layer-sweep", "--model_a", "tiny_resnet", "--layers_a", "[]", "--out", "null"]) == 2
+    assert capsys.readouterr().err == ("evaluate.py: error: give at least one layer of each model to sweep "
                                        "(layers_a and layers_b)\n")
 
 

@@ -54,13 +54,6 @@ def stitch_outputs(data: str, out: str, tensorboard: str = "auto") -> None:
     """
 
 
-def _layer_sweep():
-    """The layer-sweep function (prh_stitch.layer_stitch.layer_sweep), or None where it does not exist yet."""
-    import prh_stitch.layer_stitch as layer_stitch
-
-    return getattr(layer_stitch, "layer_sweep", None)
-
-
 def _subparser(description: str):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -100,12 +93,10 @@ def build_parser():
     study.add_class_arguments(StudyConfig, None)
     study.add_argument("--progress", type=bool, default=True, help="progress bars")
     commands.add_subcommand("study", study, help="the convergence study: alignment against competence")
-    sweep_fn = _layer_sweep()
-    if sweep_fn is not None:
-        sweep = _subparser("Stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.")
-        sweep.add_function_arguments(sweep_fn, None)
-    else:  # listed for --help; main() hands its arguments to prh_stitch.layer_stitch.main_sweep
-        sweep = _subparser("Stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.")
+    from prh_stitch.layer_stitch import layer_sweep
+
+    sweep = _subparser("Stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.")
+    sweep.add_function_arguments(layer_sweep, None)
     commands.add_subcommand("layer-sweep", sweep, help="stitching penalty of every cut, with a heatmap")
     return parser
 
@@ -114,18 +105,15 @@ def option_spellings() -> Dict[str, str]:
     from prh_stitch.alignment import Inputs, ScoreSettings
     from prh_stitch.evaluation import evaluate_stitcher
 
-    sweep_fn = _layer_sweep()
+    from prh_stitch.layer_stitch import layer_sweep
+
     return option_kinds(ScoreSettings, Inputs, evaluate_stitcher, align_models, stitch_outputs,
-                        *([sweep_fn] if sweep_fn else [])) | {"progress": "bool"}
+                        layer_sweep) | {"progress": "bool"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``evaluate.py``; returns the exit status (2 for bad input, with one line on stderr)."""
     args = argv_of(argv)
-    if args[:1] == ["layer-sweep"] and _layer_sweep() is None:  # until layer_sweep exists: its own command line
-        from prh_stitch.layer_stitch import main_sweep
-
-        return run_command(PROG, lambda: main_sweep(args[1:]))
     return run_command(PROG, lambda: _run(with_shipped_configs(standard_spelling(args, option_spellings()))))
 
 
@@ -196,8 +184,9 @@ def cmd_study(options: Dict[str, Any], config_file: Optional[str] = None) -> int
 
 
 def cmd_layer_sweep(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
-    report = _layer_sweep()(**options)
-    r = report if isinstance(report, dict) else report.to_dict()
+    from prh_stitch.layer_stitch import layer_sweep
+
+    r = layer_sweep(**options).to_dict()
     print(f"B alone ({r['metric']}): {r['b_score']:.4f}; penalty matrix (rows {r['model_a']}, columns "
           f"{r['model_b']}) in {options.get('out')}/penalty.png, .csv, .json ({r['seconds']:.0f} s)")
     return 0

@@ -22,13 +22,5 @@ from prh_stitch.layer_stitch.surgery import run_from, run_until
 from prh_stitch.layer_stitch.sweep import SweepReport, layer_sweep, write_sweep_report
 
 
-def main_sweep(argv=None) -> int:
-    """Transitional bridge for ``evaluate.py layer-sweep`` until the command line maps :func:`layer_sweep` itself
-    (options are its parameters: ``--model_a``, ``--layers_a`` ...). Delete it with that change."""
-    from prh_stitch.layer_stitch.command import main_sweep as bridge
-
-    return bridge(argv)
-
-
 __all__ = ["LayerStitchDataModule", "LayerStitchingModule", "StitchLayer", "SweepReport", "fit_probe",
-           "layer_sweep", "main_sweep", "run_from", "run_until", "write_sweep_report"]
+           "layer_sweep", "run_from", "run_until", "write_sweep_report"]
