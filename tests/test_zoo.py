@@ -559,7 +559,7 @@ def test_random_control_of_a_static_word_encoder(tmp_path):
 
 # ---- command line -----------------------------------------------------------------------------------------------
 def test_cli_lists_the_zoo_and_rejects_bad_fetch_requests(capsys, tmp_path, monkeypatch):
-    from prh_stitch.zoo.cli import main
+    from prh_stitch.cli.zoo import main
 
     monkeypatch.setenv("PRH_STITCH_CACHE", str(tmp_path))
     assert main(["list"]) == 0
@@ -568,8 +568,10 @@ def test_cli_lists_the_zoo_and_rejects_bad_fetch_requests(capsys, tmp_path, monk
         assert name in table and entry.licence in table
     assert main(["fetch"]) == 2
     assert "name a model or pass --all" in capsys.readouterr().err
-    assert main(["fetch", "no_such_model"]) == 1
-    assert "unknown zoo model 'no_such_model'" in capsys.readouterr().err
+    assert main(["fetch", "no_such_model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m prh_stitch.zoo: error: ") and "unknown zoo model 'no_such_model'" in err
+    assert err.count("\n") == 1
 
 
 def test_downloaded_files_are_matched_by_exact_name_and_version(tmp_path):

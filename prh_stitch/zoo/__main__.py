@@ -1,5 +1,5 @@
 import sys
 
-from prh_stitch.zoo.cli import main
+from prh_stitch.cli.zoo import main
 
 sys.exit(main())

