@@ -1,5 +1,4 @@
 import math
-import socket
 from datetime import timedelta
 
 import pytest
@@ -131,9 +130,10 @@ def _loss_and_grads(source, target, weight, gather):
     return value.detach(), w.grad, loss.log_logit_scale.grad
 
 
-def _gather_worker(rank, port, out_dir):
+def _gather_worker(rank, out_dir):
+    # File-based rendezvous: no port is picked, so nothing can take it between picking and binding.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2, timeout=timedelta(seconds=60)
     )
     try:
         results = []
@@ -148,14 +148,8 @@ def _gather_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_gather_across_ranks_equals_full_batch_loss_and_grads(tmp_path):
-    mp.spawn(_gather_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(str(tmp_path),), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     for case, sizes in enumerate(GATHER_CASES):
