@@ -1,4 +1,5 @@
 import math
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -168,3 +169,80 @@ def test_gather_across_ranks_equals_full_batch_loss_and_grads(tmp_path):
             local, *_ = _loss_and_grads(source[start : start + n], target[start : start + n], weight, gather=False)
             torch.testing.assert_close(ranks[r][case]["local_only"], local, rtol=1e-12, atol=0)
             start += n
+
+
+class _TwoRanksInOneProcess:
+    """Stands in for torch.distributed so that one process can play both ranks of a 2-process group.
+
+    The real test above runs 2 gloo processes; this one runs in-process, so the mutation tool (which records which
+    tests reach which function) sees the gathering code covered. Rank r's all_gather returns its own tensor in slot r
+    and, in the other slot, the tensor the other rank sent in a first pass (still attached to the shared weight),
+    so summing both ranks' losses routes gradients exactly as the real autograd all_gather does under DDP.
+    """
+
+    def __init__(self, sizes):
+        self.sizes, self.rank, self.sent = list(sizes), 0, {}
+
+    def install(self, monkeypatch):
+        import torch.distributed.nn.functional as dist_functional
+
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: len(self.sizes))
+        monkeypatch.setattr(dist, "get_rank", lambda *a, **k: self.rank)
+        monkeypatch.setattr(dist, "all_gather", self.all_gather_sizes)
+        monkeypatch.setattr(dist_functional, "all_gather", self.all_gather_rows)
+
+    def all_gather_sizes(self, out, local):
+        assert local.tolist() == [self.sizes[self.rank]]
+        for slot, n in zip(out, self.sizes):
+            slot.copy_(torch.tensor([n]))
+
+    def all_gather_rows(self, padded):
+        # The real function warns that it is deprecated; the loss must keep that warning quiet.
+        warnings.warn("torch.distributed.nn.functional.all_gather is deprecated, use "
+                      "torch.distributed._functional_collectives.all_gather_single instead.", FutureWarning)
+        parts = [self.sent.get(r, torch.full_like(padded, float("nan"))) for r in range(len(self.sizes))]
+        self.sent[self.rank] = padded
+        parts[self.rank] = padded
+        return tuple(parts)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4), (3, 5), (5, 2)])
+def test_gather_across_ranks_emulated_in_one_process_equals_full_batch_loss_and_grads(monkeypatch, sizes):
+    source, target, weight = _global_problem(sizes, seed=sum(sizes))
+    full_loss, full_w_grad, full_scale_grad = _loss_and_grads(source, target, weight, gather=False)
+    ranks = _TwoRanksInOneProcess(sizes)
+    ranks.install(monkeypatch)
+    w = weight.clone().requires_grad_()
+    loss = ContrastiveLoss(gather_across_ranks=True).double()
+    starts = [0, sizes[0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may leak, the deprecation warning included
+        for _ in range(2):  # first pass: each rank sends its rows; second pass: each sees the other's
+            per_rank = []
+            for rank, (start, n) in enumerate(zip(starts, sizes)):
+                ranks.rank = rank
+                per_rank.append(loss(source[start:start + n] @ w.T, target[start:start + n]))
+    # The first pass's NaN placeholders and the padding rows must not reach the second pass's losses.
+    assert all(torch.isfinite(value) for value in per_rank)
+    mean = torch.stack(per_rank).mean()
+    mean.backward()  # what DDP's gradient averaging computes
+    torch.testing.assert_close(mean.detach(), full_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(w.grad, full_w_grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(loss.log_logit_scale.grad, full_scale_grad, rtol=1e-10, atol=1e-14)
+    for rank, value in enumerate(per_rank):  # each rank: world / N times the sum of its own rows' losses
+        start, n = starts[rank], sizes[rank]
+        rows = _row_losses(source @ weight.T, target, loss.log_logit_scale.detach().exp())[start:start + n]
+        torch.testing.assert_close(value.detach(), 2 / sum(sizes) * rows.sum(), rtol=1e-12, atol=0)
+
+
+def _row_losses(pred, target, scale):
+    """Brute force per global row: both directions' cross-entropies over the whole batch, averaged."""
+    p, t = pred / pred.norm(dim=1, keepdim=True), target / target.norm(dim=1, keepdim=True)
+    out = []
+    for i in range(len(p)):
+        forward = -torch.log_softmax(scale * (p[i] @ t.T), 0)[i]
+        backward = -torch.log_softmax(scale * (t[i] @ p.T), 0)[i]
+        out.append(0.5 * (forward + backward))
+    return torch.stack(out)
