@@ -18,8 +18,9 @@ from prh_stitch.metrics import retrieval
 from prh_stitch.module import StitchingModule
 from prh_stitch.stitchers import Stitcher
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "tiny.yaml")
+# The shipped configs are package data (the repository's configs/ is a link to them).
+CONFIGS = Path(prh_stitch.__file__).resolve().parent / "configs"
+TINY = str(CONFIGS / "tiny.yaml")
 
 
 def tiny_args(root, *extra):
@@ -412,7 +413,7 @@ def test_default_config_file_matches_the_code_defaults(tmp_path, monkeypatch):
     """`python train.py` with no arguments and `--config configs/default.yaml` are the same run."""
     monkeypatch.chdir(tmp_path)
     from_code = build_cli([]).config.as_dict()
-    from_file = build_cli(["--config", str(REPO / "configs" / "default.yaml")]).config.as_dict()
+    from_file = build_cli(["--config", str(CONFIGS / "default.yaml")]).config.as_dict()
     for config in (from_code, from_file):
         config.pop("config", None)
     assert from_file == from_code
