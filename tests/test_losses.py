@@ -46,6 +46,17 @@ def test_cosine_matches_formula():
     assert build_loss("cosine")(pred * 7.0, target).item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_regression_losses_take_the_last_axis_as_features():
+    """[B, T, D] inputs (e.g. token features): cosine compares the D-vectors, mse averages every element."""
+    g = torch.Generator().manual_seed(4)
+    pred, target = torch.randn(3, 4, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, generator=g,
+                                                                                         dtype=torch.float64)
+    cosines = [float(p @ t) / (float(p.norm()) * float(t.norm()))
+               for p, t in zip(pred.reshape(-1, 5), target.reshape(-1, 5))]
+    assert build_loss("cosine")(pred, target).item() == pytest.approx(sum(1 - c for c in cosines) / 12, rel=1e-12)
+    assert build_loss("mse")(pred, target).item() == pytest.approx(float(((pred - target) ** 2).mean()), rel=1e-12)
+
+
 @pytest.mark.parametrize("temperature", [0.07, 0.5])
 def test_contrastive_matches_per_row_log_softmax(temperature):
     pred, target = _pair(b=7, d=4, seed=1)
@@ -246,3 +257,55 @@ def _row_losses(pred, target, scale):
         backward = -torch.log_softmax(scale * (t[i] @ p.T), 0)[i]
         out.append(0.5 * (forward + backward))
     return torch.stack(out)
+
+
+def test_single_vector_pairs_and_empty_or_mismatched_inputs():
+    """1-D inputs are one pair of feature vectors; empty or mismatched inputs are one clear error naming the loss."""
+    g = torch.Generator().manual_seed(6)
+    p, t = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    assert build_loss("mse")(p, t).item() == pytest.approx(float(((p - t) ** 2).mean()), rel=1e-12)
+    expected_cosine = 1 - float(p @ t) / (float(p.norm()) * float(t.norm()))
+    assert build_loss("cosine")(p, t).item() == pytest.approx(expected_cosine, rel=1e-12)
+    for name, cls in (("mse", "MSELoss"), ("cosine", "CosineLoss"), ("contrastive", "ContrastiveLoss")):
+        with pytest.raises(ValueError, match=rf"^{cls}: expected non-empty \[B, D\] inputs, got \(0, 5\)$"):
+            build_loss(name)(torch.zeros(0, 5), torch.zeros(0, 5))
+        with pytest.raises(ValueError, match=rf"^{cls}: expected non-empty \[B, D\] inputs, got \(\)$"):
+            build_loss(name)(torch.tensor(1.0), torch.tensor(1.0))
+        with pytest.raises(ValueError, match=rf"^{cls}: pred and target shapes differ: pred \(2, 5\) vs target \(2, 4\)$"):
+            build_loss(name)(torch.zeros(2, 5), torch.zeros(2, 4))
+        both_bad = torch.full((2, 5), float("nan"))
+        with pytest.raises(ValueError, match=rf"^{cls}: NaN or Inf found in pred and target$"):
+            build_loss(name)(both_bad, both_bad)
+    # A single row is a valid batch of one.
+    assert build_loss("contrastive")(p[None], t[None]).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_contrastive_options_are_checked_and_the_scale_cap_applies_below_one():
+    for option in ("init_temperature", "max_logit_scale"):
+        for bad in (0.0, -1.0):
+            with pytest.raises(ValueError, match=rf"^{option} must be > 0, got {bad!r}$"):
+                ContrastiveLoss(**{option: bad})
+    capped = ContrastiveLoss(init_temperature=0.07, max_logit_scale=0.5)  # a cap below 1 is allowed
+    assert capped.logit_scale.item() == pytest.approx(0.5)
+    assert ContrastiveLoss().gather_across_ranks is False
+
+
+def test_only_an_opted_in_loss_gathers_and_only_under_an_initialised_group(monkeypatch):
+    sizes = (3, 5)
+    source, target, weight = _global_problem(sizes, seed=9)
+    local = [_loss_and_grads(source[:3], target[:3], weight, gather=False)[0],
+             _loss_and_grads(source[3:], target[3:], weight, gather=False)[0]]
+    # No process group: an opted-in loss is the plain local loss.
+    assert _loss_and_grads(source[:3], target[:3], weight, gather=True)[0].item() == pytest.approx(local[0].item(),
+                                                                                                   rel=1e-12)
+    ranks = _TwoRanksInOneProcess(sizes)
+    ranks.install(monkeypatch)
+    for rank, rows in enumerate((slice(0, 3), slice(3, 8))):  # a group exists, but the default loss stays local
+        ranks.rank = rank
+        value = ContrastiveLoss().double()(source[rows] @ weight.T, target[rows])
+        assert value.item() == pytest.approx(local[rank].item(), rel=1e-12)
+    assert ranks.sent == {}  # and it never called the collective
+    monkeypatch.setattr(dist, "is_available", lambda: False)  # a build without torch.distributed
+    ranks.rank = 0
+    value = ContrastiveLoss(gather_across_ranks=True).double()(source[:3] @ weight.T, target[:3])
+    assert value.item() == pytest.approx(local[0].item(), rel=1e-12) and ranks.sent == {}
