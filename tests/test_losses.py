@@ -309,3 +309,10 @@ def test_only_an_opted_in_loss_gathers_and_only_under_an_initialised_group(monke
     ranks.rank = 0
     value = ContrastiveLoss(gather_across_ranks=True).double()(source[:3] @ weight.T, target[:3])
     assert value.item() == pytest.approx(local[0].item(), rel=1e-12) and ranks.sent == {}
+
+
+def test_contrastive_loss_builds_everything_on_the_inputs_device():
+    """The meta device stands in for an accelerator: labels made on the CPU would not meet meta logits."""
+    loss = ContrastiveLoss(check_finite=False)  # the finiteness check needs real values
+    value = loss(torch.randn(4, 3, device="meta"), torch.randn(4, 3, device="meta"))
+    assert value.device.type == "meta" and value.shape == ()
