@@ -131,7 +131,7 @@ class PlantedPairs(StitchingDataModule):
             y = x @ weight + self.noise * torch.randn(n, d_out, generator=g)
             groups = torch.arange(n) // 2 * 2 if split == "val" else torch.arange(n)  # pairs of "same caption"
             self.datasets[split] = PairDataset(x, y, torch.arange(n), groups)
-            self.skipped[split] = {}
+            self.skipped[split] = dict(getattr(self, "skipped_override", {}).get(split, {}))
 
 
 def planted_trainer(root, max_epochs, **kwargs):
@@ -162,7 +162,8 @@ class EpochMetrics(Callback):
             self.val.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")})
 
     def on_train_epoch_end(self, trainer, pl_module):
-        self.train_loss.append(float(trainer.callback_metrics["train/loss_epoch"]))
+        if "train/loss_epoch" in trainer.callback_metrics:  # closed-form runs have no loss
+            self.train_loss.append(float(trainer.callback_metrics["train/loss_epoch"]))
 
 
 def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_loss(tmp_path):
@@ -184,6 +185,7 @@ def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_los
     assert after["a2b/recall@1"] >= 0.8 and after["b2a/recall@1"] >= 0.8, after
     assert seen.train_loss[-1] < 0.5 * seen.train_loss[0], seen.train_loss
     assert seen.val[-1]["val/loss"] < 0.5 * seen.val[0]["val/loss"], seen.val
+    assert float(trainer.callback_metrics["train/temperature"]) == pytest.approx(model.objective.temperature.item())
     # What the module logged is the whole-set score of the stitcher it ended with.
     for logged, key in (("val/recall@1", "a2b/recall@1"), ("val/recall@5", "a2b/recall@5"),
                         ("val/recall@10", "a2b/recall@10"), ("val/recall@1_target_to_source", "b2a/recall@1"),
@@ -467,3 +469,74 @@ def test_two_process_ddp_validation_scores_the_whole_set_once_on_every_rank(tmp_
                               ("val/recall@10", "a2b/recall@10"), ("val/recall@1_target_to_source", "b2a/recall@1"),
                               ("val/mean_rank", "a2b/mean_rank"), ("val/mean_cosine", "mean_cosine")):
                 assert logged[name] == pytest.approx(expected[key], rel=1e-6, abs=1e-6), (rank, epoch, name)
+
+
+# ---------------------------------------------------------------- the module's own rules, without the CLI
+
+def test_stitcher_spec_says_which_closed_form_runs_and_refuses_bad_combinations():
+    from prh_stitch.module import StitcherSpec
+
+    assert StitcherSpec().closed_form_method is None
+    assert StitcherSpec(fit="ridge").closed_form_method == "ridge"
+    assert StitcherSpec(init="lstsq").closed_form_method == "lstsq"
+    StitcherSpec(name="affine", fit="procrustes", closed_form={"scaling": "isotropic"}).check()
+    StitcherSpec(init="ridge", closed_form={"ridge_grid": [0.1, 1.0]}).check()
+    bad = [
+        (dict(fit="cholesky"), r"^unknown stitcher fit 'cholesky'; choose one of gradient, lstsq, ridge, procrustes$"),
+        (dict(fit="ridge", init="ridge"), r"^stitcher init 'ridge' applies to fit 'gradient' only; fit 'ridge' is"),
+        (dict(init="svd"), r"^unknown stitcher init 'svd'; choose one of lstsq, ridge, procrustes or null"),
+        (dict(fit="ridge", closed_form={"rigde": 1}), r"^unknown closed_form option\(s\) \['rigde'\]; valid: \["),
+        (dict(closed_form={"ridge": 1.0}), r"^closed_form options are set but neither fit nor init is a closed form"),
+        (dict(name="mlp", fit="ridge"), r"^closed-form fits \(ridge\) need stitcher 'linear' or 'affine', not 'mlp'$"),
+        (dict(fit="ridge", closed_form={"ridge_grid": []}), "ridge_grid is empty"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            StitcherSpec(**kwargs).check()
+    with pytest.raises(ValueError, match=r"^unknown schedule 'linear'; choose 'cosine' or 'constant'$"):
+        tiny_module(schedule="linear")
+
+
+def test_closed_form_run_is_one_solve_equal_to_the_direct_fit_then_one_validation(tmp_path):
+    from prh_stitch.closed_form import fit_closed_form
+
+    grid = [1e-3, 1.0, 100.0]
+    model = tiny_module(stitcher={"name": "affine", "fit": "ridge",
+                                  "closed_form": {"ridge_grid": grid, "gain": None, "whiten": None}})
+    data, seen, steps = PlantedPairs(tmp_path / "cache"), EpochMetrics(), Recorder()
+    data.skipped_override = {"train": {"decode_error": 2, "no_caption": 1}, "val": {}}
+    trainer = planted_trainer(tmp_path, max_epochs=5, callbacks=[seen, steps])
+    trainer.fit(model, datamodule=data)
+    assert steps.epochs == [0] and trainer.global_step == 1  # five epochs asked, one solve taken
+    result = model.closed_form_result
+    assert result.method == "ridge" and result.ridge in grid and set(result.scores) == {repr(v) for v in grid}
+    # The solve equals fit_closed_form on the training split with the same held-out choice, done here directly.
+    reference = Stitcher(**model.stitcher.config())
+    reference.fit_normalization(*data.training_tensors())
+    val_source, val_target, _, val_groups = data.datasets["val"].tensors
+    expected = fit_closed_form(reference, data.training_tensors(), "ridge", val=(val_source, val_target),
+                               val_groups=val_groups, ridge_grid=grid, gain=None, whiten=None)
+    assert expected.ridge == result.ridge
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.stitcher.state_dict()[key], value)
+    assert len(seen.val) == 1 and seen.val[0]["val/recall@1"] >= 0.8
+    metrics = _csv_metrics(trainer)
+    assert result.gain == 1.0 and result.whiten is None  # gain and whitening off: the plain ridge
+    assert metrics["closed_form/ridge"] == [pytest.approx(result.ridge)] and metrics["closed_form/gain"] == [1.0]
+    assert "closed_form/whiten" not in metrics
+    # Skipped samples are logged once at the start, zeros included.
+    assert metrics["data/train_skipped"] == [3.0] and metrics["data/val_skipped"] == [0.0]
+    assert metrics["data/train_skipped/decode_error"] == [2.0] and metrics["data/train_skipped/no_caption"] == [1.0]
+    trainer.save_checkpoint(tmp_path / "solved.ckpt")
+    fit_meta = torch.load(tmp_path / "solved.ckpt", map_location="cpu", weights_only=True)["prh_stitch"]["fit"]
+    assert fit_meta == {"method": "ridge", "init": None, "closed_form": result.as_dict()}
+
+
+def _csv_metrics(trainer):
+    """Every non-empty value per column of the CSVLogger's metrics.csv, in row order."""
+    import csv
+
+    trainer.logger.save()
+    with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")] for key in rows[0]}
