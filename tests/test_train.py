@@ -185,7 +185,9 @@ def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_los
     assert after["a2b/recall@1"] >= 0.8 and after["b2a/recall@1"] >= 0.8, after
     assert seen.train_loss[-1] < 0.5 * seen.train_loss[0], seen.train_loss
     assert seen.val[-1]["val/loss"] < 0.5 * seen.val[0]["val/loss"], seen.val
-    assert float(trainer.callback_metrics["train/temperature"]) == pytest.approx(model.objective.temperature.item())
+    # The temperature is logged as its mean over the last epoch's steps: close to, not equal to, the final one.
+    assert float(trainer.callback_metrics["train/temperature"]) == pytest.approx(model.objective.temperature.item(),
+                                                                                rel=1e-3)
     # What the module logged is the whole-set score of the stitcher it ended with.
     for logged, key in (("val/recall@1", "a2b/recall@1"), ("val/recall@5", "a2b/recall@5"),
                         ("val/recall@10", "a2b/recall@10"), ("val/recall@1_target_to_source", "b2a/recall@1"),
