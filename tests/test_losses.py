@@ -214,6 +214,8 @@ class _TwoRanksInOneProcess:
         warnings.warn("torch.distributed.nn.functional.all_gather is deprecated, use "
                       "torch.distributed._functional_collectives.all_gather_single instead.", FutureWarning)
         parts = [self.sent.get(r, torch.full_like(padded, float("nan"))) for r in range(len(self.sizes))]
+        # Like the real collective, every rank must send the same shape (hence the padding to the longest batch).
+        assert all(part.shape == padded.shape for part in parts), [tuple(p.shape) for p in parts] + [padded.shape]
         self.sent[self.rank] = padded
         parts[self.rank] = padded
         return tuple(parts)
