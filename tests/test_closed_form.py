@@ -1,7 +1,6 @@
 """Closed-form stitchers against planted answers and NumPy references written here."""
 
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -113,35 +112,29 @@ def test_streaming_over_shards_and_merging_equal_one_shot():
     torch.testing.assert_close(a.core.bias, b.core.bias, atol=1e-6, rtol=1e-6)
 
 
-def _ddp_worker(rank, world, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, rendezvous, path):
+    # File-based rendezvous: no port is picked, so nothing can take it between picking and binding.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         x, y = _features(600, 12, 9), _features(600, 5, 10)
         x, y = x[rank::world], y[rank::world]  # each process sees only its shard
         s = Stitcher("affine", 12, 5)
         fit_closed_form(s, (x, y), "ridge", ridge=0.05, distributed=True)
-        if rank == 0:
-            torch.save({k: v.clone() for k, v in s.state_dict().items()}, path)
+        torch.save({k: v.clone() for k, v in s.state_dict().items()}, f"{path}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_gloo_all_reduce_equals_one_process(tmp_path):
-    path = str(tmp_path / "rank0.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), path), nprocs=2, join=True)
+    path = str(tmp_path)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), path), nprocs=2, join=True)
     x, y = _features(600, 12, 9), _features(600, 5, 10)
     single = Stitcher("affine", 12, 5)
     fit_closed_form(single, (x, y), "ridge", ridge=0.05)
-    state = torch.load(path, weights_only=True)
-    torch.testing.assert_close(state["core.weight"], single.core.weight, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(state["core.bias"], single.core.bias, atol=1e-6, rtol=1e-6)
+    for rank in range(2):  # every rank ends with the one-process fit, not only rank 0
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(state["core.weight"], single.core.weight, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(state["core.bias"], single.core.bias, atol=1e-6, rtol=1e-6)
 
 
 def test_grid_choice_is_the_best_held_out_recall():
