@@ -2,13 +2,14 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from prh_stitch.metrics import (METRICS, calibrate, cka, cknna, cycle_knn, layer_alignment, mutual_knn,
                                 retrieval, svcca, unbiased_cka)
 from prh_stitch.metrics.neighbors import knn
-from test_metrics_reference import make_data, np_pair, ref_mutual
+from test_metrics_reference import make_data, np_pair, ref_cka, ref_knn, ref_mutual
 
 ALL = METRICS.names()
 BLOCKED = ["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna", "cka", "unbiased_cka"]
@@ -158,11 +159,98 @@ def test_calibrate_report_on_aligned_data():
     rep = calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=1)
     assert rep["score"] == pytest.approx(ref_mutual(na, nb, 5))
     assert rep["p_value"] == pytest.approx(1 / 31) and rep["z"] > 10
-    assert rep["calibrated"] == pytest.approx((rep["score"] - rep["null_mean"]) / (1 - rep["null_mean"]))
     assert rep["ci_low"] < rep["score"] < rep["ci_high"]
     assert calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=1) == rep  # seeded
+    assert calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=2) != rep
     for name in ("cka", "cknna", "svcca"):
         r = calibrate(name, a, b, permutations=3, bootstrap=4, seed=0)
         assert r["ci_low"] <= r["ci_high"] and r["null_mean"] < r["score"], name
     assert calibrate("unbiased_cka", a, b, permutations=0)["chance"] == 0.0
     assert calibrate("lcs_knn", a, b, permutations=2)["chance"] is None
+
+
+# -- calibration against an independent replay of the same seeded draws ----------------------------------------
+# calibrate draws from one CPU generator seeded with ``seed``: first ``permutations`` randperm(N) (the shuffled
+# pairings), then ``bootstrap`` randint(N, (N,)) resamples. The replay below repeats those draws and recomputes
+# everything with the NumPy brute force of test_metrics_reference, sharing no code with calibrate.
+
+
+def replay_draws(n, permutations, bootstrap, seed):
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n, generator=gen) for _ in range(permutations)]
+    resamples = [torch.randint(n, (n,), generator=gen) for _ in range(bootstrap)]
+    return perms, resamples
+
+
+def mutual_overlaps(na, nb, k):
+    """|N_A(i) ∩ N_B(i)| per sample, as integers (so ties between scores are exact in the replay)."""
+    ia, ib = ref_knn(na, k), ref_knn(nb, k)
+    return np.array([len(set(ia[i]) & set(ib[i])) for i in range(len(na))])
+
+
+def test_calibrate_replays_permutations_and_bootstrap_for_a_knn_metric():
+    """Unrelated features, N = 14, k = 2: scores are multiples of 1/28, so many null scores tie with the observed
+    one exactly. The one-sided p-value counts them (≥, not >); the interval is the percentile interval at the
+    requested level; the null std is the sample std (ddof 1)."""
+    n, k, perms_n, boots_n, seed, ci = 14, 2, 199, 300, 5, 0.9
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g)
+    na, nb = np_pair(a, b)
+    rep = calibrate("mutual_knn", a, b, k=k, permutations=perms_n, bootstrap=boots_n, seed=seed, ci=ci)
+
+    perms, resamples = replay_draws(n, perms_n, boots_n, seed)
+    observed = mutual_overlaps(na, nb, k).sum()
+    null_counts = np.array([mutual_overlaps(na, nb[p.numpy()], k).sum() for p in perms])
+    ties, above = int((null_counts == observed).sum()), int((null_counts > observed).sum())
+    assert ties >= 5 and above >= 5  # the tie rule and the count both matter for this p-value
+    assert rep["score"] == observed / (n * k)
+    assert rep["p_value"] == (1 + above + ties) / (1 + perms_n)
+    null = null_counts / (n * k)
+    mean, std = null.mean(), null.std(ddof=1)
+    assert rep["null_mean"] == pytest.approx(mean, abs=1e-12)
+    assert rep["null_std"] == pytest.approx(std, abs=1e-12)
+    assert rep["z"] == pytest.approx((observed / (n * k) - mean) / std, abs=1e-9)
+    assert rep["calibrated"] == pytest.approx((observed / (n * k) - mean) / (1 - mean), abs=1e-12)
+    assert rep["chance"] == pytest.approx(k / (n - 1), abs=1e-15)
+
+    per_sample = mutual_overlaps(na, nb, k) / k  # resampled conditional on the neighbour graph
+    boots = np.array([per_sample[idx.numpy()].mean() for idx in resamples])
+    low, high = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
+    assert rep["ci"] == ci
+    assert rep["ci_low"] == pytest.approx(low, abs=1e-12) and rep["ci_high"] == pytest.approx(high, abs=1e-12)
+    wider = np.quantile(boots, [0.025, 0.975])  # what a 95 % interval of the same draws would be
+    assert wider[0] < low and high < wider[1]
+
+
+def test_calibrate_replays_row_resampling_for_a_kernel_metric():
+    """CKA has no per-sample scores: the bootstrap recomputes it on resampled rows (duplicates included)."""
+    n, perms_n, boots_n, seed, ci = 40, 6, 25, 3, 0.8
+    a, b = make_data("noisy", n=n)
+    na, nb = np_pair(a, b)
+    rep = calibrate("cka", a, b, permutations=perms_n, bootstrap=boots_n, seed=seed, ci=ci)
+    perms, resamples = replay_draws(n, perms_n, boots_n, seed)
+    score = ref_cka(na, nb)
+    null = np.array([ref_cka(na, nb[p.numpy()]) for p in perms])
+    assert rep["score"] == pytest.approx(score, abs=1e-6)
+    assert rep["null_mean"] == pytest.approx(null.mean(), abs=1e-6)
+    assert rep["null_std"] == pytest.approx(null.std(ddof=1), abs=1e-6)
+    assert rep["z"] == pytest.approx((score - null.mean()) / null.std(ddof=1), rel=1e-4)
+    assert rep["p_value"] == 1 / (1 + perms_n) and rep["chance"] is None
+    boots = np.array([ref_cka(na[idx.numpy()], nb[idx.numpy()]) for idx in resamples])
+    low, high = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
+    assert rep["ci_low"] == pytest.approx(low, abs=1e-6) and rep["ci_high"] == pytest.approx(high, abs=1e-6)
+
+
+def test_permutation_p_values_are_valid_under_the_null():
+    """Simulation: for unrelated features P(p ≤ α) ≤ α (the +1 in numerator and denominator makes the test exact
+    up to ties); with 19 permutations the attainable levels are multiples of 1/20."""
+    g = torch.Generator().manual_seed(0)
+    p_values = []
+    for trial in range(150):
+        a, b = torch.randn(20, 4, generator=g), torch.randn(20, 4, generator=g)
+        p_values.append(calibrate("mutual_knn", a, b, k=3, permutations=19, seed=trial)["p_value"])
+    p_values = np.array(p_values)
+    for alpha in (0.1, 0.25, 0.5):
+        # binomial(150, alpha) upper 99.9 % bound: alpha + 3.1 sd
+        assert (p_values <= alpha).mean() <= alpha + 3.1 * np.sqrt(alpha * (1 - alpha) / 150), alpha
+    assert (p_values <= 0.5).mean() > 0.25  # not trivially conservative (p ≡ 1 would pass the bound above)
