@@ -90,6 +90,12 @@ def test_retrieval_bad_groups_and_ks():
         retrieval(a, b, groups=torch.zeros(19, dtype=torch.long))
     with pytest.raises(ValueError, match="groups must be an integer tensor"):
         retrieval(a, b, groups=torch.zeros(20))
+    for bad, shown in ((list(range(20)), "got list"), (torch.zeros(20, 2, dtype=torch.long), r"got \(20, 2\)")):
+        with pytest.raises(ValueError, match=rf"groups must be a 1-D tensor with one id per row \(N=20\), {shown}$"):
+            retrieval(a, b, groups=bad)
+    for dtype in (torch.float64, torch.bool, torch.complex64):
+        with pytest.raises(ValueError, match=f"groups must be an integer tensor, got dtype {dtype}$"):
+            retrieval(a, b, groups=torch.zeros(20, dtype=dtype))
     with pytest.raises(ValueError, match="ks must be positive integers"):
         retrieval(a, b, ks=(0, 5))
     with pytest.raises(ValueError, match="widths must match"):

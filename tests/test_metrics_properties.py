@@ -1,6 +1,7 @@
 """Invariances, chance levels, block-size independence, dtypes, registry, layers and calibration."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 from prh_stitch.metrics import (METRICS, calibrate, cka, cknna, cycle_knn, layer_alignment, mutual_knn,
                                 retrieval, svcca, unbiased_cka)
 from prh_stitch.metrics.neighbors import knn
-from test_metrics_reference import make_data, np_pair, ref_cka, ref_knn, ref_mutual
+from test_metrics_reference import make_data, np_pair, ref_cka, ref_cycle, ref_edit, ref_knn, ref_lcs, ref_mutual
 
 ALL = METRICS.names()
 BLOCKED = ["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna", "cka", "unbiased_cka"]
@@ -254,3 +255,40 @@ def test_permutation_p_values_are_valid_under_the_null():
         # binomial(150, alpha) upper 99.9 % bound: alpha + 3.1 sd
         assert (p_values <= alpha).mean() <= alpha + 3.1 * np.sqrt(alpha * (1 - alpha) / 150), alpha
     assert (p_values <= 0.5).mean() > 0.25  # not trivially conservative (p ≡ 1 would pass the bound above)
+
+
+# -- import-time wiring -----------------------------------------------------------------------------------------
+
+
+def fresh_import(module_name, monkeypatch):
+    """A second copy of a metrics module, executed inside the test, so its import-time wiring (the parts each
+    metric attaches for layers and calibration) runs here. The registry it writes to is a copy, restored after."""
+    import importlib
+    import importlib.util
+
+    from prh_stitch.metrics import _spec
+
+    monkeypatch.setattr(_spec, "_SPECS", dict(_spec._SPECS))
+    original = importlib.import_module(module_name)
+    spec = importlib.util.spec_from_file_location(module_name + "_fresh", original.__file__)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = module_name.rpartition(".")[0]
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_fresh_import_of_the_knn_module_wires_every_part(monkeypatch):
+    fresh = fresh_import("prh_stitch.metrics.knn", monkeypatch)
+    a, b = make_data("clusters", n=40)
+    na, nb = np_pair(a, b)
+    for name, ref in (("mutual_knn", ref_mutual), ("cycle_knn", ref_cycle), ("lcs_knn", ref_lcs),
+                      ("edit_distance_knn", ref_edit)):
+        fn, imported = getattr(fresh, name), METRICS.get(name)
+        assert fn is not imported and fn.spec is not imported.spec
+        assert fn(a, b, k=4) == pytest.approx(ref(na, nb, 4), abs=1e-12), name
+        # chance, permutation (relabelled lists), per-sample bootstrap: the same report as the imported metric
+        assert calibrate(fn, a, b, k=4, permutations=3, bootstrap=5, seed=0) == \
+            calibrate(imported, a, b, k=4, permutations=3, bootstrap=5, seed=0), name
+        with pytest.raises(ValueError, match="k must be >= 1"):
+            fn(a, b, k=0)

@@ -290,6 +290,7 @@ def test_grouped_ranks_with_ties_match_brute_force_in_both_directions(seed):
         plain = ref_ranks(q.double().numpy(), it.double().numpy())
         assert (expected != plain).any()  # the groups change some ranks, so they are really exercised
         for bs in (None, 5, 48):
+            assert ranks(q, it, groups, block_size=bs).dtype == torch.int64
             assert ranks(q, it, groups, block_size=bs).tolist() == expected.tolist()
             assert ranks(q, it, None, block_size=bs).tolist() == plain.tolist()
     ours = retrieval(a, b, groups=groups, normalize=False, ks=(1, 2, 5), block_size=7)
