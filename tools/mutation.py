@@ -1,0 +1,199 @@
+"""Mutation testing of one or more prh_stitch modules with mutmut: prints the kill rate and the survivors.
+
+    python tools/mutation.py prh_stitch/metrics/retrieval.py --tests tests/test_metrics_reference.py
+    python tools/mutation.py prh_stitch/losses.py --tests tests/test_losses.py --max-children 2 --min-rate 0.9
+
+Each run works in a private copy of the package and the tests (``.mutation/<name>/``, git-ignored), so the
+working tree is never modified and several runs can go on side by side. mutmut runs only the selected tests that
+cover each mutated function (it records coverage per test first), in processes forked from a warm fork server, so
+torch is imported once per run rather than once per mutant.
+
+Equivalent mutants (a change no test can observe, e.g. a mutation of a message string or of an argument
+whose value does not change the result) are listed with a reason in ``tools/mutation_equivalents.toml``:
+
+    [[equivalent]]
+    mutant = "prh_stitch.metrics.retrieval.x_recall_at__mutmut_7"
+    mutated = 'if k >= n:'        # the mutated line as mutmut shows it ('+' line of the diff, stripped)
+    reason = "k == n gives the same recall either way: every item is within the top n"
+
+An entry applies only while the named mutant still makes that change, so a renumbering after an edit cannot
+silently hide a new survivor; stale entries are reported. The kill rate is killed / (mutants - equivalents);
+mutants no selected test reaches and timeouts are counted as they are (no tests: survivors; timeout: killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+REPO = Path(__file__).resolve().parents[1]
+EQUIVALENTS = REPO / "tools" / "mutation_equivalents.toml"
+KILLED = {"killed", "timeout", "caught by type check"}
+
+
+@dataclass
+class ModuleResult:
+    path: str
+    status: Dict[str, str] = field(default_factory=dict)  # mutant -> mutmut's status word
+    diffs: Dict[str, str] = field(default_factory=dict)  # surviving mutant -> its diff
+    equivalent: Dict[str, str] = field(default_factory=dict)  # mutant -> reason
+
+    @property
+    def counted(self) -> List[str]:
+        return [m for m in self.status if m not in self.equivalent]
+
+    @property
+    def killed(self) -> int:
+        return sum(self.status[m] in KILLED for m in self.counted)
+
+    @property
+    def survivors(self) -> List[str]:
+        return [m for m in self.counted if self.status[m] not in KILLED]
+
+    @property
+    def unchecked(self) -> int:
+        """Mutants mutmut never ran (an interrupted run): they count as survivors until a run checks them."""
+        return sum(self.status[m] == "not checked" for m in self.counted)
+
+    @property
+    def rate(self) -> float:
+        return self.killed / len(self.counted) if self.counted else 1.0
+
+
+def _slug(paths: List[str]) -> str:
+    return "+".join(Path(p).with_suffix("").as_posix().replace("/", ".") for p in paths)[:120]
+
+
+def _prepare(workdir: Path, modules: List[str], tests: List[str], keep: bool) -> None:
+    """A fresh copy of the package and tests, with mutmut's settings for this run in its pyproject.toml."""
+    if workdir.exists() and not keep:
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name in ("prh_stitch", "tests"):
+        if (workdir / name).exists():
+            shutil.rmtree(workdir / name)
+        shutil.copytree(REPO / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    settings = {
+        "source_paths": ["prh_stitch"],
+        "only_mutate": modules,
+        "pytest_add_cli_args_test_selection": tests,
+        "pytest_add_cli_args": ["-q", "-p", "no:cacheprovider", "-x"],
+        # torch is not fork-safe after it has started threads: fork workers from a clean server process.
+        "process_isolation": "forkserver",
+    }
+    lines = [(REPO / "pyproject.toml").read_text(), "", "[tool.mutmut]"]
+    lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
+    (workdir / "pyproject.toml").write_text("\n".join(lines) + "\n")
+
+
+def _toml(value) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _mutated_line(diff: str) -> str:
+    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    return " / ".join(added)
+
+
+def _load_equivalents() -> Dict[str, Dict[str, str]]:
+    if not EQUIVALENTS.exists():
+        return {}
+    data = tomllib.loads(EQUIVALENTS.read_text())
+    return {entry["mutant"]: entry for entry in data.get("equivalent", [])}
+
+
+def _collect(workdir: Path, modules: List[str]) -> List[ModuleResult]:
+    """Read mutmut's per-file results (run inside the work copy, where mutmut keeps them)."""
+    previous = os.getcwd()
+    os.chdir(workdir)
+    try:
+        from mutmut.mutation.data import SourceFileMutationData
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+        from mutmut.stats import status_by_exit_code
+
+        equivalents = _load_equivalents()
+        results = []
+        for module in modules:
+            data = SourceFileMutationData(path=Path(module))
+            data.load()
+            result = ModuleResult(module)
+            for mutant, code in data.exit_code_by_key.items():
+                result.status[mutant] = status_by_exit_code[code]
+                if result.status[mutant] in KILLED:
+                    continue
+                diff = get_diff_for_mutant(mutant, path=Path(module))
+                result.diffs[mutant] = diff
+                entry = equivalents.get(mutant)
+                if entry and entry.get("mutated", "").strip() == _mutated_line(diff):
+                    result.equivalent[mutant] = entry.get("reason", "")
+                elif entry:
+                    print(f"stale equivalent entry (the mutant changed): {mutant}", file=sys.stderr)
+            results.append(result)
+        return results
+    finally:
+        os.chdir(previous)
+
+
+def _report(results: List[ModuleResult], show_equivalent: bool) -> None:
+    print("\n| module | mutants | killed | survived | of which not run | equivalent | kill rate |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r.path} | {len(r.status)} | {r.killed} | {len(r.survivors)} | {r.unchecked} | "
+              f"{len(r.equivalent)} | {100 * r.rate:.1f} % |")
+    for r in results:
+        for mutant in r.survivors:
+            print(f"\n--- survived ({r.status[mutant]}): {mutant}")
+            print("\n".join(line for line in r.diffs[mutant].splitlines()
+                            if re.match(r"^[-+](?![-+])", line)))
+        if show_equivalent:
+            for mutant, reason in r.equivalent.items():
+                print(f"\n--- equivalent: {mutant}: {reason}\n    {_mutated_line(r.diffs[mutant])}")
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("modules", nargs="+", help="source files to mutate, e.g. prh_stitch/metrics/knn.py")
+    parser.add_argument("--tests", nargs="+", required=True, help="test files (or node ids) that should kill them")
+    parser.add_argument("--max-children", type=int, default=1, help="mutants tested at once (default 1)")
+    parser.add_argument("--keep", action="store_true",
+                        help="reuse the previous run's results for unchanged functions (default: a fresh run)")
+    parser.add_argument("--min-rate", type=float, default=None, help="exit 1 if any module's kill rate is below")
+    parser.add_argument("--show-equivalent", action="store_true", help="also list the excluded equivalent mutants")
+    args = parser.parse_args(argv)
+
+    for path in args.modules + [t.split("::")[0] for t in args.tests]:
+        if not (REPO / path).exists():
+            parser.error(f"no such file: {path} (paths are relative to the repository root)")
+    workdir = REPO / ".mutation" / _slug(args.modules)
+    _prepare(workdir, args.modules, args.tests, args.keep)
+    mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+    log = workdir / "mutmut.log"
+    print(f"mutmut running in {workdir} (progress: tail -f {log})", flush=True)
+    with open(log, "w") as handle:
+        code = subprocess.run(mutmut, cwd=workdir, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
+        print(f"mutation.py: error: mutmut exited {code} (log: {log})", file=sys.stderr)
+        return 2
+    results = _collect(workdir, args.modules)
+    _report(results, args.show_equivalent)
+    if args.min_rate is not None and any(r.rate < args.min_rate for r in results):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
