@@ -109,8 +109,16 @@ def test_layers_calibration_and_wrappers_validate():
         calibrate("mutual", a, b)
     with pytest.raises(ValueError, match="unknown option"):
         calibrate("mutual_knn", a, b, kk=3)
-    with pytest.raises(ValueError, match="permutations must be a non-negative integer"):
-        calibrate("cka", a, b, permutations=-1)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f"permutations must be a non-negative integer, got {bad!r}$"):
+            calibrate("cka", a, b, permutations=bad)
+        with pytest.raises(ValueError, match=f"bootstrap must be a non-negative integer, got {bad!r}$"):
+            calibrate("cka", a, b, bootstrap=bad)
+    for bad in (0, 1, 1.5, -0.5):
+        with pytest.raises(ValueError, match=rf"ci must lie in \(0, 1\), got {bad!r}$"):
+            calibrate("cka", a, b, ci=bad)
+    with pytest.raises(ValueError, match="k must be >= 1"):  # the metric's own checks run before any work
+        calibrate("mutual_knn", a, b, k=0)
     with pytest.raises(ValueError, match="at least one layer"):
         layer_alignment([], [b], "cka")
     with pytest.raises(ValueError, match="same number of rows"):

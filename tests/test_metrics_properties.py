@@ -213,6 +213,7 @@ def test_calibrate_replays_permutations_and_bootstrap_for_a_knn_metric():
     assert rep["z"] == pytest.approx((observed / (n * k) - mean) / std, abs=1e-9)
     assert rep["calibrated"] == pytest.approx((observed / (n * k) - mean) / (1 - mean), abs=1e-12)
     assert rep["chance"] == pytest.approx(k / (n - 1), abs=1e-15)
+    assert (rep["metric"], rep["n"], rep["permutations"], rep["bootstrap"]) == ("mutual_knn", n, perms_n, boots_n)
 
     per_sample = mutual_overlaps(na, nb, k) / k  # resampled conditional on the neighbour graph
     boots = np.array([per_sample[idx.numpy()].mean() for idx in resamples])
@@ -240,6 +241,26 @@ def test_calibrate_replays_row_resampling_for_a_kernel_metric():
     boots = np.array([ref_cka(na[idx.numpy()], nb[idx.numpy()]) for idx in resamples])
     low, high = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
     assert rep["ci_low"] == pytest.approx(low, abs=1e-6) and rep["ci_high"] == pytest.approx(high, abs=1e-6)
+
+
+def test_calibrate_edge_cases_saturated_null_one_or_two_permutations_and_no_resampling():
+    # N = k + 1: every neighbour list holds all other samples, so every pairing scores 1 and the null is flat
+    a, b = make_data("independent", n=5)
+    flat = calibrate("mutual_knn", a, b, k=4, permutations=4, seed=0)
+    assert flat["score"] == 1.0 and flat["null_mean"] == 1.0 and flat["null_std"] == 0.0
+    assert flat["z"] == 0.0 and flat["p_value"] == 1.0 and flat["calibrated"] is None  # not inf, not 0/0
+    a, b = make_data("noisy", n=30)
+    one = calibrate("mutual_knn", a, b, k=3, permutations=1, seed=0)
+    assert one["null_std"] == 0.0 and one["z"] == math.inf  # one draw has no spread; the score is above it
+    two = calibrate("mutual_knn", a, b, k=3, permutations=2, seed=0)
+    perms, _ = replay_draws(30, 2, 0, 0)
+    na, nb = np_pair(a, b)
+    null = np.array([ref_mutual(na, nb[p.numpy()], 3) for p in perms])
+    assert two["null_std"] == pytest.approx(null.std(ddof=1), abs=1e-12) and two["null_std"] > 0
+    none = calibrate("mutual_knn", a, b, k=3, permutations=0)
+    assert all(none[key] is None for key in ("null_mean", "null_std", "z", "p_value", "calibrated", "ci_low",
+                                             "ci_high"))
+    assert none["ci"] == 0.95 and none["score"] == pytest.approx(ref_mutual(na, nb, 3), abs=1e-12)
 
 
 def test_permutation_p_values_are_valid_under_the_null():
