@@ -34,6 +34,13 @@ def test_common_bad_inputs(name):
     z[5] = 0
     with pytest.raises(ValueError, match=r"b has 1 zero row.*\[5\]"):
         call(name, a, z)
+    with pytest.raises(ValueError, match=r"^a has 1 zero row.*\[5\]"):  # each side is named as itself
+        call(name, torch.where(torch.arange(20)[:, None] == 5, 0.0, a), b)
+    if name != "retrieval":
+        with pytest.raises(ValueError, match=r"^a has 1 zero row.*\[5\]"):
+            calibrate(name, torch.where(torch.arange(20)[:, None] == 5, 0.0, a), b, permutations=1)
+        with pytest.raises(ValueError, match=r"^b has 1 zero row.*\[5\]"):
+            calibrate(name, a, z, permutations=1)
     with pytest.raises(ValueError, match="floating-point"):
         call(name, a.long(), b)
     with pytest.raises(ValueError, match="torch.Tensor"):
@@ -96,8 +103,11 @@ def test_retrieval_bad_groups_and_ks():
     for dtype in (torch.float64, torch.bool, torch.complex64):
         with pytest.raises(ValueError, match=f"groups must be an integer tensor, got dtype {dtype}$"):
             retrieval(a, b, groups=torch.zeros(20, dtype=dtype))
-    with pytest.raises(ValueError, match="ks must be positive integers"):
-        retrieval(a, b, ks=(0, 5))
+    for ks in ((0, 5), (True,), (2.0,), ()):
+        with pytest.raises(ValueError, match="ks must be positive integers"):
+            retrieval(a, b, ks=ks)
+    with pytest.raises(ValueError, match="block_size must be a positive integer or None"):
+        retrieval(a, b, block_size=0)
     with pytest.raises(ValueError, match="widths must match"):
         retrieval(a, b[:, :4])
 

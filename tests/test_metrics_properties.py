@@ -167,6 +167,9 @@ def test_calibrate_report_on_aligned_data():
         r = calibrate(name, a, b, permutations=3, bootstrap=4, seed=0)
         assert r["ci_low"] <= r["ci_high"] and r["null_mean"] < r["score"], name
     assert calibrate("unbiased_cka", a, b, permutations=0)["chance"] == 0.0
+    default = calibrate("mutual_knn", a, b)  # documented defaults: 20 permutations, no bootstrap, seed 0
+    assert (default["permutations"], default["bootstrap"]) == (20, 0)
+    assert default == calibrate("mutual_knn", a, b, permutations=20, bootstrap=0, seed=0)
     assert calibrate("lcs_knn", a, b, permutations=2)["chance"] is None
 
 
