@@ -1,6 +1,8 @@
 """Frozen encoders: layers, pooling, freezing, local weights, offline built-ins, clear errors."""
 
+import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,14 @@ def _batch(encoder, n=3):
         return encoder.collate([encoder.transform(im) for im in images])
     captions = ["a red circle", "two small blue squares on a gray background", "a star"][:n]
     return encoder.collate([encoder.transform(c) for c in captions])
+
+
+def _batch_of(encoder, i):
+    """Sample i of ``_batch`` on its own (for text: padded to its own length, not the batch's)."""
+    if encoder.modality == "image":
+        return encoder.collate([encoder.transform(Image.new("RGB", (48, 40), (40 * i, 200 - 30 * i, 90)))])
+    captions = ["a red circle", "two small blue squares on a gray background", "a star"]
+    return encoder.collate([encoder.transform(captions[i])])
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -58,9 +68,16 @@ def test_layer_out_of_range_lists_the_valid_range(tiny):
 
 def test_encoding_is_deterministic_and_batch_independent(tiny):
     batch = _batch(tiny)
-    full = tiny.encode(batch, [-1])[0]
-    again = build_encoder(tiny.name).encode(batch, [-1])[0]  # seeded random init: same weights every build
+    layers = list(range(tiny.num_layers))
+    full = tiny.encode(batch, layers)
+    again = build_encoder(tiny.name).encode(batch, layers)  # seeded random init: same weights every build
     torch.testing.assert_close(full, again)
+    for i in range(3):  # each sample encoded alone equals its row in the batch, at every layer
+        alone = tiny.encode(_batch_of(tiny, i), layers)
+        for layer, (one, many) in enumerate(zip(alone, full)):
+            assert one.shape == (1, many.shape[1])
+            torch.testing.assert_close(one[0], many[i], atol=1e-5, rtol=1e-5, msg=f"sample {i}, layer {layer}")
+    assert not torch.allclose(full[-1][0], full[-1][1])  # the samples differ, so the comparison has teeth
 
 
 def test_timm_early_stop_gives_the_same_block_features_as_a_full_pass():
@@ -199,18 +216,63 @@ def test_spec_validation():
         encoder_from_spec({"name": "tiny_resnet", "pooling": "max"})
 
 
-def test_offline_pretrained_builtins_load_and_behave():
-    """The real weights: EfficientNet-Lite0 into timm (every tensor checked), MiniLM mean-pooled sentences."""
+# -- offline pretrained built-ins: predictions on fixed inputs against stored references -------------------------
+# tests/data/encoder_references.json is written by tests/data/make_encoder_references.py, which loads the weights
+# by key name (not by position) through plain timm / transformers. Logits agree to 1e-3 only if every tensor sits
+# in its right place: swapping two same-shaped tensors (a BatchNorm's weight and bias, its mean and variance, two
+# blocks' convs) moves them by far more.
+
+REFERENCES = Path(__file__).parent / "data" / "encoder_references.json"
+LITE_CLASSES = [0, 1, 281, 500, 652, 999]  # tench, goldfish, tabby cat, cliff dwelling, military uniform, toilet paper
+SENTENCES = ["a photo of a dog", "a picture of a puppy", "the stock market fell sharply today"]
+
+
+def reference_images():
+    """A real photo shipped with matplotlib, and a deterministic procedural scene."""
+    from matplotlib import cbook
+    from PIL import ImageDraw
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = Image.open(f).convert("RGB")
+    scene = Image.new("RGB", (300, 220), (90, 160, 230))
+    draw = ImageDraw.Draw(scene)
+    draw.rectangle([0, 150, 300, 220], fill=(60, 140, 50))
+    draw.ellipse([200, 20, 260, 80], fill=(250, 220, 60))
+    draw.polygon([(40, 150), (110, 60), (180, 150)], fill=(120, 110, 100))
+    for x in range(0, 300, 20):
+        draw.line([(x, 220), (x + 10, 160)], fill=(30, 90, 30), width=3)
+    return {"grace_hopper": photo, "scene": scene}
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_offline_efficientnet_lite_predicts_its_stored_references(variant):
+    name = f"efficientnet_lite{variant}"
+    vision = build_encoder(name)
+    size = (224, 240, 260)[variant]
+    assert vision.feature_dim(-1) == 1280 and vision.data_config["input_size"] == (3, size, size)
+    assert vision.data_config["mean"] == (0.5, 0.5, 0.5) and vision.data_config["std"] == (0.5, 0.5, 0.5)
+    references = json.loads(REFERENCES.read_text())[name]
+    images = reference_images()
+    batch = vision.collate([vision.transform(im) for im in images.values()])
+    with torch.no_grad():
+        logits = vision.model.get_classifier()(vision.encode(batch, [-1])[0])  # the head on the pooled features
+    for row, image_name in zip(logits, images):
+        expected = references[image_name]
+        assert row.topk(5).indices.tolist() == expected["top5"], image_name
+        for cls, value in expected["logits"].items():
+            assert float(row[int(cls)]) == pytest.approx(value, abs=1e-3), (image_name, cls)
+    assert 652 in references["grace_hopper"]["top5"]  # the photo of Grace Hopper in uniform: military uniform
+
+
+def test_offline_minilm_matches_its_stored_reference_and_behaves():
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "minilm_l6"} <= set(BUILTINS.names())
-    vision = build_encoder("efficientnet_lite0")
-    assert vision.feature_dim(-1) == 1280
-    assert vision.data_config["input_size"] == (3, 224, 224) and vision.data_config["mean"] == (0.5, 0.5, 0.5)
-    bn = vision.model.bn2
-    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))  # trained statistics, not init
     text = build_encoder("minilm_l6")
-    sentences = ["a photo of a dog", "a picture of a puppy", "the stock market fell sharply today"]
-    emb = F.normalize(text.encode(text.collate([text.transform(s) for s in sentences]), [-1], "mean")[0], dim=1)
-    assert emb.shape == (3, 384)
+    raw = text.encode(text.collate([text.transform(s) for s in SENTENCES]), [-1], "mean")[0]
+    assert raw.shape == (3, 384)
+    expected = json.loads(REFERENCES.read_text())["minilm_l6"]
+    torch.testing.assert_close(raw[:, :8], torch.tensor(expected["first_dims"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(raw.norm(dim=1), torch.tensor(expected["norms"]), atol=1e-4, rtol=0)
+    emb = F.normalize(raw, dim=1)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
 
 

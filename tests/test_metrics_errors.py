@@ -34,6 +34,13 @@ def test_common_bad_inputs(name):
     z[5] = 0
     with pytest.raises(ValueError, match=r"b has 1 zero row.*\[5\]"):
         call(name, a, z)
+    with pytest.raises(ValueError, match=r"^a has 1 zero row.*\[5\]"):  # each side is named as itself
+        call(name, torch.where(torch.arange(20)[:, None] == 5, 0.0, a), b)
+    if name != "retrieval":
+        with pytest.raises(ValueError, match=r"^a has 1 zero row.*\[5\]"):
+            calibrate(name, torch.where(torch.arange(20)[:, None] == 5, 0.0, a), b, permutations=1)
+        with pytest.raises(ValueError, match=r"^b has 1 zero row.*\[5\]"):
+            calibrate(name, a, z, permutations=1)
     with pytest.raises(ValueError, match="floating-point"):
         call(name, a.long(), b)
     with pytest.raises(ValueError, match="torch.Tensor"):
@@ -90,8 +97,17 @@ def test_retrieval_bad_groups_and_ks():
         retrieval(a, b, groups=torch.zeros(19, dtype=torch.long))
     with pytest.raises(ValueError, match="groups must be an integer tensor"):
         retrieval(a, b, groups=torch.zeros(20))
-    with pytest.raises(ValueError, match="ks must be positive integers"):
-        retrieval(a, b, ks=(0, 5))
+    for bad, shown in ((list(range(20)), "got list"), (torch.zeros(20, 2, dtype=torch.long), r"got \(20, 2\)")):
+        with pytest.raises(ValueError, match=rf"groups must be a 1-D tensor with one id per row \(N=20\), {shown}$"):
+            retrieval(a, b, groups=bad)
+    for dtype in (torch.float64, torch.bool, torch.complex64):
+        with pytest.raises(ValueError, match=f"groups must be an integer tensor, got dtype {dtype}$"):
+            retrieval(a, b, groups=torch.zeros(20, dtype=dtype))
+    for ks in ((0, 5), (True,), (2.0,), ()):
+        with pytest.raises(ValueError, match="ks must be positive integers"):
+            retrieval(a, b, ks=ks)
+    with pytest.raises(ValueError, match="block_size must be a positive integer or None"):
+        retrieval(a, b, block_size=0)
     with pytest.raises(ValueError, match="widths must match"):
         retrieval(a, b[:, :4])
 
@@ -103,8 +119,16 @@ def test_layers_calibration_and_wrappers_validate():
         calibrate("mutual", a, b)
     with pytest.raises(ValueError, match="unknown option"):
         calibrate("mutual_knn", a, b, kk=3)
-    with pytest.raises(ValueError, match="permutations must be a non-negative integer"):
-        calibrate("cka", a, b, permutations=-1)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=f"permutations must be a non-negative integer, got {bad!r}$"):
+            calibrate("cka", a, b, permutations=bad)
+        with pytest.raises(ValueError, match=f"bootstrap must be a non-negative integer, got {bad!r}$"):
+            calibrate("cka", a, b, bootstrap=bad)
+    for bad in (0, 1, 1.5, -0.5):
+        with pytest.raises(ValueError, match=rf"ci must lie in \(0, 1\), got {bad!r}$"):
+            calibrate("cka", a, b, ci=bad)
+    with pytest.raises(ValueError, match="k must be >= 1"):  # the metric's own checks run before any work
+        calibrate("mutual_knn", a, b, k=0)
     with pytest.raises(ValueError, match="at least one layer"):
         layer_alignment([], [b], "cka")
     with pytest.raises(ValueError, match="same number of rows"):

@@ -1,14 +1,16 @@
 """Invariances, chance levels, block-size independence, dtypes, registry, layers and calibration."""
 
 import math
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 from prh_stitch.metrics import (METRICS, calibrate, cka, cknna, cycle_knn, layer_alignment, mutual_knn,
                                 retrieval, svcca, unbiased_cka)
 from prh_stitch.metrics.neighbors import knn
-from test_metrics_reference import make_data, np_pair, ref_mutual
+from test_metrics_reference import make_data, np_pair, ref_cka, ref_cycle, ref_edit, ref_knn, ref_lcs, ref_mutual
 
 ALL = METRICS.names()
 BLOCKED = ["mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn", "cknna", "cka", "unbiased_cka"]
@@ -158,11 +160,159 @@ def test_calibrate_report_on_aligned_data():
     rep = calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=1)
     assert rep["score"] == pytest.approx(ref_mutual(na, nb, 5))
     assert rep["p_value"] == pytest.approx(1 / 31) and rep["z"] > 10
-    assert rep["calibrated"] == pytest.approx((rep["score"] - rep["null_mean"]) / (1 - rep["null_mean"]))
     assert rep["ci_low"] < rep["score"] < rep["ci_high"]
     assert calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=1) == rep  # seeded
+    assert calibrate(mutual_knn, a, b, k=5, permutations=30, bootstrap=50, seed=2) != rep
     for name in ("cka", "cknna", "svcca"):
         r = calibrate(name, a, b, permutations=3, bootstrap=4, seed=0)
         assert r["ci_low"] <= r["ci_high"] and r["null_mean"] < r["score"], name
     assert calibrate("unbiased_cka", a, b, permutations=0)["chance"] == 0.0
+    default = calibrate("mutual_knn", a, b)  # documented defaults: 20 permutations, no bootstrap, seed 0
+    assert (default["permutations"], default["bootstrap"]) == (20, 0)
+    assert default == calibrate("mutual_knn", a, b, permutations=20, bootstrap=0, seed=0)
     assert calibrate("lcs_knn", a, b, permutations=2)["chance"] is None
+
+
+# -- calibration against an independent replay of the same seeded draws ----------------------------------------
+# calibrate draws from one CPU generator seeded with ``seed``: first ``permutations`` randperm(N) (the shuffled
+# pairings), then ``bootstrap`` randint(N, (N,)) resamples. The replay below repeats those draws and recomputes
+# everything with the NumPy brute force of test_metrics_reference, sharing no code with calibrate.
+
+
+def replay_draws(n, permutations, bootstrap, seed):
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(n, generator=gen) for _ in range(permutations)]
+    resamples = [torch.randint(n, (n,), generator=gen) for _ in range(bootstrap)]
+    return perms, resamples
+
+
+def mutual_overlaps(na, nb, k):
+    """|N_A(i) ∩ N_B(i)| per sample, as integers (so ties between scores are exact in the replay)."""
+    ia, ib = ref_knn(na, k), ref_knn(nb, k)
+    return np.array([len(set(ia[i]) & set(ib[i])) for i in range(len(na))])
+
+
+def test_calibrate_replays_permutations_and_bootstrap_for_a_knn_metric():
+    """Unrelated features, N = 14, k = 2: scores are multiples of 1/28, so many null scores tie with the observed
+    one exactly. The one-sided p-value counts them (≥, not >); the interval is the percentile interval at the
+    requested level; the null std is the sample std (ddof 1)."""
+    n, k, perms_n, boots_n, seed, ci = 14, 2, 199, 300, 5, 0.9
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g)
+    na, nb = np_pair(a, b)
+    rep = calibrate("mutual_knn", a, b, k=k, permutations=perms_n, bootstrap=boots_n, seed=seed, ci=ci)
+
+    perms, resamples = replay_draws(n, perms_n, boots_n, seed)
+    observed = mutual_overlaps(na, nb, k).sum()
+    null_counts = np.array([mutual_overlaps(na, nb[p.numpy()], k).sum() for p in perms])
+    ties, above = int((null_counts == observed).sum()), int((null_counts > observed).sum())
+    assert ties >= 5 and above >= 5  # the tie rule and the count both matter for this p-value
+    assert rep["score"] == observed / (n * k)
+    assert rep["p_value"] == (1 + above + ties) / (1 + perms_n)
+    null = null_counts / (n * k)
+    mean, std = null.mean(), null.std(ddof=1)
+    assert rep["null_mean"] == pytest.approx(mean, abs=1e-12)
+    assert rep["null_std"] == pytest.approx(std, abs=1e-12)
+    assert rep["z"] == pytest.approx((observed / (n * k) - mean) / std, abs=1e-9)
+    assert rep["calibrated"] == pytest.approx((observed / (n * k) - mean) / (1 - mean), abs=1e-12)
+    assert rep["chance"] == pytest.approx(k / (n - 1), abs=1e-15)
+    assert (rep["metric"], rep["n"], rep["permutations"], rep["bootstrap"]) == ("mutual_knn", n, perms_n, boots_n)
+
+    per_sample = mutual_overlaps(na, nb, k) / k  # resampled conditional on the neighbour graph
+    boots = np.array([per_sample[idx.numpy()].mean() for idx in resamples])
+    low, high = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
+    assert rep["ci"] == ci
+    assert rep["ci_low"] == pytest.approx(low, abs=1e-12) and rep["ci_high"] == pytest.approx(high, abs=1e-12)
+    wider = np.quantile(boots, [0.025, 0.975])  # what a 95 % interval of the same draws would be
+    assert wider[0] < low and high < wider[1]
+
+
+def test_calibrate_replays_row_resampling_for_a_kernel_metric():
+    """CKA has no per-sample scores: the bootstrap recomputes it on resampled rows (duplicates included)."""
+    n, perms_n, boots_n, seed, ci = 40, 6, 25, 3, 0.8
+    a, b = make_data("noisy", n=n)
+    na, nb = np_pair(a, b)
+    rep = calibrate("cka", a, b, permutations=perms_n, bootstrap=boots_n, seed=seed, ci=ci)
+    perms, resamples = replay_draws(n, perms_n, boots_n, seed)
+    score = ref_cka(na, nb)
+    null = np.array([ref_cka(na, nb[p.numpy()]) for p in perms])
+    assert rep["score"] == pytest.approx(score, abs=1e-6)
+    assert rep["null_mean"] == pytest.approx(null.mean(), abs=1e-6)
+    assert rep["null_std"] == pytest.approx(null.std(ddof=1), abs=1e-6)
+    assert rep["z"] == pytest.approx((score - null.mean()) / null.std(ddof=1), rel=1e-4)
+    assert rep["p_value"] == 1 / (1 + perms_n) and rep["chance"] is None
+    boots = np.array([ref_cka(na[idx.numpy()], nb[idx.numpy()]) for idx in resamples])
+    low, high = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
+    assert rep["ci_low"] == pytest.approx(low, abs=1e-6) and rep["ci_high"] == pytest.approx(high, abs=1e-6)
+
+
+def test_calibrate_edge_cases_saturated_null_one_or_two_permutations_and_no_resampling():
+    # N = k + 1: every neighbour list holds all other samples, so every pairing scores 1 and the null is flat
+    a, b = make_data("independent", n=5)
+    flat = calibrate("mutual_knn", a, b, k=4, permutations=4, seed=0)
+    assert flat["score"] == 1.0 and flat["null_mean"] == 1.0 and flat["null_std"] == 0.0
+    assert flat["z"] == 0.0 and flat["p_value"] == 1.0 and flat["calibrated"] is None  # not inf, not 0/0
+    a, b = make_data("noisy", n=30)
+    one = calibrate("mutual_knn", a, b, k=3, permutations=1, seed=0)
+    assert one["null_std"] == 0.0 and one["z"] == math.inf  # one draw has no spread; the score is above it
+    two = calibrate("mutual_knn", a, b, k=3, permutations=2, seed=0)
+    perms, _ = replay_draws(30, 2, 0, 0)
+    na, nb = np_pair(a, b)
+    null = np.array([ref_mutual(na, nb[p.numpy()], 3) for p in perms])
+    assert two["null_std"] == pytest.approx(null.std(ddof=1), abs=1e-12) and two["null_std"] > 0
+    none = calibrate("mutual_knn", a, b, k=3, permutations=0)
+    assert all(none[key] is None for key in ("null_mean", "null_std", "z", "p_value", "calibrated", "ci_low",
+                                             "ci_high"))
+    assert none["ci"] == 0.95 and none["score"] == pytest.approx(ref_mutual(na, nb, 3), abs=1e-12)
+
+
+def test_permutation_p_values_are_valid_under_the_null():
+    """Simulation: for unrelated features P(p ≤ α) ≤ α (the +1 in numerator and denominator makes the test exact
+    up to ties); with 19 permutations the attainable levels are multiples of 1/20."""
+    g = torch.Generator().manual_seed(0)
+    p_values = []
+    for trial in range(150):
+        a, b = torch.randn(20, 4, generator=g), torch.randn(20, 4, generator=g)
+        p_values.append(calibrate("mutual_knn", a, b, k=3, permutations=19, seed=trial)["p_value"])
+    p_values = np.array(p_values)
+    for alpha in (0.1, 0.25, 0.5):
+        # binomial(150, alpha) upper 99.9 % bound: alpha + 3.1 sd
+        assert (p_values <= alpha).mean() <= alpha + 3.1 * np.sqrt(alpha * (1 - alpha) / 150), alpha
+    assert (p_values <= 0.5).mean() > 0.25  # not trivially conservative (p ≡ 1 would pass the bound above)
+
+
+# -- import-time wiring -----------------------------------------------------------------------------------------
+
+
+def fresh_import(module_name, monkeypatch):
+    """A second copy of a metrics module, executed inside the test, so its import-time wiring (the parts each
+    metric attaches for layers and calibration) runs here. The registry it writes to is a copy, restored after."""
+    import importlib
+    import importlib.util
+
+    from prh_stitch.metrics import _spec
+
+    monkeypatch.setattr(_spec, "_SPECS", dict(_spec._SPECS))
+    original = importlib.import_module(module_name)
+    spec = importlib.util.spec_from_file_location(module_name + "_fresh", original.__file__)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = module_name.rpartition(".")[0]
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_fresh_import_of_the_knn_module_wires_every_part(monkeypatch):
+    fresh = fresh_import("prh_stitch.metrics.knn", monkeypatch)
+    a, b = make_data("clusters", n=40)
+    na, nb = np_pair(a, b)
+    for name, ref in (("mutual_knn", ref_mutual), ("cycle_knn", ref_cycle), ("lcs_knn", ref_lcs),
+                      ("edit_distance_knn", ref_edit)):
+        fn, imported = getattr(fresh, name), METRICS.get(name)
+        assert fn is not imported and fn.spec is not imported.spec
+        assert fn(a, b, k=4) == pytest.approx(ref(na, nb, 4), abs=1e-12), name
+        # chance, permutation (relabelled lists), per-sample bootstrap: the same report as the imported metric
+        assert calibrate(fn, a, b, k=4, permutations=3, bootstrap=5, seed=0) == \
+            calibrate(imported, a, b, k=4, permutations=3, bootstrap=5, seed=0), name
+        with pytest.raises(ValueError, match="k must be >= 1"):
+            fn(a, b, k=0)

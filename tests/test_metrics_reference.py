@@ -261,15 +261,61 @@ def test_retrieval_groups_count_same_caption_as_correct():
     na, nb = np_pair(a, b)
     ours = retrieval(a, b, groups=groups, ks=(1, 3, 100))
     ref = ref_retrieval(na, nb, groups.numpy(), ks=(1, 3, 100))
+    assert set(ours) == set(ref) and any(k.startswith("b2a/") for k in ref)
     for key, value in ref.items():
         assert ours[key] == pytest.approx(value, abs=1e-6), key
     assert ours["a2b/recall@100"] == 1.0  # k > N is clipped: every query ranks its match somewhere
-    # with duplicated rows, the copy of the true item ranks as well as the true item: groups make it correct
-    b2 = a.clone()
-    b2[1::2] = b2[0::2]
+
+
+def tie_heavy_pair(n=48, seed=0):
+    """Small-integer rows drawn from a palette of 4 (exact float32 inner products: many exact ties), and groups
+    that put identical rows under one caption *and* under different captions, in scattered index order."""
+    g = torch.Generator().manual_seed(seed)
+    palette = torch.tensor([[2.0, 0, 1], [0, 2, 1], [1, 1, 1], [2, 1, 0]])
+    a = palette[torch.randint(4, (n,), generator=g)]
+    b = palette[torch.randint(4, (n,), generator=g)]
+    groups = torch.randint(n // 4, (n,), generator=g)
+    return a, b, groups
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_ranks_with_ties_match_brute_force_in_both_directions(seed):
+    """Exact ties among same-caption items and between correct and wrong items, per query, both ways."""
+    from prh_stitch.metrics.retrieval import ranks
+
+    a, b, groups = tie_heavy_pair(seed=seed)
+    na, nb, ng = a.double().numpy(), b.double().numpy(), groups.numpy()
+    for q, it in ((a, b), (b, a)):
+        expected = ref_ranks(q.double().numpy(), it.double().numpy(), ng)
+        plain = ref_ranks(q.double().numpy(), it.double().numpy())
+        assert (expected != plain).any()  # the groups change some ranks, so they are really exercised
+        for bs in (None, 5, 48):
+            assert ranks(q, it, groups, block_size=bs).dtype == torch.int64
+            assert ranks(q, it, groups, block_size=bs).tolist() == expected.tolist()
+            assert ranks(q, it, None, block_size=bs).tolist() == plain.tolist()
+    ours = retrieval(a, b, groups=groups, normalize=False, ks=(1, 2, 5), block_size=7)
+    ref = ref_retrieval(na, nb, ng, ks=(1, 2, 5))
+    ref["mean_cosine"] = np.mean(np.sum(unit(na) * unit(nb), 1))  # cosine whatever normalize (docstring)
+    assert set(ours) == set(ref)
+    for key, value in ref.items():  # ranks are exact; the cosine goes through float32 norms
+        assert ours[key] == pytest.approx(value, abs=1e-6 if key == "mean_cosine" else 1e-12), key
+
+
+def test_duplicated_items_of_one_caption_are_found_in_both_directions():
+    """Rows 2j and 2j+1 are exact copies on both sides, both under caption j. Rows are distinct 4-of-10 binary
+    patterns, so every cosine is an exact multiple of 1/4 and the copies tie exactly with the true item."""
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(400)])
+    rows = torch.zeros(400, 10).scatter_(1, patterns, 1.0).unique(dim=0)[:30]
+    x = rows[torch.randperm(30, generator=g)].repeat_interleave(2, dim=0)  # 60 rows, copies side by side
     grp = torch.arange(60) // 2
-    assert retrieval(a, b2, groups=grp)["b2a/recall@1"] == 1.0
-    assert retrieval(a, b2)["b2a/recall@1"] < 1.0
+    with_groups = retrieval(x, x.clone(), groups=grp)
+    for way in ("a2b", "b2a"):
+        assert with_groups[f"{way}/recall@1"] == 1.0 and with_groups[f"{way}/mean_rank"] == 1.0, way
+    # without groups the copy at the lower index comes first: odd rows rank their own item second
+    plain = retrieval(x, x.clone())
+    for way in ("a2b", "b2a"):
+        assert plain[f"{way}/recall@1"] == 0.5 and plain[f"{way}/mean_rank"] == 1.5, way
 
 
 def test_median_pairwise_distance_is_exact():

@@ -1,8 +1,6 @@
 """torchmetrics wrappers: batched == one shot, index de-duplication, and DDP (2 processes, gloo) == one process."""
 
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
@@ -78,10 +76,9 @@ def test_index_drops_padded_repeats_and_orders_rows():
     assert float(m.compute()) != pytest.approx(mutual_knn(a, b, k=5), abs=1e-6)
 
 
-def _ddp_worker(rank, world, port, result_file):
+def _ddp_worker(rank, world, rendezvous, out_dir):
     torch.set_num_threads(1)  # two processes on a small CPU: avoid oversubscribed OpenMP barriers
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         a, b, groups = data()
         padded = torch.cat([torch.arange(N), torch.arange(N)[: (-N) % world]])  # DistributedSampler padding
@@ -94,22 +91,14 @@ def _ddp_worker(rank, world, port, result_file):
                 check_equal(metric.compute(), fn(a, b))
             except AssertionError as err:
                 failures.append(f"{type(metric).__name__}: {err}")
-        if rank == 0:
-            with open(result_file, "w") as f:
-                f.write("\n".join(failures) if failures else "ok")
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write("\n".join(failures) if failures else "ok")
     finally:
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_two_processes_equal_one_process():
-    with tempfile.TemporaryDirectory() as tmp:
-        result = os.path.join(tmp, "result.txt")
-        mp.spawn(_ddp_worker, args=(2, _free_port(), result), nprocs=2, join=True)
-        with open(result) as f:
-            assert f.read() == "ok"
+def test_ddp_two_processes_equal_one_process_on_every_rank(tmp_path):
+    """2 ranks, 103 rows: the sampler pads one repeated row; every rank's compute() must give the 1-process score."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "ok", f"rank {rank}"
