@@ -21,7 +21,7 @@ other along the named axis), so a caption never claims a relation the picture do
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -168,17 +168,12 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"no drawing for shape {shape!r}")
 
 
-def generate_scene(rng: np.random.Generator, size: int = 224) -> Tuple[Image.Image, str, dict]:
-    """Draw one scene; return ``(RGB image of size x size, caption, meta)``.
+def _layout(rng: np.random.Generator) -> Tuple[List[Dict[str, object]], list, Optional[str]]:
+    """Groups, their members ``[((x, y), radius), ...]`` and the pair relation, drawn until the layout is honest.
 
-    ``meta`` holds per-object lists ``shapes``, ``colours``, ``sizes`` and ``positions`` (centre as
-    fractions of the side, x to the right, y downwards), ``counts`` per group, ``background``,
-    ``relation`` (or None), ``kind`` and ``label`` / ``label_name``: the shape class of the largest
-    object, ties broken by the order of mention in the caption. All values are plain Python types.
-    The result depends only on the generator's state, so a seeded generator reproduces it exactly.
+    Two groups must stand in a clear relation, three must be clearly ordered left to right (and are then put in
+    that order, the caption's order of mention).
     """
-    if size < 16:
-        raise ValueError(f"scene size must be at least 16 pixels, got {size}")
     while True:
         groups = _plan_groups(rng)
         radii_by_group = []
@@ -207,7 +202,21 @@ def generate_scene(rng: np.random.Generator, size: int = 224) -> Tuple[Image.Ima
             order = sorted(range(3), key=lambda gi: members[gi][0][0][0])
             groups = [groups[gi] for gi in order]
             members = [members[gi] for gi in order]
-        break
+        return groups, members, relation
+
+
+def generate_scene(rng: np.random.Generator, size: int = 224) -> Tuple[Image.Image, str, dict]:
+    """Draw one scene; return ``(RGB image of size x size, caption, meta)``.
+
+    ``meta`` holds per-object lists ``shapes``, ``colours``, ``sizes`` and ``positions`` (centre as
+    fractions of the side, x to the right, y downwards), ``counts`` per group, ``background``,
+    ``relation`` (or None), ``kind`` and ``label`` / ``label_name``: the shape class of the largest
+    object, ties broken by the order of mention in the caption. All values are plain Python types.
+    The result depends only on the generator's state, so a seeded generator reproduces it exactly.
+    """
+    if size < 16:
+        raise ValueError(f"scene size must be at least 16 pixels, got {size}")
+    groups, members, relation = _layout(rng)
 
     background = _choice(rng, list(BACKGROUNDS))
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])

@@ -1,0 +1,164 @@
+"""Who extracts what: the ranks extracting one entry together, and each consumer's units of work.
+
+A unit is a block of ``chunk_size`` raw samples of one shard. ``UnitReader`` yields this consumer's samples
+(only its units are decoded) and a ``UnitDone`` at the end of each of its units; ``unit_batches`` turns them into
+encoder batches that never span two units, so the features do not depend on how many consumers did the work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+
+from torch.utils.data import IterableDataset
+
+from prh_stitch.data.batches import Prepare, collate
+from prh_stitch.data.split import current_consumer, owner, split_mode
+from prh_stitch.data.store_entry import BadFeatures, EntryMismatch
+from prh_stitch.data.stream import PROBLEM, SkipStats, count_problem, decoded, read_shard
+from prh_stitch.encoders.base import FrozenEncoder
+
+# -- the processes that extract one entry together -----------------------------------------------------
+
+
+@dataclass
+class Ranks:
+    """This process's place among those extracting together, and one collective: ``exchange``.
+
+    ``exchange(obj)`` returns every rank's ``obj`` in rank order; all ranks must call it the same number of
+    times. ``Ranks()`` is a single process; ``from_torch()`` uses an initialised torch.distributed group.
+    """
+
+    rank: int = 0
+    world: int = 1
+    exchange: Callable[[Any], List[Any]] = field(default=lambda obj: [obj])
+
+    @classmethod
+    def from_torch(cls) -> "Ranks":
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+
+        def exchange(obj: Any) -> List[Any]:
+            gathered: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, obj)
+            return gathered
+
+        return cls(dist.get_rank(), dist.get_world_size(), exchange)
+
+    @classmethod
+    def from_trainer(cls, trainer: Any) -> "Ranks":
+        """The trainer's processes (Lightning has initialised torch.distributed for multi-process strategies)."""
+        if trainer is None or trainer.world_size <= 1:
+            return cls()
+        return cls.from_torch()
+
+    def barrier(self) -> None:
+        self.exchange(None)
+
+    def agree(self, error: Optional[BaseException]) -> List[Optional[Tuple[str, str]]]:
+        """Share whether each rank failed; raise on every rank if any did (no rank is left waiting)."""
+        mine = None if error is None else (type(error).__name__, str(error))
+        everyone = self.exchange(mine)
+        failed = [(rank, e) for rank, e in enumerate(everyone) if e is not None]
+        if failed:
+            if error is not None:
+                raise error
+            rank, (kind, message) = failed[0]
+            cls = {"BadFeatures": BadFeatures, "EntryMismatch": EntryMismatch, "ValueError": ValueError}.get(kind, RuntimeError)
+            raise cls(f"feature extraction failed on rank {rank}: {message}")
+        return everyone
+
+
+# -- units of work -------------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitDone:
+    """End of one unit of work (shard ``shard``, block ``block``), with its counts."""
+
+    shard: int
+    block: int
+    url: str
+    raw: int  # raw samples in the block, good or bad
+    last: bool  # the block ends its shard
+    good: int
+    skipped: Dict[str, int]
+
+
+def _label(meta: Any) -> int:
+    label = meta.get("label", -1) if isinstance(meta, dict) else -1
+    return int(label) if isinstance(label, (int, float)) else -1
+
+
+class UnitReader(IterableDataset):
+    """Reads this consumer's units of the shards, skipping done ones; yields samples and ``UnitDone`` events.
+
+    The split is ``split.py``'s rule: whole shards when there are at least as many as consumers, else units
+    (numbered over all shards in order). Samples (decoded, tagged with their ``unit``) come in shard order; each unit
+    this consumer owns ends with a ``UnitDone`` carrying its skip counts by reason, so counts reach the main process
+    with the data even from DataLoader workers. Shard-level problems count in the unit that ends the shard.
+    ``finished_shards``: {shard: its number of units} of shards done in an earlier run (not read again).
+    """
+
+    def __init__(self, urls: Sequence[str], chunk_size: int, done: Set[Tuple[int, int]],
+                 finished_shards: Dict[int, int], rank: int = 0, world: int = 1, image_mode: Optional[str] = "RGB") -> None:
+        super().__init__()
+        self.urls, self.chunk_size, self.done, self.finished = list(urls), int(chunk_size), set(done), dict(finished_shards)
+        self.rank, self.world, self.image_mode = rank, world, image_mode
+
+    def __iter__(self) -> Iterator[Any]:
+        index, count = current_consumer(True, True, self.rank, self.world)
+        by_shard = split_mode("auto", len(self.urls), count) == "shard"
+        units_before = 0  # units of the shards before this one: the running unit number of the "sample" split
+        for shard, url in enumerate(self.urls):
+            if shard in self.finished:
+                units_before += self.finished[shard]
+                continue
+            if by_shard and owner(shard, count) != index:
+                continue
+
+            def mine(block: int, shard: int = shard, first: int = units_before) -> bool:
+                return (by_shard or owner(first + block, count) == index) and (shard, block) not in self.done
+
+            units_before += yield from self._shard(shard, url, mine)
+
+    def _shard(self, shard: int, url: str, mine: Callable[[int], bool]):
+        """The shard's samples and unit ends; returns its number of units."""
+        block, position, stats = 0, 0, SkipStats()
+        problems = []
+        for item in read_shard(url):
+            if PROBLEM in item:
+                problems.append(item)
+                continue
+            if position // self.chunk_size != block:
+                if mine(block):
+                    yield UnitDone(shard, block, url, self.chunk_size, False, stats.good, dict(stats.skipped))
+                block, stats = position // self.chunk_size, SkipStats()
+            position += 1
+            if mine(block):  # else not decoded: someone else's unit, or one finished in an earlier run
+                for sample in decoded([item], stats, self.image_mode):
+                    yield dict(sample, unit=(shard, block), label=_label(sample["meta"]))
+        if mine(block):
+            for problem in problems:
+                count_problem(problem, stats)
+            yield UnitDone(shard, block, url, position - block * self.chunk_size, True, stats.good, dict(stats.skipped))
+        return block + 1
+
+
+def unit_batches(items: Iterable[Any], batch_size: int, encoder: FrozenEncoder) -> Iterator[Tuple[str, Any]]:
+    """The worker side of extraction: ``("batch", batch)`` of prepared samples, never spanning two units, and
+    ``("done", UnitDone)`` once a unit's samples are all in batches."""
+    prepare, batch = Prepare({"encoder": encoder}, keep_images=False), []
+    for item in items:
+        if isinstance(item, UnitDone) or len(batch) == batch_size:
+            if batch:
+                yield "batch", collate(batch, {"encoder": encoder})
+            batch = []
+        if isinstance(item, UnitDone):
+            yield "done", item
+        else:
+            batch.append(prepare(item))
+    if batch:
+        yield "batch", collate(batch, {"encoder": encoder})
