@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prh_stitch.data.__main__ import _is_val, main
+from prh_stitch.cli.data import main
+from prh_stitch.data.commands import is_val as _is_val
 from prh_stitch.data.shards import ensure_scene_shards
 from prh_stitch.data.stream import PairedShards
 
@@ -135,7 +136,8 @@ def test_fashion_mnist_source_through_the_cli(tmp_path, capsys, monkeypatch):
 
 def test_argparse_errors_return_a_status(capsys):
     assert main(["write", "--source", "scenes"]) == 2
-    assert "--out" in capsys.readouterr().err
+    err = capsys.readouterr().err  # jsonargparse names the missing option by its key, write.out
+    assert err.count("\n") == 1 and "required" in err and "write.out" in err
     assert main([]) == 2
 
 

@@ -1,6 +1,6 @@
 """The raw data layer: built-in scenes, shard writing, robust shard streaming, sample sources.
 
-``python -m prh_stitch.data write|check`` is the command-line entry point (see ``__main__``).
+``python -m prh_stitch.data write|check`` is the command-line entry point (see :mod:`prh_stitch.cli.data`).
 """
 
 from prh_stitch.data.scenes import generate_scene

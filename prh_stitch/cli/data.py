@@ -1,0 +1,98 @@
+"""``python -m prh_stitch.data write|check|extract`` (``prh-data``): argument parsing and nothing else.
+
+    python -m prh_stitch.data write --source scenes --out data/scenes --n 10000 --val-fraction 0.1
+    python -m prh_stitch.data write --source folder --captions pairs.csv --out data/mine
+    python -m prh_stitch.data write --source fashion_mnist --split test --out data/fmnist --val-fraction 0
+    python -m prh_stitch.data check "data/scenes/train-{000000..000009}.tar"
+    python -m prh_stitch.data extract --encoder efficientnet_lite0 --layers -1 3 \
+        --data "data/scenes/train-{000000..000009}.tar" --out ~/.cache/prh_stitch/features --workers 2
+
+Each subcommand prints one JSON object: the written series (:func:`~prh_stitch.data.commands.write_shards`),
+the scan report (:func:`~prh_stitch.data.commands.check_shards`) or the feature-store entry
+(:func:`~prh_stitch.data.commands.extract_features`); ``SUBCOMMAND --help`` lists the options, ``--config FILE``
+reads them from YAML and ``--print_config`` prints one. Exit status: 0 success (``check``: some good samples,
+skips allowed), 1 ``check`` found no good sample, 2 bad input, printed as one line
+``python -m prh_stitch.data: error: ...``, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import List, Optional, Sequence
+
+from prh_stitch.cli.common import argv_of, option_kinds, run_command, standard_spelling, with_shipped_configs
+
+PROG = "python -m prh_stitch.data"
+
+
+def _subparser(description: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML file (--print_config writes one)")
+    return parser
+
+
+def build_parser():
+    """The parser of every subcommand; write's and extract's options are the library functions' signatures."""
+    from jsonargparse import ArgumentParser
+
+    from prh_stitch.data.commands import extract_features, write_shards
+    from prh_stitch.data.sources import SOURCES
+
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=False)
+    commands = parser.add_subcommands(dest="command")
+    write = _subparser(f"Write paired image-caption shards from a source ({', '.join(SOURCES.names())}).")
+    write.add_function_arguments(write_shards, None)
+    commands.add_subcommand("write", write, help="write paired image-caption shards from a source")
+    check = _subparser("Read every sample of some shards and report counts and skips.")
+    check.add_argument("pattern", type=str, help="shard pattern: brace range, glob, folder, list, pipe: URL")
+    commands.add_subcommand("check", check, help="read every sample of some shards and report counts and skips")
+    extract = _subparser("Extract an encoder's features of some shards into the feature store.")
+    extract.add_function_arguments(extract_features, None)
+    commands.add_subcommand("extract", extract,
+                            help="extract an encoder's features of some shards into the feature store")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m prh_stitch.data`` / ``prh-data``; returns the exit status."""
+    from prh_stitch.data.commands import extract_features, write_shards
+
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    kinds = option_kinds(write_shards, extract_features)
+    args = [_listed(arg) for arg in argv_of(argv)]
+    return run_command(PROG, lambda: _run(with_shipped_configs(standard_spelling(args, kinds))))
+
+
+def _listed(arg: str) -> str:
+    """``--layers=-1`` (argparse's nargs spelling) as ``--layers=[-1]``, the list jsonargparse expects."""
+    name, eq, value = arg.partition("=")
+    return f"{name}=[{value}]" if eq and name == "--layers" and not value.startswith("[") else arg
+
+
+def _run(args: List[str]) -> int:
+    from prh_stitch.data.commands import check_shards, extract_features, no_good_samples_line, write_shards
+
+    namespace = build_parser().parse_args(args)
+    command = namespace.command
+    options = namespace[command].as_dict()
+    options.pop("config", None)
+    try:
+        if command == "check":
+            report = check_shards(options["pattern"])
+            print(json.dumps(report, sort_keys=True))
+            failure = no_good_samples_line(options["pattern"], report)
+            if failure:
+                print(f"error: {failure}", file=sys.stderr)  # a finding, not bad input: exit status 1
+                return 1
+            return 0
+        run = write_shards if command == "write" else extract_features
+        print(json.dumps(run(**options)))
+        return 0
+    except OSError as exc:  # a file the system refused (permissions, a full disk): the user's to fix, one line
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(str(exc).replace("\n", " ")) from exc
