@@ -44,11 +44,10 @@ def load_features(ex: Extraction, encoder, urls: Sequence[str], pooling: Optiona
     try:
         feature_set = ex.store.get(encoder, list(urls), layers=layers, pooling=pooling, batch_size=ex.batch_size,
                                    num_workers=ex.num_workers, progress=ex.progress)
-    except BadFeatures:
-        problem = no_samples_problem(urls)
-        if problem is None:  # the shards have good samples: the store's own error (NaN features, duplicate keys)
+    except BadFeatures as exc:
+        if exc.skipped is None:  # the shards have good samples: the store's own error (NaN features, duplicate keys)
             raise
-        raise UserError(problem) from None
+        raise UserError(no_samples_problem(urls, exc.skipped)) from None
     finally:
         encoder.to("cpu")
     # Recorded here, from the encoder itself, so reports and the score cache do not depend on which identity
@@ -58,17 +57,8 @@ def load_features(ex: Extraction, encoder, urls: Sequence[str], pooling: Optiona
     return feature_set
 
 
-def no_samples_problem(urls: Sequence[str]) -> Optional[str]:
-    """Why the shards give no usable sample, from the data package's counted scan; None when they have some.
-
-    Only on the failure path; the skip counts come from ``scan``'s counters, never from an error's text.
-    """
-    from prh_stitch.data.stream import scan
-
-    report = scan(list(urls))
-    if report.get("good"):
-        return None
-    counts = report["skipped"]  # {reason: count}
+def no_samples_problem(urls: Sequence[str], counts: Dict[str, int]) -> str:
+    """Why the shards give no usable sample, from the store's skip counts ({reason: count}) carried by its error."""
     text = json.dumps(counts)
     if counts.get("missing_caption") or counts.get("empty_caption"):
         return (f"the data has no captions: no sample of {len(urls)} shard(s) ({urls[0]} ...) has a non-empty .txt "

@@ -28,7 +28,7 @@ import shutil
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -72,7 +72,15 @@ def data_fingerprint(urls: Sequence[str]) -> str:
 
 
 class BadFeatures(ValueError):
-    """The inputs cannot give a usable entry (no good sample, NaN features, duplicate keys): nothing is kept."""
+    """The inputs cannot give a usable entry (no good sample, NaN features, duplicate keys): nothing is kept.
+
+    ``skipped`` ({reason: count}) is set when there was no good sample at all, so callers can explain why from
+    the counts themselves; it is None for the other problems.
+    """
+
+    def __init__(self, message: str, skipped: Optional[Dict[str, int]] = None) -> None:
+        super().__init__(message)
+        self.skipped = skipped
 
 
 class EntryMismatch(ValueError):
@@ -250,7 +258,8 @@ def _key_order(keys: List[str], stats: SkipStats, shards: int) -> List[str]:
     if not keys:
         raise BadFeatures(
             f"no usable samples in {shards} shard(s); skipped: {dict(stats.skipped)}. "
-            "Check the shards with: python -m prh_stitch.data check \"PATTERN\""
+            "Check the shards with: python -m prh_stitch.data check \"PATTERN\"",
+            skipped=dict(stats.skipped),
         )
     sorted_keys = sorted(keys)
     duplicates = [a for a, b in zip(sorted_keys, sorted_keys[1:]) if a == b]
