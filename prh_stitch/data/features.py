@@ -277,7 +277,8 @@ class FeatureStore:
         # Units small enough that every rank x worker gets one (fixed when the entry is created; batches never
         # span units, so the features depend on the unit size, not on how many consumers share the work).
         consumers = ranks.world * max(1, num_workers)
-        chunk_size = self._open_entry(entry, identity, unit_size(self.chunk_size, samples_per_shard(urls), consumers))
+        counts = samples_per_shard(urls)
+        chunk_size = self._open_entry(entry, identity, unit_size(self.chunk_size, counts, consumers))
         (entry / "parts").mkdir(exist_ok=True)
         units = self.units_on_disk(entry)
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
@@ -286,7 +287,10 @@ class FeatureStore:
                             batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         names = identity["layers"]
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
-        with tqdm(desc=f"features {encoder.name}", unit="sample", disable=not progress or ranks.rank != 0) as bar:
+        # A total (hence an ETA) where the manifests give it and this process encodes everything from scratch.
+        total = sum(counts) if counts and ranks.world == 1 and not units else None
+        with tqdm(desc=f"features {encoder.name}", unit="sample", total=total,
+                  disable=not progress or ranks.rank != 0) as bar:
             for kind, item in loader:
                 if kind == "batch":
                     # One device-to-host copy per batch; the rows wait on the CPU until their unit is complete.
