@@ -291,8 +291,10 @@ def fresh_import(module_name, monkeypatch):
     import importlib.util
 
     from prh_stitch.metrics import _spec
+    from prh_stitch.registry import Registry
 
-    monkeypatch.setattr(_spec, "_SPECS", dict(_spec._SPECS))
+    # A fresh, empty registry for the copy (the real one refuses a second "mutual_knn"); the real one is untouched.
+    monkeypatch.setattr(_spec, "METRICS", Registry("metric"))
     original = importlib.import_module(module_name)
     spec = importlib.util.spec_from_file_location(module_name + "_fresh", original.__file__)
     module = importlib.util.module_from_spec(spec)
