@@ -314,3 +314,25 @@ def test_scan_reports_counts_skips_and_the_key_hash(four_shards, tmp_path):
     assert report["keys_sha256"] == keys_digest(keys) and report["duplicate_keys"] == 0
     assert report["num_shards"] == 5 and [s["url"] for s in report["shards"]] == sorted([*urls, bad])
     assert scan([*urls, duplicate])["duplicate_keys"] == 1
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16_bit_grayscale_images_are_scaled_to_8_bits_not_clipped(mode):
+    """A 16-bit PNG decodes to the same picture in 8 bits (PIL's convert alone would make it almost all white)."""
+    import numpy as np
+    from PIL import Image
+
+    from prh_stitch.data.stream import decode_sample
+
+    levels = np.array([[0, 257, 32768, 49152, 65535]], dtype=np.uint16)
+    image = Image.fromarray(levels)
+    if mode != image.mode:
+        image = Image.frombytes(mode, image.size, levels.astype(">u2").tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    raw = {"__key__": "k", "__url__": "u", "png": buffer.getvalue(), "txt": b"a gray ramp"}
+    sample = decode_sample(raw, "RGB")
+    pixels = np.asarray(sample["image"])
+    assert sample["image"].mode == "RGB" and pixels.shape == (1, 5, 3)
+    assert pixels[0, :, 0].tolist() == [0, 1, 128, 191, 255]
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()

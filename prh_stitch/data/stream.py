@@ -39,6 +39,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
 import webdataset as wds
 from webdataset.gopen import Pipe, gopen
@@ -243,6 +244,17 @@ def read_shard(url: str) -> Iterator[Dict[str, Any]]:
 # -- decoding --------------------------------------------------------------------------------------------
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (``I;16*``, as PIL opens 16-bit PNGs) scaled to 8-bit ``L``; other modes as they are.
+
+    PIL's own ``convert`` clips these to 0..255, which turns almost every pixel of a 16-bit image white.
+    """
+    if image.mode.startswith("I;16"):
+        pixels = np.asarray(image, dtype=np.int64)
+        return Image.fromarray(((np.clip(pixels, 0, 65535) + 128) // 257).astype(np.uint8), mode="L")
+    return image
+
+
 def decode_sample(raw: Dict[str, Any], image_mode: Optional[str]) -> Dict[str, Any]:
     """``{key, image, caption, meta, url}`` of a raw sample; ``{"skip": reason, "detail": ...}`` when it is bad."""
     def bad(reason: str, detail: str) -> Dict[str, Any]:
@@ -274,7 +286,7 @@ def decode_sample(raw: Dict[str, Any], image_mode: Optional[str]) -> Dict[str, A
         image = Image.open(io.BytesIO(raw[image_ext]))
         image.load()  # all pixels now: a truncated or garbage file fails here, not in a transform
         if image_mode and image.mode != image_mode:
-            image = image.convert(image_mode)
+            image = to_8bit(image).convert(image_mode)
     except Exception as exc:  # noqa: BLE001 - PIL's decoders raise many types (OSError, SyntaxError, ValueError...)
         return bad("undecodable_image", f"{type(exc).__name__}: {exc}")
     return {"key": raw["__key__"], "image": image, "caption": caption, "meta": meta, "url": raw["__url__"]}
