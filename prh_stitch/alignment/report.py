@@ -73,13 +73,14 @@ def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: s
                      reports.fmt(last.get("calibrated"), 3), reports.interval(last.get("ci_low"), last.get("ci_high"))])
     settings = header.get("settings", {})
     return (f"# {title}\n\nN = {records[0]['n'] if records else '–'} paired samples, k = {settings.get('k')}, "
-            f"{settings.get('permutations')} permutations, {settings.get('bootstrap')} bootstrap resamples, "
+            f"{settings.get('permutations')} permutations, {settings.get('bootstrap')} half-samples per interval, "
             f"seed {settings.get('seed')}, {clamp_note(settings.get('outlier_quantile'))}, "
             f"device {header.get('device')}.\n\n"
             "**best** is the maximum over all layer pairs (the paper's headline number); because it is a maximum "
             "it sits above chance even for unrelated models, so compare it with *null of max* (the same maximum "
             "with the pairing shuffled). **last** is the last-layer pair, with its chance level, permutation null, "
-            "calibrated score (s − null)/(1 − null) and 95% bootstrap interval.\n\n"
+            "calibrated score (s − null)/(1 − null) and 95% interval "
+            f"({records[0]['last'].get('interval_method') if records else '–'}).\n\n"
             + reports.markdown_table(["model A", "model B", "metric", "best (layers)", "null of max",
                                       "calibrated max", "last", "chance", "null", "calibrated", "95% CI"], rows))
 
