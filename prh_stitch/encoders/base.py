@@ -194,8 +194,17 @@ class FrozenEncoder(nn.Module, ABC):
             h.update(sample.numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the network computes in (its first floating-point parameter's; float32 for none)."""
+        floating = (p.dtype for p in self.parameters() if p.is_floating_point())
+        return next(floating, torch.float32)
+
     def fingerprint(self, layers: Sequence[Layer] = (-1,), pooling: Optional[str] = None) -> str:
-        """Identity of the features this encoder produces for these layers and pooling."""
+        """Identity of the features this encoder produces for these layers and pooling.
+
+        A network run in bf16 or fp16 gives other features than in float32, so a lower compute dtype enters the
+        identity (float32 adds nothing, which keeps the fingerprints of features stored before this field).
+        """
         payload = {
             "name": self.name,
             "class": type(self).__name__,
@@ -204,6 +213,8 @@ class FrozenEncoder(nn.Module, ABC):
             "layers": [self.layer_names[self.resolve_layer(layer)] for layer in layers],
             "pooling": pooling,
         }
+        if self.compute_dtype() != torch.float32:
+            payload["dtype"] = str(self.compute_dtype()).replace("torch.", "")
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
