@@ -11,13 +11,16 @@ from typing import Any, Dict, Optional, Union
 from prh_stitch.encoders.base import EncoderSpec, FrozenEncoder
 from prh_stitch.encoders.builtins import BUILTINS, IMAGENET_TOP1
 from prh_stitch.encoders.hf_backend import HFTextEncoder
+from prh_stitch.encoders.hf_vision import HFVisionEncoder, hf_encoder
+from prh_stitch.encoders.openclip_backend import OpenCLIPEncoder
 from prh_stitch.encoders.pooling import POOLERS
 from prh_stitch.encoders.timm_backend import TimmEncoder
 from prh_stitch.registry import Registry
 
 BACKENDS: Registry = Registry("encoder backend")
 BACKENDS.register("timm")(TimmEncoder)
-BACKENDS.register("hf")(HFTextEncoder)
+BACKENDS.register("hf")(hf_encoder)
+BACKENDS.register("openclip")(OpenCLIPEncoder)
 
 
 def build_encoder(
@@ -52,5 +55,5 @@ def encoder_from_spec(spec: Union[EncoderSpec, Dict[str, Any], str]) -> FrozenEn
 
 __all__ = [
     "BACKENDS", "BUILTINS", "IMAGENET_TOP1", "POOLERS", "EncoderSpec", "FrozenEncoder", "HFTextEncoder",
-    "TimmEncoder", "build_encoder", "encoder_from_spec",
+    "HFVisionEncoder", "OpenCLIPEncoder", "TimmEncoder", "build_encoder", "encoder_from_spec",
 ]

@@ -70,7 +70,11 @@ def load_hf_model(path: str, pretrained: bool, checkpoint: Optional[str], option
     kwargs = options.from_pretrained_kwargs()
     try:
         if pretrained and checkpoint is None:
-            return AutoModel.from_pretrained(path, **kwargs)
+            # Parts a checkpoint lacks (ViT's pooler in DINO checkpoints) are newly initialised: from a fixed seed,
+            # so the weights digest, and with it the feature store's key, is the same on every load.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return AutoModel.from_pretrained(path, **kwargs)
         config = AutoConfig.from_pretrained(path, revision=options.revision,
                                             trust_remote_code=options.trust_remote_code)
     except OSError as exc:
