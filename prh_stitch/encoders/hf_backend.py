@@ -25,8 +25,9 @@ PROJECTION_LAYER = "projection"
 
 
 class KeepsDeviceMapPlacement(nn.Module):
-    """A model that accelerate spread over devices (``device_map``) stays where it was put: ``.to(device)`` is a
-    no-op for it, and inputs go to the device of its first parameter (accelerate's hooks move them on from there)."""
+    """A model placed by a ``device_map`` (one GPU, or a large model spread over several by accelerate) stays where it
+    was put: ``.to(...)`` is a no-op for it (the feature store moves encoders to its device and back to the CPU), and
+    inputs go to the device of its first parameter (accelerate's hooks move them on from there)."""
 
     _placed_by_device_map = False
 
@@ -74,7 +75,7 @@ class HFTextEncoder(KeepsDeviceMapPlacement, FrozenEncoder):
         options = LoadingOptions(torch_dtype, device_map, revision, trust_remote_code, attn_implementation)
         if model is None:
             full = load_hf_model(path, pretrained, checkpoint, options)
-            self._placed_by_device_map = placed_by_device_map(full)
+            self._placed_by_device_map = placed_by_device_map(full, device_map)
             model, projection = pick_tower(full, path, tower)
             if tower == "vision":
                 raise ValueError(f"encoder {self.name!r} is a vision tower; build it with the hf: backend")

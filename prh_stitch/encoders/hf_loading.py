@@ -82,7 +82,8 @@ def load_hf_model(path: str, pretrained: bool, checkpoint: Optional[str], option
             f"could not load Hugging Face model {path!r}: {str(exc).splitlines()[0]} "
             "Give an existing local folder, or a hub id while online (it is cached for offline use after)."
         ) from None
-    model = AutoModel.from_config(config, trust_remote_code=options.trust_remote_code)
+    extra = {"attn_implementation": options.attn_implementation} if options.attn_implementation else {}
+    model = AutoModel.from_config(config, trust_remote_code=options.trust_remote_code, **extra)
     if checkpoint is not None:
         load_strict(model, load_state_dict_file(checkpoint), f"model {path!r} from {checkpoint!r}")
     if options.torch_dtype not in (None, "auto"):
@@ -113,6 +114,7 @@ def pick_tower(model: nn.Module, path: str, tower: Optional[str]) -> Tuple[nn.Mo
     return getattr(model, f"{tower}_model"), projection if projection is not None else nn.Identity()
 
 
-def placed_by_device_map(model: nn.Module) -> bool:
-    """True when accelerate spread the model over devices: moving it whole would undo (or break) that placement."""
-    return bool(getattr(model, "hf_device_map", None))
+def placed_by_device_map(model: nn.Module, device_map: Any) -> bool:
+    """True when the config placed the model (``device_map``; accelerate records a multi-device placement in
+    ``hf_device_map``, a one-device map leaves no trace): moving it whole would undo, or break, that placement."""
+    return device_map is not None or bool(getattr(model, "hf_device_map", None))

@@ -64,7 +64,7 @@ class HFVisionEncoder(KeepsDeviceMapPlacement, FrozenEncoder):
         if model is None:
             full = load_hf_model(path, pretrained, checkpoint,
                                  LoadingOptions(torch_dtype, device_map, revision, trust_remote_code, attn_implementation))
-            self._placed_by_device_map = placed_by_device_map(full)
+            self._placed_by_device_map = placed_by_device_map(full, device_map)
             model, projection = pick_tower(full, path, tower)
             if tower == "text":
                 raise ValueError(f"encoder {self.name!r} is a text tower; build it with the hf: backend")
@@ -155,5 +155,5 @@ def hf_encoder(model_name_or_path: str, pretrained: bool = True, checkpoint: Opt
         raise ValueError(f"encoder 'hf:{model_name_or_path}' ({kind.modality}) takes no option(s) {unknown}; "
                          f"valid: {sorted(allowed)}")
     encoder = kind(model_name_or_path, model=model, projection=projection, **options)
-    encoder._placed_by_device_map = placed_by_device_map(full)
+    encoder._placed_by_device_map = placed_by_device_map(full, loading.device_map)
     return encoder
