@@ -36,7 +36,8 @@ def build_encoder(
     if not sep or backend not in BACKENDS:
         raise ValueError(
             f"unknown encoder {name!r}. Use a built-in ({', '.join(BUILTINS.names())}) or a backend prefix: "
-            "'timm:<timm model name>' for images, 'hf:<hub id or local folder>' for text"
+            "'timm:<timm model name>' for images, 'hf:<hub id or local folder>' for text or images "
+            "('hf:<id>#vision' / '#text' for a tower of CLIP-like models), 'openclip:<arch>@<tag>#vision' / '#text'"
         )
     if not model_id:
         raise ValueError(f"encoder {name!r} names no model after {backend!r}:")
