@@ -207,6 +207,9 @@ def test_openclip_vision_layers_are_its_blocks_and_projection_is_encode_image(zo
         torch.testing.assert_close(cls, blocks[i][:, 0], rtol=0, atol=1e-6)
         torch.testing.assert_close(mean, blocks[i][:, 1:].mean(1), rtol=0, atol=1e-6)
     torch.testing.assert_close(encoder.encode(pixels, [-1])[0], model.encode_image(pixels), rtol=0, atol=1e-6)
+    # The preprocessing enters the fingerprint as text: it must not hold a memory address, which changes every run.
+    assert " at 0x" not in json.dumps(encoder.preprocessing_description()) and "Resize" in json.dumps(
+        encoder.preprocessing_description())
 
 
 def test_openclip_text_layers_pool_at_the_end_of_text_token_and_ignore_padding(zoo):

@@ -71,11 +71,13 @@ class EncoderSpec:
     """What a config says about one encoder: which network, and which features of it.
 
     ``name`` is a built-in (``efficientnet_lite0``, ``minilm_l6``, ``tiny_vit``, ...) or a backend-prefixed
-    id: ``timm:<timm model name>`` or ``hf:<hub id or local folder>``. ``layer`` indexes
+    id: ``timm:<timm model name>``, ``hf:<hub id or local folder>`` (text or vision; ``#vision``/``#text`` for a
+    tower of a CLIP-like model) or ``openclip:<arch>@<tag>#vision`` / ``#text``. ``layer`` indexes
     ``encoder.layer_names`` (negative counts from the end; -1 is the model's final representation).
     ``pooling`` None means the natural pooling for that layer (see each backend). ``checkpoint`` loads
     weights from a local file instead of the hub; ``pretrained`` asks the hub (timm/hf names only);
-    ``options`` go to the backend constructor unchanged (e.g. ``max_length`` for text).
+    ``options`` go to the backend constructor unchanged (e.g. ``max_length`` for text; ``torch_dtype``,
+    ``device_map``, ``revision``, ``trust_remote_code``, ``attn_implementation`` for ``hf:`` models).
     """
 
     name: str
