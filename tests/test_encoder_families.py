@@ -86,6 +86,49 @@ def test_hf_vit_layers_are_its_hidden_states_and_poolings_are_the_hand_computed_
     assert encoder.feature_dim(-1) == 32 and encoder.fingerprint() == build_encoder(zoo["vit"]).fingerprint()
 
 
+def _dinov2_with_registers(folder):
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    config = Dinov2WithRegistersConfig(image_size=28, patch_size=14, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, mlp_ratio=1, num_register_tokens=2)
+    Dinov2WithRegistersModel(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(folder)
+    return 3  # the class token and two registers precede the 2 x 2 patches
+
+
+def _convnext(folder):
+    from transformers import ConvNextConfig, ConvNextImageProcessor, ConvNextModel
+
+    ConvNextModel(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)).save_pretrained(folder)
+    ConvNextImageProcessor(size={"shortest_edge": 32}, crop_pct=1.0).save_pretrained(folder)
+    return None  # maps: no tokens at all
+
+
+@pytest.mark.parametrize("build", [_dinov2_with_registers, _convnext])
+def test_hf_vision_mean_pooling_leaves_out_class_and_register_tokens_and_averages_maps(build, tmp_path):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    prefix = build(tmp_path)
+    encoder = build_encoder(f"hf:{tmp_path}")
+    pixels = _batch(encoder, _images())
+    hidden = AutoModel.from_pretrained(tmp_path)(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert encoder.layer_names == ["embeddings"] + [f"layers.{i}" for i in range(len(hidden) - 1)]
+    for i, h in enumerate(hidden):
+        (default,) = encoder.encode(pixels, [i])
+        (mean,) = encoder.encode(pixels, [i], "mean")
+        if prefix is None:
+            assert h.ndim == 4
+            torch.testing.assert_close(mean, h.mean(dim=(2, 3)), rtol=0, atol=1e-6)
+            assert torch.equal(default, mean)
+            with pytest.raises(ValueError, match="pooling 'cls' needs a token sequence"):
+                encoder.encode(pixels, [i], "cls")
+        else:
+            assert h.shape[1] == prefix + 4
+            torch.testing.assert_close(mean, h[:, prefix:].mean(dim=1), rtol=0, atol=1e-6)
+            torch.testing.assert_close(default, h[:, 0], rtol=0, atol=1e-6)
+
+
 def test_clip_vision_tower_layers_and_projection_are_the_models_own(zoo):
     from transformers import AutoModel
 
