@@ -51,6 +51,10 @@ def ordered(fs):
     return [fs.features[n] for n in fs.info["layers"]]
 
 
+def ordered_names(fs):
+    return list(fs.info["layers"])
+
+
 def identity_checkpoint(path, name="tiny_bert", objective="contrastive", scale=20.0):
     """A StitchingModule-style checkpoint whose stitcher is exactly the identity."""
     dim = build_encoder(name).feature_dim(-1, None)
@@ -97,7 +101,18 @@ def test_align_reports_equal_the_metric_functions_and_rerun_from_the_caches(data
         vit = build_encoder("tiny_vit")
         assert r["fingerprint_a"]["encoder_fingerprint"] == vit.fingerprint(list(range(vit.num_layers)), None)
     rows = (out / "alignment.csv").read_text().splitlines()
-    assert rows[0].startswith("model_a,model_b,metric,pair,score") and len(rows) == 1 + 2 * 2
+    # best, last, and best over contextual layers (tiny_bert's ``embeddings`` left out) per record; protocol named.
+    assert rows[0].startswith("model_a,model_b,metric,pair,score") and rows[0].endswith(",protocol")
+    assert len(rows) == 1 + 2 * 3 and all(row.endswith(",prh_stitch") for row in rows[1:])
+    assert report["protocol"]["name"] == "prh_stitch" and report["settings"]["protocol"] == "prh_stitch"
+    assert "**Protocol: prh_stitch**" in (out / "alignment.md").read_text()
+    names_b = ordered_names(fb)
+    for r in report["records"]:
+        keep_b = [j for j, n in enumerate(names_b) if n != "embeddings"]
+        expected = max(r["matrix"][i][j] for i in range(len(a)) for j in keep_b)
+        assert "embeddings" in names_b and r["contextual"]["score"] == expected
+        assert r["contextual"]["layer_b_name"] != "embeddings" and r["contextual"]["excluded"] == ["embeddings"]
+        assert r["protocol"] == "prh_stitch"
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["layers_cka_tiny_vit__tiny_bert.png", "layers_mutual_knn_tiny_vit__tiny_bert.png",
                     "models_cka.png", "models_mutual_knn.png"]
