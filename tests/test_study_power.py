@@ -63,7 +63,8 @@ def test_over_models_p_beyond_eight_models_is_a_permutation_estimate_of_the_exac
 def _features(n=48, seed=0):
     gen = torch.Generator().manual_seed(seed)
     shared = torch.randn(n, 6, generator=gen)
-    a = [torch.randn(n, 8, generator=gen), shared @ torch.randn(6, 8, generator=gen) + 0.3 * torch.randn(n, 8, generator=gen)]
+    a = [torch.randn(n, 8, generator=gen),
+         shared @ torch.randn(6, 8, generator=gen) + 0.3 * torch.randn(n, 8, generator=gen)]
     b = [shared @ torch.randn(6, 5, generator=gen) + 0.8 * torch.randn(n, 5, generator=gen),
          shared @ torch.randn(6, 7, generator=gen) + 0.8 * torch.randn(n, 7, generator=gen),
          torch.randn(n, 4, generator=gen)]
@@ -201,8 +202,8 @@ device: cpu
     assert len(records) == 4 and all(r["protocol"] == "paper" for r in records)
     for r in records:
         assert "pre_logits" not in r["layers_a"] and r["layers_b"][0] == "embeddings"
-        assert r["stability"]["draws"] == 5 and 0 <= r["stability"]["all"]["stability"] <= 1
-        assert sum(w["count"] for w in r["stability"]["all"]["winners"]) == 5
+        assert r["best_pair_stability"]["draws"] == 5 and 0 <= r["best_pair_stability"]["all"]["stability"] <= 1
+        assert sum(w["count"] for w in r["best_pair_stability"]["all"]["winners"]) == 5
         assert r["contextual"]["layer_b_name"] != "embeddings"
         assert r["contextual"]["score"] == max(row[j] for row in r["matrix"] for j in range(1, len(r["layers_b"])))
     grid = mine["knn_grid"]

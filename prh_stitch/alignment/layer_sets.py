@@ -6,8 +6,8 @@ does not depend on the rest of the input. By name: its last dotted component is 
 ``NON_CONTEXTUAL_NAMES`` (``embeddings`` of the Hugging Face text encoders, ``patch_embed`` of timm ViTs, ...).
 Mean-pooled, such a layer is a bag of words: on templated captions it can align with an image model better than
 any contextual layer (issue #10 found MiniLM's ``embeddings`` the best text layer for all three vision models of
-the offline study on the templated scene captions), which says little about converging representations. Reports give the max over all layer pairs (the paper's) and
-the max over pairs of contextual layers only.
+the offline study on the templated scene captions), which says little about converging representations. Reports
+give the max over all layer pairs (the paper's) and the max over pairs of contextual layers only.
 """
 
 from __future__ import annotations

@@ -1,25 +1,22 @@
 """Measurement protocols: prh_stitch's own (the default) and the paper's (``--protocol paper``, study ``protocol:``).
 
-The two differ in four places; every report records which one produced it (``protocol`` in the JSON header and in
-each record, a ``protocol`` column in the CSV, a line in the markdown).
+The two differ in five places; every report records which one produced it (``protocol`` in the JSON header and in
+each record, a ``protocol`` column in the CSV, a line at the top of the markdown).
 
-==================  ======================================================  ===============================================
-                    ``prh_stitch`` (default)                                ``paper`` (Huh et al. 2024, platonic-rep code)
-==================  ======================================================  ===============================================
-outlier clamp       off, or ``outlier_quantile`` q: each layer on its own,   q = 0.95 unless given: one threshold per model,
-                    t = the exact ⌈q·n⌉-th smallest |x| of that layer        the mean over samples of each sample's
-                                                                             interpolated q quantile of |x| over all its
-                                                                             layers (``metrics.remove_outliers``)
-normalisation       inside each metric (rows L2-normalised)                 rows L2-normalised after the clamp, per layer
-layers              every layer the encoder exposes (text: embeddings and   vision: block outputs only (``pre_logits``, the
-                    every hidden state; vision: blocks and ``pre_logits``)  head's own pooling, is dropped); text: every
-                                                                             hidden state, embedding output included
-pooling             the spec's (``null`` = the encoder's natural one)       vision: the natural one (class token of a ViT);
-                                                                             text: mean over real tokens
-bits per byte       ``pooled``: total nats / total bytes, every text after  ``per_caption``: each caption's nats / its bytes,
-                    a start token (all its tokens scored)                   averaged over captions; tokens as the tokenizer
-                                                                             encodes them, the first one not scored
-==================  ======================================================  ===============================================
+- **Outlier clamp.** prh_stitch: off, or with ``outlier_quantile`` q each layer clamped on its own at t = the exact
+  ⌈q·n⌉-th smallest |x| of that layer. paper: q = 0.95 unless given, one threshold per model, the mean over
+  samples of each sample's interpolated q quantile of |x| over all its layers (platonic-rep
+  ``metrics.remove_outliers`` as ``measure_alignment.py`` calls it).
+- **Normalisation.** prh_stitch: rows L2-normalised inside each metric. paper: rows L2-normalised after the clamp,
+  per layer (the metrics then see unit rows).
+- **Layers.** prh_stitch: every layer the encoder exposes (text: ``embeddings`` and every hidden state; vision:
+  blocks and ``pre_logits``). paper: vision block outputs only (``pre_logits``, the head's own pooling, is dropped);
+  text every hidden state, embedding output included.
+- **Pooling.** prh_stitch: the spec's (``null`` = the encoder's natural one). paper: vision the natural one (the
+  class token of a ViT), text the mean over real tokens; other poolings are an error.
+- **Bits per byte.** prh_stitch: ``pooled``, total nats / total bytes, every text after a start token (all its
+  tokens scored). paper: ``per_caption``, each caption's nats / its bytes averaged over captions, tokens as the
+  tokenizer encodes the caption, the first one not scored.
 
 Numbers under the two protocols differ slightly; compare numbers only within one protocol.
 """

@@ -75,7 +75,8 @@ def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: s
         rows.append([r["model_a"], r["model_b"], r["metric"],
                      f"{r['score']:.3f} ({r['layer_a_name']}, {r['layer_b_name']})",
                      reports.fmt(r.get("max_null_mean"), 3), reports.fmt(r.get("max_calibrated"), 3),
-                     contextual_cell(r.get("contextual")), f"{last['score']:.3f}", reports.fmt(last.get("chance"), 3), reports.fmt(last.get("null_mean"), 3),
+                     contextual_cell(r.get("contextual")), f"{last['score']:.3f}", reports.fmt(last.get("chance"), 3),
+                     reports.fmt(last.get("null_mean"), 3),
                      reports.fmt(last.get("calibrated"), 3), reports.interval(last.get("ci_low"), last.get("ci_high"))])
     settings = header.get("settings", {})
     protocol = header.get("protocol") or {"name": settings.get("protocol", "prh_stitch"), "description": ""}
@@ -91,7 +92,8 @@ def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: s
             f"best pair with {RULE} (a mean-pooled input embedding is a bag of words, not a contextual "
             "representation).\n\n"
             + reports.markdown_table(["model A", "model B", "metric", "best (layers)", "null of max",
-                                      "calibrated max", "contextual best (layers)", "last", "chance", "null", "calibrated", "95% CI"], rows))
+                                      "calibrated max", "contextual best (layers)", "last", "chance", "null",
+                                      "calibrated", "95% CI"], rows))
 
 
 def contextual_cell(best: Optional[Dict[str, Any]]) -> str:

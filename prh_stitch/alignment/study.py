@@ -302,8 +302,8 @@ class StudyRun:
 
 def study_extras(models: List[Model], feature_sets: Dict[str, Any], records: List[Dict], cfg: StudyConfig,
                  settings: ScoreSettings, device, cache: ScoreCache) -> Dict[str, Any]:
-    """Per vision–text record: the best pair's stability across half-samples (``record["stability"]``), and per
-    mutual-kNN record the k × N table (``knn_grid``); both on the features exactly as scored, both cached."""
+    """Per vision–text record: the best pair's stability across half-samples (``record["best_pair_stability"]``),
+    and per mutual-kNN record the k × N table (``knn_grid``); both on the features exactly as scored, both cached."""
     from prh_stitch.alignment.features import layer_names, paired
     from prh_stitch.alignment.settings import clamp_layers, metric_options
 
@@ -333,9 +333,9 @@ def study_extras(models: List[Model], feature_sets: Dict[str, Any], records: Lis
                 hit["knn_grid"] = study_power.knn_grid(a[r["layer_a"]], b[r["layer_b"]], cfg.knn_k, cfg.knn_n,
                                                        settings.permutations, settings.seed)
             cache.put(key, hit)
-        # Hook: a selection-aware interval from scoring.py that already carries a stability field wins over ours.
-        r["stability"] = {"all": {"stability": r["stability"]}} if isinstance(r.get("stability"), float) \
-            else hit["stability"]
+        # Its own key: scoring.py's selection-aware interval (issue #10 item 3) may add a ``stability`` field of its
+        # own (all layer pairs only) to the record; this one also covers the contextual selection.
+        r["best_pair_stability"] = hit["stability"]
         if hit["knn_grid"]:
             grid.append({"model_a": r["model_a"], "model_b": r["model_b"], "layer_a_name": r["layer_a_name"],
                          "layer_b_name": r["layer_b_name"], "rows": hit["knn_grid"]})

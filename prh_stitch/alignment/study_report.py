@@ -29,8 +29,8 @@ def grid_table(grid: List[Dict[str, Any]]) -> str:
                          f"{c['n']}{' (all)' if c['full'] else ''}", reports.fmt(c["score"], 3),
                          reports.fmt(c["chance"], 3), reports.fmt(c["null_mean"], 3), reports.fmt(c["calibrated"], 3),
                          reports.fmt(c["z"], 1)])
-    return reports.markdown_table(["model A", "model B", "layers (best pair)", "k", "N", "mutual kNN", "chance k/(N−1)",
-                                   "null mean", "calibrated", "z"], rows)
+    return reports.markdown_table(["model A", "model B", "layers (best pair)", "k", "N", "mutual kNN",
+                                   "chance k/(N−1)", "null mean", "calibrated", "z"], rows)
 
 
 def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
@@ -49,8 +49,8 @@ def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
         rows = [[r["model_a"], r["model_b"], r["metric"],
                  f"{r['score']:.3f} ({r['layer_a_name']}, {r['layer_b_name']})",
                  reports.interval(r["ci_low"], r["ci_high"]), reports.fmt(r.get("max_null_mean"), 3),
-                 stability_cell(r.get("stability")), contextual_cell(r.get("contextual")),
-                 stability_cell(r.get("stability"), "contextual"),
+                 stability_cell(r.get("best_pair_stability")), contextual_cell(r.get("contextual")),
+                 stability_cell(r.get("best_pair_stability"), "contextual"),
                  f"{r['last']['score']:.3f}", reports.interval(r["last"]["ci_low"], r["last"]["ci_high"]),
                  reports.fmt(r["last"]["chance"], 3), reports.fmt(r["last"]["calibrated"], 3)] for r in d["records"]]
         text += reports.markdown_table(["model A", "model B", "metric", "best (max over layer pairs)", "95% CI",
