@@ -78,8 +78,8 @@ def test_paper_protocol_mutual_knn_equals_the_papers_formula(shards, tmp_path):
     assert report["settings"]["outlier_quantile"] == 0.95 and "bits per byte averaged per caption" in \
         report["protocol"]["description"]
     assert "**Protocol: paper**" in (out / "alignment.md").read_text()
-    rows = (out / "alignment.csv").read_text().splitlines()
-    assert rows[0].split(",")[-1] == "protocol" and all(row.split(",")[-1] == "paper" for row in rows[1:])
+    rows = list(__import__("csv").DictReader((out / "alignment.csv").read_text().splitlines()))
+    assert len(rows) == 2 and all(row["protocol"] == "paper" for row in rows)
     # The default protocol on the same data: its own layers (pre_logits kept), its own cache entry.
     assert main(["align", "--vision", "tiny_vit", "--text", "tiny_bert", "--data", shards, "--out",
                  str(tmp_path / "own"), "--metrics", "mutual_knn", "--k", "10", *FAST]) == 0

@@ -13,20 +13,22 @@ from prh_stitch.alignment.settings import clamp_note
 
 TABLE_FIELDS = ("model_a", "model_b", "metric", "pair", "score", "layer_a", "layer_b", "layer_a_name",
                 "layer_b_name", "chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high", "max_null_mean",
-                "n", "protocol")
-CONTEXTUAL_PAIR = "best over contextual layers (non-contextual layers left out)"
+                "n", "protocol", "contextual_score", "contextual_layer_a_name", "contextual_layer_b_name")
 
 
 def long_table(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per record and layer choice: the best pair (max over layer pairs), the last layers, and the best
-    pair over contextual layers (score only: it is read off the matrix, not calibrated on its own)."""
+    """One row per record and layer choice: the best pair (max over layer pairs) and the last layers.
+
+    The best pair over contextual layers only (see :mod:`~prh_stitch.alignment.layer_sets`) rides along on the
+    best row as ``contextual_*`` columns (a score read off the matrix, not calibrated on its own).
+    """
     rows = []
-    blank = {k: None for k in ("chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high", "max_null_mean")}
     for r in records:
-        rows.append({**r, "pair": "best (max over layer pairs)"})
+        ctx = r.get("contextual") or {}
+        contextual = {"contextual_score": ctx.get("score"), "contextual_layer_a_name": ctx.get("layer_a_name"),
+                      "contextual_layer_b_name": ctx.get("layer_b_name")}
+        rows.append({**r, **contextual, "pair": "best (max over layer pairs)"})
         rows.append({**r, **r["last"], "pair": "last layers", "max_null_mean": None})
-        if r.get("contextual"):
-            rows.append({**r, **blank, **r["contextual"], "pair": CONTEXTUAL_PAIR})
     return [{k: row.get(k) for k in TABLE_FIELDS} for row in rows]
 
 
