@@ -95,8 +95,8 @@ def test_selection_aware_interval_of_the_scoring_replays_layer_alignment_on_the_
     halves = half_sample_subsets(120, 40, 2)
     tables = [layer_alignment([x[h] for x in a], [y[h] for y in b], "mutual_knn", k=5)["scores"] for h in halves]
     wins = [int(t.argmax()) for t in tables]
-    assert len(set(wins)) > 1 and 0 < out["best_pair_stability"] < 1  # the planted flip happens
-    assert out["best_pair_stability"] == wins.count(int(full.argmax())) / 40
+    assert len(set(wins)) > 1 and 0 < out["selection_stability"] < 1  # the planted flip happens
+    assert out["selection_stability"] == wins.count(int(full.argmax())) / 40
     expected = best_pair_interval(full, tables, 120, 0.95, N_SAMPLE)
     assert (out["ci_low"], out["ci_high"]) == (expected["ci_low"], expected["ci_high"])
     assert out["interval_method"] == "half-sample, 40 draws, N-sample estimand, best pair re-selected in every half"

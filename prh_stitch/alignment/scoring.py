@@ -153,7 +153,8 @@ def selection_aware(a: List[Tensor], b: List[Tensor], full: Tensor, metric: str,
     pair picked once on all rows and then given its own interval ignores that (the winner changes between halves
     of real data, and the max of several close pairs is inflated more at smaller N). So every half rescores all
     La × Lb pairs and takes its own maximum (:func:`prh_stitch.metrics.intervals.best_pair_interval`).
-    ``best_pair_stability`` is the share of halves won by the full-sample winner; ``best_pair_winners`` lists
+    ``selection_stability`` is the share of these halves won by the full-sample winner (named apart from the
+    study's ``best_pair_stability``, which also covers the contextual selection); ``selection_winners`` lists
     [layer_a, layer_b, halves won] for every pair that won a half. The first ``half_samples`` halves' maxima and
     last-pair scores are kept for the study's correlation intervals (the same halves for every model pair).
     """
@@ -161,7 +162,7 @@ def selection_aware(a: List[Tensor], b: List[Tensor], full: Tensor, metric: str,
 
     n = a[0].shape[0]
     draws = max(settings.bootstrap, settings.half_samples)
-    out: Dict[str, Any] = {"best_pair_stability": None, "best_pair_winners": None}
+    out: Dict[str, Any] = {"selection_stability": None, "selection_winners": None}
     if not draws:
         return out
     halves = [s.to(device) for s in half_sample_subsets(n, draws, settings.seed)]
@@ -170,7 +171,7 @@ def selection_aware(a: List[Tensor], b: List[Tensor], full: Tensor, metric: str,
     if settings.bootstrap:
         sel = best_pair_interval(full, tables[: settings.bootstrap], n, 0.95, estimand)
         out.update(ci_low=sel["ci_low"], ci_high=sel["ci_high"], interval_method=sel["interval_method"],
-                   best_pair_stability=sel["stability"], best_pair_winners=sel["winners"])
+                   selection_stability=sel["stability"], selection_winners=sel["winners"])
     if settings.half_samples:
         used = tables[: settings.half_samples]
         out["half_samples"] = {"best": [float(t.max()) for t in used], "last": [float(t[-1, -1]) for t in used]}
