@@ -107,13 +107,17 @@ def test_selection_aware_interval_of_the_scoring_replays_layer_alignment_on_the_
     assert (fixed["ci_low"], fixed["ci_high"]) != pytest.approx((out["ci_low"], out["ci_high"]))
 
 
-def test_half_samples_too_small_for_the_metric_are_refused_with_the_reason():
+def test_half_samples_too_small_for_the_metric_give_no_interval_and_say_why():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(11, 3, generator=g), torch.randn(11, 3, generator=g)
-    assert calibrate("mutual_knn", a, b, k=5, permutations=2)["ci_low"] is None  # no interval asked: fine
-    with pytest.raises(ValueError, match=r"half-sample intervals score mutual_knn on N//2 = 5 rows, which fails: "
-                                         r"N must exceed k: k=5 neighbours need at least 6 rows, got N=5 \(pass bootstrap=0, or more samples\)"):
-        calibrate("mutual_knn", a, b, k=5, permutations=2, bootstrap=3)
+    asked = calibrate("mutual_knn", a, b, k=5, permutations=2, bootstrap=3)
+    assert asked["ci_low"] is None and asked["ci_high"] is None and asked["ci_draws"] is None
+    assert asked["interval_method"] == ("none: half-samples of N//2 = 5 rows are too few (N must exceed k: k=5 "
+                                        "neighbours need at least 6 rows, got N=5)")
+    plain = calibrate("mutual_knn", a, b, k=5, permutations=2)
+    assert plain["interval_method"] is None  # none asked for
+    assert {k: v for k, v in asked.items() if k not in ("bootstrap", "interval_method")} == \
+        {k: v for k, v in plain.items() if k not in ("bootstrap", "interval_method")}  # score and null unchanged
 
 
 # -- coverage by simulation -------------------------------------------------------------------------------------

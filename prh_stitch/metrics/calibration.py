@@ -32,8 +32,9 @@ def calibrate(metric: Union[str, Callable], a: Tensor, b: Tensor, permutations: 
       for the kernel metrics. Deviations are rescaled by √(m/(N − m)) (1 for even N); the estimand is the
       population value for CKA, unbiased CKA and SVCCA and the expected N-sample score (same k) for metrics with
       neighbours: see :mod:`prh_stitch.metrics.intervals`, which also says why not the bootstrap with
-      replacement. ``interval_method`` names the method (None without an interval); ``ci_draws`` holds the half-
-      sample scores, so that callers can combine them.
+      replacement. ``interval_method`` names the method (None when no interval was asked for; "none: …" with
+      the reason when N//2 rows are too few for the metric, e.g. N//2 ≤ k); ``ci_draws`` holds the half-sample
+      scores, so that callers can combine them.
 
     Everything is seeded by ``seed`` (a CPU ``torch.Generator``), so the report is reproducible.
     """
@@ -69,9 +70,9 @@ def calibrate(metric: Union[str, Callable], a: Tensor, b: Tensor, permutations: 
         m = half_size(n)
         try:
             spec.check(m, opts)
-        except ValueError as exc:
-            raise ValueError(f"half-sample intervals score {spec.name} on N//2 = {m} rows, which fails: {exc} "
-                             f"(pass bootstrap=0, or more samples)") from None
+        except ValueError as exc:  # the score and its null stand; say why there is no interval instead of failing
+            out["interval_method"] = f"none: half-samples of N//2 = {m} rows are too few ({exc})"
+            return out
         draws = [float(spec.pair(spec.prepare(a[rows], "a", opts), spec.prepare(b[rows], "b", opts), opts))
                  for rows in (r.to(a.device) for r in draw_halves(n, bootstrap, gen))]
         estimand = estimand_of(tuple(spec.defaults))
