@@ -26,6 +26,7 @@ from prh_stitch.alignment.report import alignment_outputs
 from prh_stitch.alignment.scoring import ScoreCache
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, clamp_note, pick_device
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
+from prh_stitch.atomic import atomic_folder
 from prh_stitch.errors import UserError
 
 
@@ -201,7 +202,13 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     models = [Model(s.name, s, "vision") for s in cfg.vision] + [Model(s.name, s, "text") for s in cfg.text]
     if len({m.label for m in models}) != len(models):
         raise UserError("an encoder is listed twice in the study config")
-    ex = inputs.extraction()
+    with atomic_folder(out_dir) as folder:  # every dataset's report and study.md/.json replace the folder at once
+        return _run_datasets(cfg, config_file, settings, kinds, models, inputs.extraction(), root, dev, folder,
+                             started)
+
+
+def _run_datasets(cfg: StudyConfig, config_file: Optional[str], settings: ScoreSettings, kinds, models: List[Model],
+                  ex: Extraction, root: Path, dev, out_dir: Path, started: float) -> Dict[str, Any]:
     run = StudyRun(cfg, settings, kinds, models, ex, ScoreCache(root / "scores"), out_dir)
     datasets, notes = [], []
     for block in cfg.data:
