@@ -9,7 +9,6 @@ import torch
 
 from prh_stitch import reports
 from prh_stitch.alignment.settings import clamp_note
-from prh_stitch.atomic import atomic_folder
 
 TABLE_FIELDS = ("model_a", "model_b", "metric", "pair", "score", "layer_a", "layer_b", "layer_a_name",
                 "layer_b_name", "chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high", "max_null_mean",
@@ -27,13 +26,10 @@ def long_table(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def alignment_outputs(out: Path, models: Sequence[Any], records: Sequence[Dict], header: Dict[str, Any],
                       title: str) -> Dict[str, Any]:
-    """Render alignment.json/.csv/.md and the figures into ``out``, replacing the folder as a whole at the end."""
-    with atomic_folder(out) as folder:
-        return _alignment_files(folder, models, records, header, title)
+    """Render alignment.json/.csv/.md and the figures into atomic files under ``out``.
 
-
-def _alignment_files(out: Path, models: Sequence[Any], records: Sequence[Dict], header: Dict[str, Any],
-                     title: str) -> Dict[str, Any]:
+    The JSON (the report's index) is written last, so its presence means the report is complete.
+    """
     labels = [m.label for m in models]
     figures = []
     for metric, recs in _by_metric(records).items():
