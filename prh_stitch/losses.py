@@ -68,11 +68,14 @@ def check_stitched(pred: Tensor, source: Tensor, step: int, lr: float) -> None:
     are left to the checks that name the data. One combined reduction: a single device->host sync.
     """
     source_ok = torch.isfinite(source).flatten(1).all(1) & (source.flatten(1) != 0).any(1)
-    pred_bad = ~torch.isfinite(pred).flatten(1).all(1) | (pred.flatten(1) == 0).all(1)
-    bad = source_ok & pred_bad
+    # Row norms in float32, as the metrics take them: a norm that overflows (outputs around 1e19 and up) or
+    # vanishes makes a row unusable although every element is finite.
+    norms = torch.linalg.vector_norm(pred.detach().flatten(1).float(), dim=1)
+    bad = source_ok & (~torch.isfinite(norms) | (norms == 0))
     if not bool(bad.any()):
         return
-    what = "not finite" if not bool(torch.isfinite(pred[bad]).all()) else "all zero"
+    what = ("not finite" if not bool(torch.isfinite(pred[bad]).all()) else
+            "so large that their norm overflows float32" if not bool(torch.isfinite(norms[bad]).all()) else "zero")
     raise Diverged(f"training diverged at step {step} (lr {lr:g}): the stitcher's outputs for {int(bad.sum())} of "
                    f"{len(pred)} rows are {what} although their inputs are fine; lower the learning rate "
                    "(--model.lr) or add warmup (--model.warmup_steps); the data is not at fault")

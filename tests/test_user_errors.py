@@ -151,6 +151,7 @@ def test_divergence_is_told_apart_from_bad_data_rows():
     check_stitched(source * 2, source, 5, 1e-3)  # a working stitcher
     source[1] = 0.0
     check_stitched(torch.zeros(4, 3) + (source != 0), source, 5, 1e-3)  # a zero output for a zero input: the data's
-    for pred in (torch.full((4, 3), float("inf")), torch.zeros(4, 3)):
-        with pytest.raises(Diverged, match=r"diverged at step 5 \(lr 0.1\).* 3 of 4 rows"):
+    for pred, what in ((torch.full((4, 3), float("inf")), "not finite"), (torch.zeros(4, 3), "zero"),
+                       (torch.full((4, 3), 1e30), "so large that their norm overflows float32")):
+        with pytest.raises(Diverged, match=rf"diverged at step 5 \(lr 0.1\).* 3 of 4 rows are {what} "):
             check_stitched(pred, source, 5, 0.1)
