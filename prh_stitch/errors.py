@@ -57,10 +57,14 @@ def user_message(exc: BaseException) -> Optional[str]:
         folder = _existing_folder(exc.filename)
         reason = exc.strerror or errno.errorcode.get(exc.errno, "")
         if exc.errno in _FULL:
-            return (f"cannot write to {folder} ({reason}); free space there, or point PRH_STITCH_CACHE (the "
-                    f"feature cache) or the output option at a folder on another disk")
-        return (f"cannot write to {folder} ({reason}); if it is the cache, set PRH_STITCH_CACHE (or the command's "
-                f"cache_dir option) to a writable folder, otherwise choose a writable output folder")
+            where = "the cache folder " if _in_cache(folder) else ""
+            return (f"cannot write to {where}{folder} ({reason}); free space there, or point PRH_STITCH_CACHE (the "
+                    "feature cache) or the output option at a folder on another disk")
+        if _in_cache(folder):
+            return (f"cannot write to the cache folder {folder} ({reason}); set PRH_STITCH_CACHE (or the command's "
+                    "cache_dir option) to a writable folder")
+        return (f"cannot write to {folder} ({reason}); choose a writable folder (for the feature cache: set "
+                "PRH_STITCH_CACHE to one)")
     if isinstance(exc, pickle.UnpicklingError):
         return (f"refusing to load a file that is not a checkpoint of plain tensors and data ({_first_line(exc)}); "
                 "prh_stitch never unpickles arbitrary objects: pass a checkpoint that train.py wrote")
@@ -73,6 +77,12 @@ def user_message(exc: BaseException) -> Optional[str]:
             return (f"a number overflowed its type ({text}): a setting is too large for float32 arithmetic, most "
                     "likely the learning rate (--model.lr); lower it")
     return None
+
+
+def _in_cache(folder: str) -> bool:
+    from prh_stitch.data.store_entry import default_cache_dir
+
+    return Path(folder).is_relative_to(default_cache_dir().absolute())
 
 
 def _existing_folder(filename: Any) -> str:

@@ -69,17 +69,21 @@ def test_a_read_only_cache_is_one_line_naming_the_folder_and_prh_stitch_cache(tm
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     line = one_error_line(result.stderr, "evaluate.py")
-    assert str(cache) in line and "PRH_STITCH_CACHE" in line and not (tmp_path / "report").exists()
+    assert f"cannot write to the cache folder {cache} (Read-only file system" in line or "Permission denied" in line
+    assert "set PRH_STITCH_CACHE" in line and not (tmp_path / "report").exists()
 
 
 @pytest.mark.parametrize("number, reason", [("EROFS", "Read-only file system"), ("EACCES", "Permission denied"),
                                             ("ENOSPC", "No space left on device")])
-def test_unwritable_and_full_folders_name_the_nearest_existing_folder(tmp_path, number, reason):
+def test_unwritable_and_full_folders_name_the_nearest_existing_folder(tmp_path, monkeypatch, number, reason):
     import errno
 
     code = getattr(errno, number)
     message = user_message(OSError(code, os.strerror(code), str(tmp_path / "features" / "entry" / "x.npy")))
     assert message.startswith(f"cannot write to {tmp_path} ({reason})") and "PRH_STITCH_CACHE" in message
+    monkeypatch.setenv("PRH_STITCH_CACHE", str(tmp_path))
+    message = user_message(OSError(code, os.strerror(code), str(tmp_path / "features" / "entry" / "x.npy")))
+    assert message.startswith(f"cannot write to the cache folder {tmp_path} ({reason})")
     assert user_message(OSError(errno.EIO, "I/O error", "x")) is None  # not the user's setup: keeps its traceback
 
 
