@@ -29,6 +29,7 @@ from prh_stitch.alignment.scoring import ScoreCache
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, pick_device
 from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
+from prh_stitch.atomic import atomic_folder
 from prh_stitch.errors import UserError
 
 
@@ -224,7 +225,14 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     power = study_power_of(cfg, models)
     for statement in power:
         (notify or (lambda _: None))(f"power: {statement['sentence']}")
-    ex = inputs.extraction()
+    with atomic_folder(out_dir) as folder:  # every dataset's report and study.md/.json replace the folder at once
+        return _run_datasets(cfg, config_file, settings, kinds, models, inputs.extraction(), root, dev, folder,
+                             started, power)
+
+
+def _run_datasets(cfg: StudyConfig, config_file: Optional[str], settings: ScoreSettings, kinds, models: List[Model],
+                  ex: Extraction, root: Path, dev, out_dir: Path, started: float,
+                  power: List[Dict[str, Any]]) -> Dict[str, Any]:
     run = StudyRun(cfg, settings, kinds, models, ex, ScoreCache(root / "scores"), out_dir)
     datasets, notes = [], []
     for block in cfg.data:

@@ -151,13 +151,16 @@ def layer_sweep(
 
 
 def write_sweep_report(report: SweepReport, out: str | Path) -> Dict[str, Path]:
-    """``penalty.json``, ``penalty.csv`` and ``penalty.png`` in ``out``, each written atomically."""
+    """``penalty.json``, ``penalty.csv`` and ``penalty.png`` in ``out``, which is replaced as a whole at the end."""
+    from prh_stitch.atomic import atomic_folder
     from prh_stitch.reports import save_figure, write_csv, write_json
 
     out = Path(out)
-    return {"json": write_json(out / "penalty.json", report.to_dict()),
-            "csv": write_csv(out / "penalty.csv", report.records, CSV_FIELDS),
-            "png": save_figure(penalty_figure(report), out / "penalty.png")}
+    with atomic_folder(out) as folder:
+        write_json(folder / "penalty.json", report.to_dict())
+        write_csv(folder / "penalty.csv", report.records, CSV_FIELDS)
+        save_figure(penalty_figure(report), folder / "penalty.png")
+    return {"json": out / "penalty.json", "csv": out / "penalty.csv", "png": out / "penalty.png"}
 
 
 def penalty_figure(report: SweepReport):
