@@ -23,7 +23,7 @@ from prh_stitch.alignment import competence as comp
 from prh_stitch.alignment.align import Model, extract_models, parse_pairs, score_models
 from prh_stitch.alignment.features import Extraction, encoder_record
 from prh_stitch.alignment.report import alignment_outputs
-from prh_stitch.alignment.scoring import ScoreCache
+from prh_stitch.alignment.score_cache import ScoreCache
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, clamp_note, pick_device
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
 from prh_stitch.errors import UserError
