@@ -426,6 +426,8 @@ def read_index(entry: Path) -> Dict[str, Any]:
     """A complete entry's index, its rows checked against their hash; ``CorruptEntry`` when it cannot be trusted."""
     try:
         index = json.loads((entry / INDEX).read_text())
+        if isinstance(index, dict) and "keys" in index and "sha256" not in index:
+            raise CorruptEntry(entry, f"{INDEX} has no content hashes: an entry of an older version")
         hashes = index["sha256"]
         layers = [(layer["name"], layer["file"], int(layer["dim"])) for layer in index["layers"]]
         rows = (index["keys"], index["captions"], index["labels"])
