@@ -251,7 +251,7 @@ class FeatureStore:
         except EntryMismatch:
             raise
         except Exception:
-            if ranks.rank == 0 and not (entry / INDEX).exists() and not self.units_on_disk(entry):
+            if ranks.rank == 0 and not (entry / INDEX).exists() and not units_on_disk(entry):
                 shutil.rmtree(entry, ignore_errors=True)  # failed before any unit was done: nothing to resume
             raise
         feature_set = self.read(entry, identity)
@@ -263,20 +263,6 @@ class FeatureStore:
     def _open_entry(self, entry: Path, identity: Dict[str, Any], chunk_size: Optional[int] = None) -> int:
         """Create the entry (or check an existing one is the same); return its chunk size."""
         return open_entry(entry, identity, chunk_size or self.chunk_size)
-
-    @staticmethod
-    def _check_identity(entry: Path, stored: Dict[str, Any], wanted: Dict[str, Any]) -> None:
-        check_identity(entry, stored, wanted)
-
-    @staticmethod
-    def units_on_disk(entry: Path) -> Dict[Tuple[int, int], Tuple[Path, bool]]:
-        """Finished units: ``{(shard, block): (path, ends_its_shard)}``; incomplete files are removed."""
-        return units_on_disk(entry)
-
-    @staticmethod
-    def finished_shards(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Dict[int, int]:
-        """``{shard: its number of units}`` of shards whose last unit and every unit before it are on disk."""
-        return finished_shards(units)
 
     def extract(
         self,
@@ -313,9 +299,9 @@ class FeatureStore:
         counts = samples_per_shard(urls)
         chunk_size = self._open_entry(entry, identity, unit_size(self.chunk_size, counts, consumers))
         (entry / "parts").mkdir(exist_ok=True)
-        units = self.units_on_disk(entry)
+        units = units_on_disk(entry)
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
-        reader = UnitReader(urls, chunk_size, set(units), self.finished_shards(units), ranks.rank, ranks.world)
+        reader = UnitReader(urls, chunk_size, set(units), finished_shards(units), ranks.rank, ranks.world)
         loader = DataLoader(wds.DataPipeline(reader, lambda items: unit_batches(items, batch_size, encoder)),
                             batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         names = identity["layers"]
@@ -367,7 +353,7 @@ class FeatureStore:
             raise ValueError(f"{entry} is not a complete feature store entry (no {INDEX}); extract it first")
         index = read_index(entry)
         if identity is not None:
-            self._check_identity(entry, index["identity"], identity)
+            check_identity(entry, index["identity"], identity)
         stamp = (entry / INDEX).stat()
         if _VERIFIED.get(str(entry.resolve())) != (stamp.st_ino, stamp.st_mtime_ns):
             verify_entry(entry, index)  # once per process and entry: every byte against its recorded hash
