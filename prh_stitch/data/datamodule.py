@@ -173,7 +173,8 @@ class StitchingDataModule(pl.LightningDataModule):
         self.batch_size = int(batch_size)
         self.extract_batch_size = int(extract_batch_size)
         if self.batch_size < 1 or self.extract_batch_size < 1:  # now, not after minutes of extraction
-            raise ValueError(f"data.batch_size and data.extract_batch_size must be >= 1, got {batch_size} and {extract_batch_size}")
+            raise ValueError("data.batch_size and data.extract_batch_size must be >= 1, "
+                             f"got {batch_size} and {extract_batch_size}")
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.store = FeatureStore(self.cache_dir / "features", dtype=feature_dtype)

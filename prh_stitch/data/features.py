@@ -80,9 +80,9 @@ _VERIFIED: Dict[str, Tuple[int, int]] = {}
 
 # The entry-format names live in store_entry.py but stay importable from here, the store's public home.
 __all__ = [
-    "BadFeatures", "CorruptEntry", "DEFAULT_CHUNK_SIZE", "DTYPES", "EntryMismatch", "IncompleteShards", "ExtractionReport", "FeatureSet", "FeatureStore",
-    "IDENTITY", "INDEX", "Ranks", "STORE_FORMAT", "UnitDone", "UnitReader", "align_by_key", "data_fingerprint",
-    "default_cache_dir", "part_name", "unit_batches",
+    "BadFeatures", "CorruptEntry", "DEFAULT_CHUNK_SIZE", "DTYPES", "EntryMismatch", "ExtractionReport", "FeatureSet",
+    "FeatureStore", "IDENTITY", "INDEX", "IncompleteShards", "Ranks", "STORE_FORMAT", "UnitDone", "UnitReader",
+    "align_by_key", "data_fingerprint", "default_cache_dir", "part_name", "unit_batches",
 ]
 
 

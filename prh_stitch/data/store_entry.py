@@ -18,11 +18,12 @@ in their order), so flipped bytes, a cut file or shuffled keys are found rather 
 open in a process; ``python -m prh_stitch.data verify`` for the whole store). Damage is ``CorruptEntry``, one
 line that names the entry and the fix.
 
-Resuming. Every unit file is written under a temporary name, flushed to disk and renamed, so a file with a
-final name is whole; an extraction killed mid-way resumes from the units on disk (units already done are not
-decoded again, shards already done are not even read). A shard's last unit is written only when the shard was
-read to its end marker (and its ``pipe:`` command exited 0), so a cut stream is never committed. Only when every
-unit of every shard is present are they merged into the layer arrays and ``index.json`` written, last and atomically; the parts are then removed.
+Resuming. Every unit file is written under a temporary name, flushed to disk and renamed, so a file with a final
+name is whole; an extraction killed mid-way resumes from the units on disk (units already done are not decoded
+again, shards already done are not even read). A shard's last unit is written only when the shard was read to its
+end marker (and its ``pipe:`` command exited 0), so a cut stream is never committed. Only when every unit of every
+shard is present are they merged into the layer arrays and ``index.json`` written, last and atomically; the parts
+are then removed.
 """
 
 from __future__ import annotations
@@ -450,7 +451,8 @@ def verify_entry(entry: Path, index: Dict[str, Any]) -> None:
         try:
             with open(path, "rb") as handle:
                 version = np.lib.format.read_magic(handle)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                fmt = np.lib.format
+                read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
                 shape, _, _ = read_header(handle)
                 expected = handle.tell() + n * layer["dim"] * itemsize
                 size = os.fstat(handle.fileno()).st_size

@@ -2,9 +2,10 @@
 check of every entry (``verify_store``) and its repair.
 
 The lock is an advisory ``fcntl.flock`` on ``ROOT/.ENTRY.lock``, outside the entry so that deleting the entry (a
-repair, a failed extraction) cannot pull it from under a waiting process; the holder removes it when done. A second process asking for an
-entry another is extracting waits, then reads the finished entry; the holder alone cleans temporary files, and a
-file whose writer (the id in its name) is no longer alive is removed on the next open.
+repair, a failed extraction) cannot pull it from under a waiting process; the holder removes it when done. A
+second process asking for an entry another is extracting waits, then reads the finished entry; the holder alone
+cleans temporary files, and a file whose writer (the id in its name) is no longer alive is removed on the next
+open.
 """
 
 from __future__ import annotations
