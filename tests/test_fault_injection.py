@@ -112,11 +112,18 @@ def cut_index(entry):
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
+def strip_hashes(entry):  # an entry as an older version wrote it
+    index = json.loads((entry / "index.json").read_text())
+    del index["sha256"]
+    (entry / "index.json").write_text(json.dumps(index))
+
+
 @pytest.mark.parametrize("damage, problem", [
     (flip_bytes, "layer-0.npy does not match its recorded SHA-256"),
     (shuffle_keys, "the keys, captions or labels in index.json do not match their recorded hash"),
     (cut_array, "layer-1.npy holds"),
     (cut_index, "index.json cannot be read"),
+    (strip_hashes, "index.json has no content hashes: an entry of an older version"),
 ])
 def test_a_damaged_entry_is_one_error_naming_it_and_the_repair_rebuilds_it(tmp_path, capsys, clean, shards, tiny_vit,
                                                                           damage, problem):

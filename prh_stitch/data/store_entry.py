@@ -310,11 +310,6 @@ def rows_digest(keys: List[str], captions: List[str], labels: List[int]) -> str:
     return hashlib.sha256(json.dumps([keys, captions, labels]).encode()).hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _check_all_shards_present(entry: Path, units: Dict[Tuple[int, int], Tuple[Path, bool]], shards: int) -> None:
     finished = finished_shards(units)
     missing = [s for s in range(shards) if s not in finished]
@@ -383,7 +378,10 @@ def _write_layer_array(path: Path, loaded: Loaded, position: Dict[str, int], ten
             np.lib.format.write_array_header_1_0(handle, header)
             offset = handle.tell()
             size = offset + len(position) * dim * np.dtype(numpy_dtype).itemsize
-            os.posix_fallocate(handle.fileno(), 0, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)
+            else:  # macOS: a sparse file (a full disk may then still stop the process when a page is written)
+                handle.truncate(size)
         array = np.memmap(tmp, dtype=numpy_dtype, mode="r+", offset=offset, shape=(len(position), dim))
         for tensors, meta in loaded:
             if meta["keys"]:
@@ -427,14 +425,15 @@ def read_index(entry: Path) -> Dict[str, Any]:
     """A complete entry's index, its rows checked against their hash; ``CorruptEntry`` when it cannot be trusted."""
     try:
         index = json.loads((entry / INDEX).read_text())
-        if isinstance(index, dict) and "keys" in index and "sha256" not in index:
-            raise CorruptEntry(entry, f"{INDEX} has no content hashes: an entry of an older version")
-        hashes = index["sha256"]
+        old_version = isinstance(index, dict) and "keys" in index and "sha256" not in index
+        hashes = {} if old_version else index["sha256"]
         layers = [(layer["name"], layer["file"], int(layer["dim"])) for layer in index["layers"]]
         rows = (index["keys"], index["captions"], index["labels"])
         index["identity"]["dtype"], index["info"]  # noqa: B018 - present, or the entry is damaged
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CorruptEntry(entry, f"{INDEX} cannot be read: {type(exc).__name__}: {exc}") from None
+    if old_version:
+        raise CorruptEntry(entry, f"{INDEX} has no content hashes: an entry of an older version")
     if len(set(map(len, rows))) != 1 or any(file not in hashes for _, file, _ in layers):
         raise CorruptEntry(entry, f"{INDEX} is inconsistent")
     if rows_digest(*rows) != hashes.get("rows"):
