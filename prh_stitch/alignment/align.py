@@ -22,7 +22,8 @@ from prh_stitch import reports
 from prh_stitch.alignment import protocol as protocols
 from prh_stitch.alignment.features import Extraction, encoder_record, load_features
 from prh_stitch.alignment.report import TABLE_FIELDS, alignment_outputs, long_table
-from prh_stitch.alignment.scoring import ScoreCache, score_pair
+from prh_stitch.alignment.score_cache import ScoreCache
+from prh_stitch.alignment.scoring import score_pair
 from prh_stitch.alignment.settings import DEFAULT_METRICS, Inputs, ScoreSettings
 from prh_stitch.atomic import atomic_folder
 from prh_stitch.errors import UserError

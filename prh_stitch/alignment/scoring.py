@@ -1,48 +1,20 @@
-"""Scoring one model pair: layer × layer scores, the calibrated best and last pairs, and the score cache."""
+"""Scoring one model pair: layer × layer scores, the calibrated best and last pairs (cached by ``score_cache.py``)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from prh_stitch import reports
 from prh_stitch.alignment.features import encoder_record, layer_names, paired
+from prh_stitch.alignment.score_cache import ScoreCache, score_key
 from prh_stitch.alignment.settings import ScoreSettings, check_n, clamp_layers, metric_options
 from prh_stitch.metrics.intervals import best_pair_interval, draw_halves, estimand_of
 
-# 2: intervals by half-sampling, the best pair's interval selection-aware (format-1 entries hold bootstrap ones).
-SCORE_CACHE_FORMAT = 2
 CALIBRATION_FIELDS = ("score", "chance", "null_mean", "null_std", "z", "p_value", "p_resolution", "calibrated",
                       "ci_low", "ci_high", "interval_method")
-
-
-class ScoreCache:
-    """Per-pair scores on disk, keyed by both feature fingerprints and every setting that changes them."""
-
-    def __init__(self, root: Optional[Path]) -> None:
-        self.root = root
-
-    def key(self, payload: Dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-    def get(self, key: str) -> Optional[Dict[str, Any]]:
-        if self.root is None:
-            return None
-        path = self.root / f"{key}.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def put(self, key: str, record: Dict[str, Any]) -> None:
-        if self.root is not None:
-            reports.write_json(self.root / f"{key}.json", record)
 
 
 def calibration_fields(result: Dict[str, Any]) -> Dict[str, Any]:
@@ -56,16 +28,6 @@ def half_sample_subsets(n: int, draws: int, seed: int) -> List[Tensor]:
     halves (no duplicated rows, spread of the full-sample score without rescaling).
     """
     return draw_halves(n, draws, torch.Generator().manual_seed(seed + 1))
-
-
-def score_key(cache: ScoreCache, fa, fb, metric: str, opts: Dict[str, Any], settings: ScoreSettings) -> str:
-    key_settings = asdict(settings) | {"metrics": None}
-    if settings.outlier_quantile in (None, 1.0):
-        # No clamp (1 clamps nothing): the key is the one written before the option existed, so those scores stay
-        # valid; with a clamp the quantile is part of the key and an unclamped score is never returned for it.
-        del key_settings["outlier_quantile"]
-    return cache.key({"format": SCORE_CACHE_FORMAT, "a": encoder_record(fa), "b": encoder_record(fb),
-                      "metric": metric, "opts": opts, "settings": key_settings})
 
 
 def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreSettings, device: torch.device,

@@ -25,7 +25,7 @@ from prh_stitch.alignment import study_power
 from prh_stitch.alignment.align import Model, extract_models, parse_pairs, score_models
 from prh_stitch.alignment.features import Extraction, encoder_record
 from prh_stitch.alignment.report import alignment_outputs
-from prh_stitch.alignment.scoring import ScoreCache
+from prh_stitch.alignment.score_cache import ScoreCache
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, pick_device
 from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config

@@ -33,6 +33,7 @@ process's workers skipped, per split.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,9 @@ class StitchingDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = int(batch_size)
         self.extract_batch_size = int(extract_batch_size)
+        if self.batch_size < 1 or self.extract_batch_size < 1:  # now, not after minutes of extraction
+            raise ValueError("data.batch_size and data.extract_batch_size must be >= 1, "
+                             f"got {batch_size} and {extract_batch_size}")
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.store = FeatureStore(self.cache_dir / "features", dtype=feature_dtype)
@@ -189,7 +193,12 @@ class StitchingDataModule(pl.LightningDataModule):
             s = self.scenes
             train, val = ensure_scene_shards(self.cache_dir / "scenes", s.n_train, s.n_val, seed=s.seed, size=s.image_size)
             pattern = train if split == "train" else val
-        return expand_urls(pattern)
+        urls = expand_urls(pattern)
+        if split == "val" and self.train_pattern is not None:
+            if {os.path.realpath(u) for u in urls} == {os.path.realpath(u) for u in expand_urls(self.train_pattern)}:
+                raise ValueError(f"data.train and data.val are the same shards ({urls[0]} ...); validating on the "
+                                 "training data measures nothing: give validation shards of their own")
+        return urls
 
     # ---- features -----------------------------------------------------------------------------
     def prepare_features(self, requests: List[FeatureRequest], device: torch.device | str = "cpu") -> None:
