@@ -220,7 +220,7 @@ class StitchingDataModule(pl.LightningDataModule):
             if "train" in self.captions:
                 self._train_captions = frozenset(self.captions["train"])
             else:  # mode stream: the training split is not in the store; its captions are read from the shards
-                self._train_captions = frozenset(_shard_captions(self.shard_urls("train")))
+                self._train_captions = frozenset(shard_captions(self.shard_urls("train")))
         return self._train_captions
 
     # ---- features -----------------------------------------------------------------------------
@@ -352,7 +352,7 @@ class StitchingDataModule(pl.LightningDataModule):
         return self._eval_dataloader("test")
 
 
-def _shard_captions(urls: Sequence[str]) -> Iterator[str]:
+def shard_captions(urls: Sequence[str]) -> Iterator[str]:
     """The captions of shards, read without decoding any image (the ``.txt`` member of every whole sample)."""
     from prh_stitch.data.stream import PROBLEM, TRUNCATED, read_shard
 

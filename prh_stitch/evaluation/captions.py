@@ -31,19 +31,23 @@ def seen_mask(captions: Sequence[str], train_captions: Collection[str]) -> Tenso
     return torch.tensor([c in train for c in captions], dtype=torch.bool)
 
 
-def caption_retrieval(a: Tensor, b: Tensor, captions: Sequence[str], train_captions: Collection[str],
+def caption_retrieval(a: Tensor, b: Tensor, captions: Sequence[str], train_captions: Optional[Collection[str]],
                       ks: Sequence[int] = (1, 5, 10), normalize: bool = True) -> Dict[str, Any]:
     """:func:`prh_stitch.metrics.retrieval` (same-caption items correct) plus ``"subsets"``: ``all`` / ``seen`` /
-    ``unseen`` queries, each with ``n``, ``distinct`` captions, recall@k both ways and exact chance@k."""
+    ``unseen`` queries, each with ``n``, ``distinct`` captions, recall@k both ways and exact chance@k.
+    ``train_captions=None`` (training split unknown): ``all`` only."""
     from prh_stitch.data.datamodule import caption_groups
 
     if len(captions) != len(a):
         raise ValueError(f"one caption per row is needed: {len(captions)} captions for {len(a)} rows")
     groups = caption_groups(list(captions)).to(a.device)
-    seen = seen_mask(captions, train_captions).to(a.device)
+    everything = torch.ones(len(captions), dtype=torch.bool, device=a.device)
+    subsets = {"all": everything}
+    if train_captions is not None:
+        seen = seen_mask(captions, train_captions).to(a.device)
+        subsets.update(seen=seen, unseen=~seen)
     out: Dict[str, Any] = retrieval(a, b, groups=groups, normalize=normalize, ks=ks)
-    out["subsets"] = retrieval_subsets(a, b, groups, {"all": torch.ones_like(seen), "seen": seen, "unseen": ~seen},
-                                       normalize=normalize, ks=ks)
+    out["subsets"] = retrieval_subsets(a, b, groups, subsets, normalize=normalize, ks=ks)
     return out
 
 
@@ -71,6 +75,8 @@ def summary_line(stage: str, scores: Dict[str, Any]) -> str:
     """One line: recall@1 overall / seen / unseen, each with its chance and counts."""
     parts = []
     for name in SUBSETS:
+        if name not in scores["subsets"]:
+            continue
         s = scores["subsets"][name]
         if s["n"] == 0:
             parts.append(f"{name}: none")
