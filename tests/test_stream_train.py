@@ -23,7 +23,7 @@ from prh_stitch.module import StitchingModule
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
-SCENES = SceneData(n_train=96, n_val=32, seed=3, image_size=48)
+SCENES = SceneData(n_train=96, n_val=32, n_test=32, seed=3, image_size=48)
 
 
 def stream_args(root, cache, *extra):
