@@ -208,6 +208,7 @@ def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_los
         "source_layer": "pre_logits", "target_layer": "layers.1",
         "objective": {"name": "contrastive", "options": {}},
         "fit": {"method": "gradient", "init": None, "closed_form": None},
+        "data": {"choices_made_on": "val"},  # planted features: no shard patterns to record
     }
     with torch.no_grad():
         torch.testing.assert_close(prh_stitch.load_stitcher(tmp_path / "end.ckpt")(source), model(source))
@@ -262,7 +263,9 @@ def test_checkpoint_holds_the_stitcher_but_no_encoder_weights(trained):
         "source_layer": "pre_logits", "target_layer": "layers.1",
         "objective": {"name": "contrastive", "options": {}},
         "fit": {"method": "gradient", "init": None, "closed_form": None},
+        "data": {**cli.datamodule.split_patterns(), "choices_made_on": "val"},  # what evaluate.py stitch reads
     }
+    assert set(cli.datamodule.split_patterns()) == {"train", "val", "test"}
     assert ckpt["prh_stitch"]["source"]["name"] == "tiny_vit" and ckpt["prh_stitch"]["target"]["name"] == "tiny_bert"
 
 
