@@ -169,6 +169,9 @@ class StitchingDataModule(pl.LightningDataModule):
         if len({train is None, val is None, test is None}) > 1:
             raise ValueError("give all of the 'train', 'val' and 'test' shard patterns, or none (to use the built-in "
                              "scenes)")
+        if test is not None and test in (train, val):
+            raise ValueError("the test split must be its own shards, not the training or validation pattern again "
+                             "(choices are made on val; test is reported once)")
         if mode not in MODES:
             raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "stream" and stream.epoch_length is None and train is not None:
@@ -353,16 +356,21 @@ class StitchingDataModule(pl.LightningDataModule):
 
 
 def shard_captions(urls: Sequence[str]) -> Iterator[str]:
-    """The captions of shards, read without decoding any image (the ``.txt`` member of every whole sample)."""
-    from prh_stitch.data.stream import PROBLEM, TRUNCATED, read_shard
+    """The captions of shards, read without decoding any image: every whole sample with an image member and a
+    non-empty ``.txt`` (a sample whose image would fail to decode is the one case counted here but skipped by
+    training; its caption then counts as seen)."""
+    from prh_stitch.data.stream import IMAGE_EXTENSIONS, PROBLEM, TRUNCATED, read_shard
 
     for url in urls:
         for raw in read_shard(url):
-            if PROBLEM not in raw and not raw.get(TRUNCATED) and "txt" in raw:
-                try:
-                    yield raw["txt"].decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    continue  # undecodable: skipped by training as well
+            if PROBLEM in raw or raw.get(TRUNCATED) or "txt" not in raw or not any(e in raw for e in IMAGE_EXTENSIONS):
+                continue
+            try:
+                caption = raw["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                continue  # undecodable: skipped by training as well
+            if caption:
+                yield caption
 
 
 def _layer_name(request: FeatureRequest) -> str:
