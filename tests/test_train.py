@@ -446,11 +446,12 @@ def _ddp_validation_worker(rank, world, root):
     try:
         cli = build_cli(tiny_args(root / "ddp", "--trainer.accelerator=cpu", f"--trainer.devices={world}",
                                   "--trainer.strategy=ddp", "--trainer.max_epochs=2", "--data.scenes.n_val=127",
-                                  "--data.cache_dir", str(root / "cache")))
+                                  "--data.scenes.n_test=127", "--data.cache_dir", str(root / "cache")))
         seen = EpochMetrics()
         cli.trainer.callbacks.append(seen)
-        fit(cli)
-        torch.save({"val": seen.val, "stitchers": seen.stitchers}, root / f"rank{rank}.pt")
+        fit(cli)  # then tests the selected checkpoint on every rank
+        torch.save({"val": seen.val, "stitchers": seen.stitchers, "test": cli.model.test_scores["subsets"],
+                    "best": cli.trainer.checkpoint_callback.best_model_path}, root / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -464,7 +465,8 @@ def test_two_process_ddp_validation_scores_the_whole_set_once_on_every_rank(tmp_
     mp.spawn(_ddp_validation_worker, args=(world, tmp_path), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     # The one-process reference: the same validation features, read back from the run's store.
-    cli = build_cli(tiny_args(tmp_path / "reference", "--data.scenes.n_val=127", "--data.cache_dir", str(tmp_path / "cache")))
+    cli = build_cli(tiny_args(tmp_path / "reference", "--data.scenes.n_val=127", "--data.scenes.n_test=127",
+                              "--data.cache_dir", str(tmp_path / "cache")))
     cli.datamodule.setup_features(*cli.model.feature_requests())
     source, target, _, groups = cli.datamodule.datasets["val"].tensors
     assert len(source) == 127  # odd: the sampler must pad, and the metric must not count the repeat
@@ -481,6 +483,19 @@ def test_two_process_ddp_validation_scores_the_whole_set_once_on_every_rank(tmp_
                               ("val/recall@10", "a2b/recall@10"), ("val/recall@1_target_to_source", "b2a/recall@1"),
                               ("val/mean_rank", "a2b/mean_rank"), ("val/mean_cosine", "mean_cosine")):
                 assert logged[name] == pytest.approx(expected[key], rel=1e-6, abs=1e-6), (rank, epoch, name)
+    # The test split (127 rows: padded too) is scored once per row on every rank, with the selected checkpoint.
+    from prh_stitch.evaluation.captions import caption_retrieval
+
+    dm = cli.datamodule
+    test_source, test_target, _, _ = dm.datasets["test"].tensors
+    assert len(test_source) == 127
+    with torch.no_grad():
+        expected = caption_retrieval(prh_stitch.load_stitcher(ranks[0]["best"])(test_source), test_target,
+                                     dm.captions["test"], dm.train_captions())["subsets"]
+    for rank, seen in enumerate(ranks):
+        assert seen["best"] == ranks[0]["best"]
+        for name, subset in expected.items():
+            assert seen["test"][name] == pytest.approx(subset, rel=1e-6, abs=1e-6), (rank, name)
 
 
 # ---------------------------------------------------------------- the module's own rules, without the CLI
