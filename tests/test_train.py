@@ -394,7 +394,10 @@ def _write_tar(path, samples):
         (["--model.stitcher.name", "lineer"], "unknown stitcher 'lineer'. Did you mean 'linear'"),
         (["--model.source.layer", "42"], "layer 42 is out of range for encoder 'tiny_vit'"),
         (["--model.objective.name", "hinge"], "unknown loss 'hinge'"),
-        (["--data.train", "/nonexistent/train-{0..3}.tar", "--data.val", "/nonexistent/val.tar"], "no shards match"),
+        (["--data.train", "/nonexistent/train-{0..3}.tar", "--data.val", "/nonexistent/val.tar", "--data.test",
+          "/nonexistent/test.tar"], "no shards match"),
+        (["--data.train", "/nonexistent/train.tar", "--data.val", "/nonexistent/val.tar"],
+         "give all of the 'train', 'val' and 'test' shard patterns, or none"),
     ],
 )
 def test_bad_input_gives_one_clear_error_and_no_checkpoint(tmp_path, capsys, extra, message):
@@ -407,7 +410,10 @@ def test_bad_input_gives_one_clear_error_and_no_checkpoint(tmp_path, capsys, ext
 def test_shards_without_usable_samples_fail_before_training(tmp_path, capsys):
     shard = tmp_path / "broken.tar"
     _write_tar(shard, [("a.jpg", b"garbage bytes"), ("a.txt", b"a caption"), ("b.txt", b"no image here")])
-    assert main(tiny_args(tmp_path / "run", "--data.train", str(shard), "--data.val", str(shard))) == 2
+    test_shard = tmp_path / "broken-test.tar"
+    test_shard.write_bytes(shard.read_bytes())
+    assert main(tiny_args(tmp_path / "run", "--data.train", str(shard), "--data.val", str(shard),
+                          "--data.test", str(test_shard))) == 2
     assert "no usable samples" in capsys.readouterr().err
     assert checkpoints(tmp_path) == []
 
