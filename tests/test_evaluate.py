@@ -51,6 +51,10 @@ def ordered(fs):
     return [fs.features[n] for n in fs.info["layers"]]
 
 
+def ordered_names(fs):
+    return list(fs.info["layers"])
+
+
 def identity_checkpoint(path, name="tiny_bert", objective="contrastive", scale=20.0):
     """A StitchingModule-style checkpoint whose stitcher is exactly the identity."""
     dim = build_encoder(name).feature_dim(-1, None)
@@ -97,7 +101,26 @@ def test_align_reports_equal_the_metric_functions_and_rerun_from_the_caches(data
         vit = build_encoder("tiny_vit")
         assert r["fingerprint_a"]["encoder_fingerprint"] == vit.fingerprint(list(range(vit.num_layers)), None)
     rows = (out / "alignment.csv").read_text().splitlines()
+    # best and last per record; the protocol named in every row; the contextual best on the best row.
+    header = rows[0].split(",")
     assert rows[0].startswith("model_a,model_b,metric,pair,score") and len(rows) == 1 + 2 * 2
+    assert header[-4:] == ["protocol", "contextual_score", "contextual_layer_a_name", "contextual_layer_b_name"]
+    assert all(row.split(",")[header.index("protocol")] == "prh_stitch" for row in rows[1:])
+    table = {(row["metric"], row["pair"]): row for row in
+             __import__("csv").DictReader((out / "alignment.csv").read_text().splitlines())}
+    assert report["protocol"]["name"] == "prh_stitch" and report["settings"]["protocol"] == "prh_stitch"
+    assert "**Protocol: prh_stitch**" in (out / "alignment.md").read_text()
+    names_b = ordered_names(fb)
+    for r in report["records"]:
+        keep_b = [j for j, n in enumerate(names_b) if n != "embeddings"]
+        expected = max(r["matrix"][i][j] for i in range(len(a)) for j in keep_b)
+        assert "embeddings" in names_b and r["contextual"]["score"] == expected
+        assert r["contextual"]["layer_b_name"] != "embeddings" and r["contextual"]["excluded"] == ["embeddings"]
+        assert r["protocol"] == "prh_stitch"
+        best_row = table[(r["metric"], "best (max over layer pairs)")]
+        assert float(best_row["contextual_score"]) == pytest.approx(expected)
+        assert best_row["contextual_layer_b_name"] == r["contextual"]["layer_b_name"]
+        assert table[(r["metric"], "last layers")]["contextual_score"] == ""
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["layers_cka_tiny_vit__tiny_bert.png", "layers_mutual_knn_tiny_vit__tiny_bert.png",
                     "models_cka.png", "models_mutual_knn.png"]

@@ -1,4 +1,8 @@
-"""The paper's measurement: every layer pair of every model pair, each model pair's best and last layers calibrated.
+"""Layer × layer alignment: every layer pair of every model pair, each model pair's best and last layers calibrated.
+
+The measurement of the paper (max over layer pairs of mutual kNN), under a named protocol (``protocol``:
+``prh_stitch``, the default, or ``paper``, the paper's clamp, layers and normalisation; see
+:mod:`~prh_stitch.alignment.protocol`).
 
 :func:`align` is the plain-Python entry point (``evaluate.py align`` and the study call it too): it returns an
 :class:`AlignResult` holding one record per (model pair, metric) and, as :attr:`AlignResult.table`, the same as
@@ -15,6 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from prh_stitch import reports
+from prh_stitch.alignment import protocol as protocols
 from prh_stitch.alignment.features import Extraction, encoder_record, load_features
 from prh_stitch.alignment.report import TABLE_FIELDS, alignment_outputs, long_table
 from prh_stitch.alignment.scoring import ScoreCache, score_pair
@@ -88,8 +93,13 @@ def extract_models(models: Sequence[Model], urls: Sequence[str], ex: Extraction)
 
 def score_models(models: Sequence[Model], feature_sets: Dict[str, Any], kinds: Sequence[str],
                  settings: ScoreSettings, device: torch.device, cache: ScoreCache, progress: bool) -> List[Dict]:
+    """One record per (model pair, metric), scored under ``settings.protocol`` (its feature transform applied
+    here); each record names its protocol and its best pair without non-contextual layers."""
     from tqdm.auto import tqdm
 
+    from prh_stitch.alignment.layer_sets import best_without_non_contextual
+
+    feature_sets, settings = protocols.for_scoring(feature_sets, models, settings)
     jobs = [(a, b, m) for a, b in model_pairs(models, kinds) for m in settings.metrics]
     if not jobs:
         raise UserError(f"no model pairs to score for --pairs {','.join(kinds)} (vision–text needs at least one "
@@ -99,6 +109,8 @@ def score_models(models: Sequence[Model], feature_sets: Dict[str, Any], kinds: S
         record = score_pair(a.label, feature_sets[a.label], b.label, feature_sets[b.label], metric, settings,
                             device, cache)
         record["kind"] = a.modality + "-" + b.modality
+        record["protocol"] = settings.protocol
+        record["contextual"] = best_without_non_contextual(record)
         records.append(record)
     return records
 
@@ -130,7 +142,8 @@ def align(models: Mapping[str, Sequence[Any]], data: Union[str, Sequence[str]],
     """Score every layer pair of every model pair on ``data`` (shard patterns of image–caption pairs).
 
     ``models`` is ``{"vision": [...], "text": [...]}`` (encoder names or specs); ``settings`` are the other
-    :class:`ScoreSettings` fields (``permutations``, ``bootstrap``, ``max_null``, ``seed``, ``outlier_quantile``);
+    :class:`ScoreSettings` fields (``permutations``, ``bootstrap``, ``max_null``, ``seed``, ``outlier_quantile``,
+    ``protocol``: ``"prh_stitch"`` (default) or ``"paper"``);
     ``inputs`` says where features come from (:class:`Inputs`: device, cache folder, ...). Features and scores are
     cached, so a second call on the same data reads them back.
     """
@@ -146,6 +159,7 @@ def align(models: Mapping[str, Sequence[Any]], data: Union[str, Sequence[str]],
     if not model_pairs(chosen, kinds):
         raise UserError(f"no model pairs to score for --pairs {','.join(kinds)}: give --vision and --text models "
                         "(or two of one modality with --pairs vv/tt)")
+    protocols.check_poolings(chosen, score_settings.protocol)
     started = time.perf_counter()
     feature_sets = extract_models(chosen, urls, ex)
     records = score_models(chosen, feature_sets, kinds, score_settings, ex.device,
@@ -154,5 +168,6 @@ def align(models: Mapping[str, Sequence[Any]], data: Union[str, Sequence[str]],
               **{m: [x.label for x in chosen if x.modality == m] for m in MODALITIES}, "pairs": list(kinds)}
     header = reports.provenance(command, config, str(ex.device), score_settings.seed,
                                 {label: encoder_record(fs) for label, fs in feature_sets.items()},
-                                settings=asdict(score_settings), seconds=round(time.perf_counter() - started, 2))
+                                settings=asdict(score_settings), protocol=protocols.describe(score_settings),
+                                seconds=round(time.perf_counter() - started, 2))
     return AlignResult(records, header, chosen, feature_sets)

@@ -1,12 +1,23 @@
 """How good a model is, and how alignment relates to it: bits per byte of causal LMs, correlations with intervals.
 
-Bits per byte (the paper's language-modelling competence) of a causal LM on a list of texts:
+Bits per byte (the paper's language-modelling competence) of a causal LM on a list of texts, in two named
+definitions (``definition=``); dividing by bytes instead of tokens makes models with different tokenizers
+comparable, and lower is better under both:
 
-    bpb = (Σ over texts and tokens of −ln p(token | preceding tokens)) / ln 2 / (Σ over texts of UTF-8 bytes)
+- ``pooled`` (prh_stitch's protocol, the default)::
 
-Each text is scored on its own, after a start token (the tokenizer's BOS, else EOS as GPT-2 uses it, else CLS),
-so every token of the text is predicted and every byte is paid for. Dividing by bytes instead of tokens makes
-models with different tokenizers comparable. Lower is better.
+      bpb = (Σ over texts and tokens of −ln p(token | preceding tokens)) / ln 2 / (Σ over texts of UTF-8 bytes)
+
+  Each text is scored on its own, after a start token (the tokenizer's BOS, else EOS as GPT-2 uses it, else CLS),
+  so every token of the text is predicted and every byte is paid for; long texts weigh more.
+- ``per_caption`` (the paper's protocol, as its ``utils.cross_entropy_to_bits_per_unit`` computes it)::
+
+      bpb = mean over texts of [(Σ over the text's tokens after the first of −ln p(token | preceding)) / ln 2
+                                / (the text's UTF-8 bytes)]
+
+  Tokens are the tokenizer's default encoding of the text (its own special tokens, if it adds any). The first
+  token is only context: a tokenizer that adds a BOS (LLaMA) has every text token scored; one that adds none
+  (GPT-2) leaves the first text token unscored, while its bytes still count.
 """
 
 from __future__ import annotations
@@ -27,35 +38,53 @@ def start_token_id(tokenizer: Any) -> int:
                      "no BOS, EOS or CLS token")
 
 
+BITS_PER_BYTE_DEFINITIONS = {
+    "pooled": "total nats / ln 2 / total UTF-8 bytes over all texts, each text after a start token (all its tokens "
+              "scored)",
+    "per_caption": "mean over texts of (the text's nats / ln 2 / its UTF-8 bytes), tokens as the tokenizer encodes "
+                   "the text, the first one not scored (the paper's definition)",
+}
+
+
+def _encode(tokenizer: Any, texts: Sequence[str], definition: str) -> List[List[int]]:
+    if definition == "pooled":
+        start = start_token_id(tokenizer)
+        return [[start] + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    return [list(tokenizer(t)["input_ids"]) for t in texts]
+
+
 @torch.inference_mode()
 def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
-                  device: Optional[str | torch.device] = None) -> Dict[str, float]:
+                  device: Optional[str | torch.device] = None, definition: str = "pooled") -> Dict[str, Any]:
     """Bits per byte of a causal LM (``model(input_ids, attention_mask).logits``) on ``texts``.
 
-    Returns ``bits_per_byte``, ``nats`` (total NLL), ``bytes``, ``tokens`` (scored) and ``texts``.
+    ``definition``: ``pooled`` (prh_stitch's) or ``per_caption`` (the paper's); see the module docstring.
+    Returns ``bits_per_byte``, ``definition``, ``nats`` (total NLL), ``bytes``, ``tokens`` (scored) and ``texts``.
     Texts longer than the model's context are an error: truncating them would drop bytes from the score.
     """
+    if definition not in BITS_PER_BYTE_DEFINITIONS:
+        raise ValueError(f"bits per byte definition {definition!r}: use one of {sorted(BITS_PER_BYTE_DEFINITIONS)}")
     texts = list(texts)
     if not texts:
         raise ValueError("bits per byte needs at least one text")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    start = start_token_id(tokenizer)
     context = getattr(getattr(model, "config", None), "n_positions", None) or \
         getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    encoded = [[start] + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    encoded = _encode(tokenizer, texts, definition)
     for text, ids in zip(texts, encoded):
-        if len(ids) < 2:
-            raise ValueError(f"text {text!r} has no tokens to score")
+        if len(ids) < 2 or not text:
+            raise ValueError(f"text {text!r} has no tokens to score (empty, or one token under the {definition} "
+                             "definition, whose first token is only context); drop it from the captions")
         if context is not None and len(ids) > context:
             raise ValueError(f"text of {len(ids)} tokens exceeds the model's context of {context}: {text[:60]!r}...")
-    total_nats = 0.0
+    text_nats: List[float] = []
     tokens = 0
     model.eval()
     for i0 in range(0, len(encoded), batch_size):
         chunk = encoded[i0:i0 + batch_size]
         width = max(len(ids) for ids in chunk)
         # Right padding: with causal attention, real tokens never see the padding after them.
-        ids = torch.full((len(chunk), width), start, dtype=torch.long)
+        ids = torch.full((len(chunk), width), chunk[0][0], dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, seq in enumerate(chunk):
             ids[row, :len(seq)] = torch.tensor(seq)
@@ -64,10 +93,14 @@ def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
         logits = model(input_ids=ids, attention_mask=mask).logits.float()
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         scored = mask[:, 1:].bool()
-        total_nats += float(nll[scored].double().sum())
+        text_nats += (nll.double() * scored).sum(dim=1).tolist()
         tokens += int(scored.sum())
-    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"bits_per_byte": total_nats / math.log(2) / total_bytes, "nats": total_nats, "bytes": total_bytes,
+    text_bytes = [len(t.encode("utf-8")) for t in texts]
+    if definition == "pooled":
+        bpb = sum(text_nats) / math.log(2) / sum(text_bytes)
+    else:
+        bpb = sum(n / math.log(2) / b for n, b in zip(text_nats, text_bytes)) / len(texts)
+    return {"bits_per_byte": bpb, "definition": definition, "nats": sum(text_nats), "bytes": sum(text_bytes),
             "tokens": tokens, "texts": len(texts)}
 
 
@@ -114,24 +147,31 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
                    _rank(torch.tensor(list(y), dtype=torch.float64)).tolist())
 
 
-def rank_permutation_p(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
-    """Exact two-sided p of Spearman's rho over *models*: the share of all n! orderings of y with |rho| >= observed.
+def rank_permutation_p(x: Sequence[float], y: Sequence[float], draws: int = 20000, seed: int = 0) -> Optional[float]:
+    """Two-sided p of Spearman's rho over *models*: the share of orderings of y with |rho| >= observed.
 
-    This is the uncertainty that resampling items cannot show: with 3 models the smallest possible p is 1/6.
-    Enumerated for n <= 8 (40,320 orderings); None beyond.
+    This is the uncertainty that resampling items cannot show: with 3 models the smallest possible p is 2/3! = 1/3.
+    Exact (all n! orderings) for n <= 8; beyond, ``draws`` random orderings (seeded), p = (1 + hits) / (1 + draws),
+    whose resolution is 1 / (1 + draws). None when rho is undefined.
     """
     import itertools
 
     n = len(x)
     observed = spearman(x, y)
-    if observed is None or n > 8:
+    if observed is None:
         return None
+    if n <= 8:
+        orderings = itertools.permutations(list(y))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        values = torch.tensor(list(y), dtype=torch.float64)
+        orderings = (values[torch.randperm(n, generator=gen)].tolist() for _ in range(draws))
     hits = total = 0
-    for perm in itertools.permutations(list(y)):
+    for perm in orderings:
         rho = spearman(x, perm)
         hits += rho is not None and abs(rho) >= abs(observed) - 1e-12
         total += 1
-    return hits / total
+    return hits / total if n <= 8 else (1 + hits) / (1 + total)
 
 
 def correlation_report(competence: Sequence[float], scores: Sequence[float],

@@ -84,6 +84,11 @@ def paired(fa, fb, device: torch.device) -> Tuple[List[Tensor], List[Tensor], Te
 
 
 def encoder_record(feature_set) -> Dict[str, Any]:
+    """Identity of a feature set (reports, cache keys); ``transform`` only when one was applied (--protocol paper),
+    so the keys of untransformed features stay what they were."""
     info = feature_set.info or {}
-    return {k: info.get(k) for k in ("encoder", "encoder_fingerprint", "data_fingerprint", "pooling", "layers",
-                                     "num_samples", "dtype")}
+    record = {k: info.get(k) for k in ("encoder", "encoder_fingerprint", "data_fingerprint", "pooling", "layers",
+                                       "num_samples", "dtype")}
+    if info.get("transform"):
+        record["transform"] = info["transform"]
+    return record

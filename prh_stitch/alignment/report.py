@@ -8,18 +8,26 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from prh_stitch import reports
+from prh_stitch.alignment.layer_sets import RULE
 from prh_stitch.alignment.settings import clamp_note
 
 TABLE_FIELDS = ("model_a", "model_b", "metric", "pair", "score", "layer_a", "layer_b", "layer_a_name",
                 "layer_b_name", "chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high", "max_null_mean",
-                "n")
+                "n", "protocol", "contextual_score", "contextual_layer_a_name", "contextual_layer_b_name")
 
 
 def long_table(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One row per record and layer choice: the best pair (max over layer pairs) and the last layers."""
+    """One row per record and layer choice: the best pair (max over layer pairs) and the last layers.
+
+    The best pair over contextual layers only (see :mod:`~prh_stitch.alignment.layer_sets`) rides along on the
+    best row as ``contextual_*`` columns (a score read off the matrix, not calibrated on its own).
+    """
     rows = []
     for r in records:
-        rows.append({**r, "pair": "best (max over layer pairs)"})
+        ctx = r.get("contextual") or {}
+        contextual = {"contextual_score": ctx.get("score"), "contextual_layer_a_name": ctx.get("layer_a_name"),
+                      "contextual_layer_b_name": ctx.get("layer_b_name")}
+        rows.append({**r, **contextual, "pair": "best (max over layer pairs)"})
         rows.append({**r, **r["last"], "pair": "last layers", "max_null_mean": None})
     return [{k: row.get(k) for k in TABLE_FIELDS} for row in rows]
 
@@ -69,19 +77,31 @@ def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: s
         rows.append([r["model_a"], r["model_b"], r["metric"],
                      f"{r['score']:.3f} ({r['layer_a_name']}, {r['layer_b_name']})",
                      reports.fmt(r.get("max_null_mean"), 3), reports.fmt(r.get("max_calibrated"), 3),
-                     f"{last['score']:.3f}", reports.fmt(last.get("chance"), 3), reports.fmt(last.get("null_mean"), 3),
+                     contextual_cell(r.get("contextual")), f"{last['score']:.3f}", reports.fmt(last.get("chance"), 3),
+                     reports.fmt(last.get("null_mean"), 3),
                      reports.fmt(last.get("calibrated"), 3), reports.interval(last.get("ci_low"), last.get("ci_high"))])
     settings = header.get("settings", {})
-    return (f"# {title}\n\nN = {records[0]['n'] if records else '–'} paired samples, k = {settings.get('k')}, "
+    protocol = header.get("protocol") or {"name": settings.get("protocol", "prh_stitch"), "description": ""}
+    return (f"# {title}\n\n**Protocol: {protocol['name']}** ({protocol['description']}).\n\n"
+            f"N = {records[0]['n'] if records else '–'} paired samples, k = {settings.get('k')}, "
             f"{settings.get('permutations')} permutations, {settings.get('bootstrap')} bootstrap resamples, "
-            f"seed {settings.get('seed')}, {clamp_note(settings.get('outlier_quantile'))}, "
+            f"seed {settings.get('seed')}, {clamp_note(settings.get('outlier_quantile'), protocol['name'])}, "
             f"device {header.get('device')}.\n\n"
             "**best** is the maximum over all layer pairs (the paper's headline number); because it is a maximum "
             "it sits above chance even for unrelated models, so compare it with *null of max* (the same maximum "
             "with the pairing shuffled). **last** is the last-layer pair, with its chance level, permutation null, "
-            "calibrated score (s − null)/(1 − null) and 95% bootstrap interval.\n\n"
+            "calibrated score (s − null)/(1 − null) and 95% bootstrap interval. **contextual best** is the "
+            f"best pair with {RULE} (a mean-pooled input embedding is a bag of words, not a contextual "
+            "representation).\n\n"
             + reports.markdown_table(["model A", "model B", "metric", "best (layers)", "null of max",
-                                      "calibrated max", "last", "chance", "null", "calibrated", "95% CI"], rows))
+                                      "calibrated max", "contextual best (layers)", "last", "chance", "null",
+                                      "calibrated", "95% CI"], rows))
+
+
+def contextual_cell(best: Optional[Dict[str, Any]]) -> str:
+    if not best:
+        return "– (no contextual layer)"
+    return f"{best['score']:.3f} ({best['layer_a_name']}, {best['layer_b_name']})"
 
 
 def _slug(text: str) -> str:

@@ -30,8 +30,11 @@ class ScoreSettings:
         max_null: permutation draws of the max over layer pairs (the selection's own null; 0 = off)
         half_samples: study only: half-sample rescoring draws for intervals of correlations
         seed: seed of every resampling
-        outlier_quantile: clamp each layer's features to ±(this quantile of |x|) before scoring alignment, as the
-            paper's code does with 0.95 (not retrieval or zero-shot); None = off
+        outlier_quantile: clamp features to ±(this quantile of |x|) before scoring alignment (not retrieval or
+            zero-shot); None = off (under --protocol paper: 0.95, the paper's value)
+        protocol: prh_stitch (default: this project's protocol, each layer clamped on its own when a quantile is
+            given) or paper (the paper's clamp, layer sets, normalisation and bits per byte; see
+            prh_stitch.alignment.protocol)
     """
 
     metrics: Union[Tuple[str, ...], str] = DEFAULT_METRICS
@@ -43,9 +46,11 @@ class ScoreSettings:
     seed: int = 0
     # None (the default) = off, so scores made before the option existed stay what they were.
     outlier_quantile: Optional[float] = None
+    protocol: Literal["prh_stitch", "paper"] = "prh_stitch"
 
     def checked(self) -> "ScoreSettings":
         """The same settings validated, metrics as a tuple of registered names; bad values are UserErrors."""
+        from prh_stitch.alignment.protocol import PAPER_QUANTILE, check_protocol
         from prh_stitch.metrics.outliers import check_quantile
 
         for flag, value, low in (("--k", self.k, 1), ("--permutations", self.permutations, 0),
@@ -57,8 +62,11 @@ class ScoreSettings:
             quantile = check_quantile(self.outlier_quantile, "--outlier-quantile")
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        protocol = check_protocol(self.protocol)
+        if protocol == "paper" and quantile is None:
+            quantile = PAPER_QUANTILE
         names = self.metrics.split(",") if isinstance(self.metrics, str) else self.metrics
-        return replace(self, metrics=check_metrics(names), outlier_quantile=quantile)
+        return replace(self, metrics=check_metrics(names), outlier_quantile=quantile, protocol=protocol)
 
 
 @dataclass
@@ -94,8 +102,11 @@ class Inputs:
                           self.batch_size, self.num_workers, self.progress)
 
 
-def clamp_note(quantile: Optional[float]) -> str:
+def clamp_note(quantile: Optional[float], protocol: str = "prh_stitch") -> str:
     """How the reports' headers say whether features were clamped."""
+    if protocol == "paper":
+        return (f"protocol paper: features clamped as the paper's code does (one threshold per model, the mean over "
+                f"samples of each sample's {quantile:g} quantile of |x| over all its layers), then rows L2-normalised")
     if quantile is None or quantile == 1.0:
         return "no outlier clamp"
     return f"features clamped at the {quantile:g} quantile of |x| per layer before scoring (outlier removal)"

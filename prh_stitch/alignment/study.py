@@ -16,15 +16,18 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from prh_stitch import reports
 from prh_stitch.alignment import competence as comp
+from prh_stitch.alignment import protocol as protocols
+from prh_stitch.alignment import study_power
 from prh_stitch.alignment.align import Model, extract_models, parse_pairs, score_models
 from prh_stitch.alignment.features import Extraction, encoder_record
 from prh_stitch.alignment.report import alignment_outputs
 from prh_stitch.alignment.scoring import ScoreCache
-from prh_stitch.alignment.settings import Inputs, ScoreSettings, clamp_note, pick_device
+from prh_stitch.alignment.settings import Inputs, ScoreSettings, pick_device
+from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
 from prh_stitch.errors import UserError
 
@@ -82,8 +85,11 @@ def _fashion_mnist_shards(block: DataBlock, root: Path) -> List[str]:
 # ---- competence ---------------------------------------------------------------------------------------
 
 def competence_values(block: CompetenceBlock, models: List[Model], feature_sets: Dict[str, Any], device,
-                      cache: ScoreCache) -> Tuple[Dict[str, float], List[str]]:
-    """Competence per model label, and a note for each model left out (no score, or not a causal LM)."""
+                      cache: ScoreCache, definition: str = "pooled") -> Tuple[Dict[str, float], List[str]]:
+    """Competence per model label, and a note for each model left out (no score, or not a causal LM).
+
+    ``definition``: the bits-per-byte definition of the study's protocol (``pooled`` or ``per_caption``).
+    """
     from prh_stitch.encoders import IMAGENET_TOP1
 
     values: Dict[str, float] = {}
@@ -91,7 +97,10 @@ def competence_values(block: CompetenceBlock, models: List[Model], feature_sets:
     if block.measure == "bits_per_byte":
         for m in models:
             captions = feature_sets[m.label].captions
-            key = cache.key({"bpb": m.spec.to_dict(), "data": encoder_record(feature_sets[m.label])})
+            identity = {"bpb": m.spec.to_dict(), "data": encoder_record(feature_sets[m.label])}
+            if definition != "pooled":  # the pooled key is the one written before definitions were named
+                identity["definition"] = definition
+            key = cache.key(identity)
             hit = cache.get(key)
             if hit is None:
                 try:
@@ -99,7 +108,7 @@ def competence_values(block: CompetenceBlock, models: List[Model], feature_sets:
                 except ValueError as exc:
                     excluded.append(f"{m.label}: {exc}")
                     continue
-                hit = comp.bits_per_byte(model, tokenizer, captions, device=device)
+                hit = comp.bits_per_byte(model, tokenizer, captions, device=device, definition=definition)
                 cache.put(key, hit)
             values[m.label] = hit["bits_per_byte"]
         return values, excluded
@@ -133,6 +142,8 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
         point = {"model": m.label, "competence": values[m.label], "score": best,
                  "last": sum(r["last"]["score"] for r in mine) / len(mine),
                  "max_calibrated": _mean_or_none([r.get("max_calibrated") for r in mine]),
+                 "contextual": _mean_or_none([(r.get("contextual") or {}).get("score") for r in mine]
+                                             if all(r.get("contextual") for r in mine) else []),
                  "partners": [r["model_b"] if r["model_a"] == m.label else r["model_a"] for r in mine],
                  "layers": [[r["layer_a_name"], r["layer_b_name"]] for r in mine]}
         if len(mine) == 1:  # the interval of the score itself: calibrate()'s bootstrap
@@ -152,6 +163,8 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
     transpose = (lambda reps: [list(r) for r in zip(*reps)]) if len(reps_best) == len(points) else (lambda _: None)
     best = comp.correlation_report(xs, [p["score"] for p in points], transpose(reps_best))
     last = comp.correlation_report(xs, [p["last"] for p in points], transpose(reps_last))
+    with_ctx = [p for p in points if p["contextual"] is not None]
+    contextual = comp.correlation_report([p["competence"] for p in with_ctx], [p["contextual"] for p in with_ctx])
     sentence = comp.trend_sentence(best, block.higher_is_better, block.label)
     chance = next((r.get("chance") for r in records if r["metric"] == metric), None)
     figure = None
@@ -162,7 +175,11 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
             _wrap(sentence))
         figure = reports.save_figure(figure, out / f"competence_{metric}_{side}.png").name
     return {"side": side, "metric": metric, "competence": block.label, "higher_is_better": block.higher_is_better,
-            "points": points, "correlation_best": best, "correlation_last": last, "sentence": sentence,
+            "points": points, "correlation_best": best, "correlation_last": last,
+            "correlation_contextual": contextual,
+            "sentence_contextual": comp.trend_sentence(contextual, block.higher_is_better, block.label)
+            if len(with_ctx) == len(points) else "no contextual layer on one side: not computed",
+            "sentence": sentence,
             "figure": figure,
             "interval_method": "half-sample rescoring at each model's best layer pair (same halves for every model)"}
 
@@ -181,19 +198,21 @@ def _wrap(text: str, width: int = 95) -> str:
 # ---- run ----------------------------------------------------------------------------------------------
 
 def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Optional[str] = None,
-              device: Optional[str] = None, progress: bool = True, config_file: Optional[str] = None) -> Dict[str, Any]:
+              device: Optional[str] = None, progress: bool = True, config_file: Optional[str] = None,
+              notify: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Run the study of ``config`` (a YAML path or shipped name, a mapping, or a StudyConfig); return its summary.
 
     Reports go to ``out`` (default: the config's ``out``): ``study.md``, ``study.json`` (the summary returned
     here) and, per dataset, the align report and the competence figures. ``config_file`` is recorded in the
-    reports (default: ``config`` when it is a path).
+    reports (default: ``config`` when it is a path). Before anything is computed, the study's power over models
+    (:func:`~prh_stitch.alignment.study_power.power_statement`) is passed to ``notify`` (the CLI prints it).
     """
     started = time.perf_counter()
     cfg = load_config(config)
     config_file = config_file or _config_name(config)
     settings = ScoreSettings(metrics=tuple(cfg.metrics), k=cfg.k, permutations=cfg.permutations,
                              bootstrap=cfg.bootstrap, max_null=cfg.max_null, half_samples=cfg.half_samples,
-                             seed=cfg.seed, outlier_quantile=cfg.outlier_quantile)
+                             seed=cfg.seed, outlier_quantile=cfg.outlier_quantile, protocol=cfg.protocol).checked()
     kinds = parse_pairs(cfg.pairs)
     inputs = Inputs(device or cfg.device, cfg.cache_dir, cfg.feature_dtype, cfg.batch_size, cfg.num_workers, progress)
     dev, root = pick_device(inputs.device), inputs.root()
@@ -201,6 +220,10 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     models = [Model(s.name, s, "vision") for s in cfg.vision] + [Model(s.name, s, "text") for s in cfg.text]
     if len({m.label for m in models}) != len(models):
         raise UserError("an encoder is listed twice in the study config")
+    protocols.check_poolings(models, settings.protocol)
+    power = study_power_of(cfg, models)
+    for statement in power:
+        (notify or (lambda _: None))(f"power: {statement['sentence']}")
     ex = inputs.extraction()
     run = StudyRun(cfg, settings, kinds, models, ex, ScoreCache(root / "scores"), out_dir)
     datasets, notes = [], []
@@ -214,7 +237,9 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     if not datasets:
         raise UserError("no dataset of the study could be read: " + "; ".join(notes))
     summary = {
-        **reports.provenance("study", _config_dict(cfg, config_file), str(dev), cfg.seed, {}, settings=asdict(settings)),
+        **reports.provenance("study", _config_dict(cfg, config_file), str(dev), cfg.seed, {}, settings=asdict(settings),
+                             protocol=protocols.describe(settings)),
+        "power": power,
         "datasets": [{k: v for k, v in d.items() if k != "records"} | {"alignment": f"{d['name']}/alignment.json"}
                      for d in datasets],
         "notes": notes, "seconds": round(time.perf_counter() - started, 2),
@@ -222,6 +247,22 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     reports.write_text(out_dir / "study.md", study_markdown(summary, datasets))
     reports.write_json(out_dir / "study.json", summary)
     return summary
+
+
+def study_power_of(cfg: StudyConfig, models: List[Model]) -> List[Dict[str, Any]]:
+    """The power statement of each competence side, from the config alone (before anything is computed)."""
+    from prh_stitch.encoders import IMAGENET_TOP1
+
+    out = []
+    for side, block in cfg.competence.items():
+        side_models = [m for m in models if m.modality == side]
+        if block.measure == "bits_per_byte":
+            out.append(study_power.power_statement(side, block.label, [0.0] * len(side_models), measured=True))
+            continue
+        table = IMAGENET_TOP1 if block.scores == "imagenet_top1" else dict(block.scores or {})
+        values = [float(table[m.label]) for m in side_models if m.label in table]
+        out.append(study_power.power_statement(side, block.label, values))
+    return out
 
 
 class StudyRun:
@@ -239,22 +280,66 @@ class StudyRun:
         t1 = time.perf_counter()
         records = score_models(self.models, feature_sets, self.kinds, self.settings, self.ex.device, self.cache,
                                self.ex.progress)
+        extras = study_extras(self.models, feature_sets, records, self.cfg, self.settings, self.ex.device, self.cache)
         t2 = time.perf_counter()
         target = self.out_dir / block.name
         header = reports.provenance(
             "study", {"config_file": config_file, "data": asdict(block)}, str(self.ex.device),
             self.cfg.seed, {label: encoder_record(fs) for label, fs in feature_sets.items()},
-            settings=asdict(self.settings))
+            settings=asdict(self.settings), protocol=protocols.describe(self.settings))
         analyses = []
         for side, block_c in self.cfg.competence.items():
             side_models = [m for m in self.models if m.modality == side]
-            values, excluded = competence_values(block_c, side_models, feature_sets, self.ex.device, self.cache)
+            values, excluded = competence_values(block_c, side_models, feature_sets, self.ex.device, self.cache,
+                                                 protocols.BITS_PER_BYTE_DEFINITION[self.settings.protocol])
             analyses += [dict(competence_analysis(side, block_c, side_models, values, records, metric, target,
                                                   block.name), excluded=excluded) for metric in self.settings.metrics]
         alignment_outputs(target, self.models, records, header, f"Alignment on {block.name}")
-        return {"name": block.name, "n": records[0]["n"], "records": records, "competence": analyses,
+        return {"name": block.name, "n": records[0]["n"], "records": records, "competence": analyses, **extras,
                 "seconds": {"features": round(t1 - t0, 2), "scores": round(t2 - t1, 2),
                             "total": round(time.perf_counter() - t0, 2)}}
+
+
+def study_extras(models: List[Model], feature_sets: Dict[str, Any], records: List[Dict], cfg: StudyConfig,
+                 settings: ScoreSettings, device, cache: ScoreCache) -> Dict[str, Any]:
+    """Per vision–text record: the best pair's stability across half-samples (``record["best_pair_stability"]``),
+    and per mutual-kNN record the k × N table (``knn_grid``); both on the features exactly as scored, both cached."""
+    from prh_stitch.alignment.features import layer_names, paired
+    from prh_stitch.alignment.settings import clamp_layers, metric_options
+
+    scored_sets, scoring = protocols.for_scoring(feature_sets, models, settings)
+    grid = []
+    for r in records:
+        if r["kind"] != "vision-text" or not (cfg.stability_halves or (r["metric"] == "mutual_knn" and cfg.knn_k)):
+            continue
+        fa, fb = scored_sets[r["model_a"]], scored_sets[r["model_b"]]
+        identity = {"a": encoder_record(fa), "b": encoder_record(fb), "metric": r["metric"], "k": settings.k,
+                    "protocol": settings.protocol, "q": scoring.outlier_quantile, "seed": settings.seed,
+                    "permutations": settings.permutations, "halves": cfg.stability_halves,
+                    "knn_k": list(cfg.knn_k), "knn_n": list(cfg.knn_n), "study_extras": 1}
+        key = cache.key(identity)
+        hit = cache.get(key)
+        if hit is None:
+            a, b, _, _ = paired(fa, fb, device)
+            names_a, names_b = layer_names(fa), layer_names(fb)
+            a = clamp_layers(a, names_a, r["model_a"], scoring.outlier_quantile)
+            b = clamp_layers(b, names_b, r["model_b"], scoring.outlier_quantile)
+            hit = {"stability": None, "knn_grid": None}
+            if cfg.stability_halves and a[0].shape[0] // 2 > settings.k + 1:
+                hit["stability"] = study_power.best_pair_stability(
+                    a, b, names_a, names_b, r["metric"], metric_options(r["metric"], settings.k),
+                    cfg.stability_halves, settings.seed)
+            if r["metric"] == "mutual_knn" and cfg.knn_k and cfg.knn_n:
+                hit["knn_grid"] = study_power.knn_grid(a[r["layer_a"]], b[r["layer_b"]], cfg.knn_k, cfg.knn_n,
+                                                       settings.permutations, settings.seed)
+            cache.put(key, hit)
+        # Its own key: scoring.py's selection-aware interval (issue #10 item 3) may add a ``stability`` field of its
+        # own (all layer pairs only) to the record; this one also covers the contextual selection.
+        r["best_pair_stability"] = hit["stability"]
+        if hit["knn_grid"]:
+            grid.append({"model_a": r["model_a"], "model_b": r["model_b"], "layer_a_name": r["layer_a_name"],
+                         "layer_b_name": r["layer_b_name"], "rows": hit["knn_grid"]})
+    return {"knn_grid": grid}
 
 
 def _config_name(config: Any) -> Optional[str]:
@@ -269,28 +354,3 @@ def _config_dict(cfg: StudyConfig, config_file: Optional[str]) -> Dict[str, Any]
     d["text"] = [s.to_dict() for s in cfg.text]
     d["config_file"] = config_file
     return d
-
-
-def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
-    s = summary["settings"]
-    text = (f"# Convergence study\n\nprh_stitch {summary['version']}, device {summary['device']}, k = {s['k']}, "
-            f"{s['permutations']} permutations, {s['bootstrap']} bootstrap resamples, {s['half_samples']} "
-            f"half-samples, seed {s['seed']}, {clamp_note(s.get('outlier_quantile'))}; {summary['seconds']:.1f} s in "
-            "all.\n")
-    for d in datasets:
-        text += f"\n## {d['name']} (N = {d['n']})\n\n"
-        rows = [[r["model_a"], r["model_b"], r["metric"],
-                 f"{r['score']:.3f} ({r['layer_a_name']}, {r['layer_b_name']})",
-                 reports.interval(r["ci_low"], r["ci_high"]), reports.fmt(r.get("max_null_mean"), 3),
-                 f"{r['last']['score']:.3f}", reports.interval(r["last"]["ci_low"], r["last"]["ci_high"]),
-                 reports.fmt(r["last"]["chance"], 3), reports.fmt(r["last"]["calibrated"], 3)] for r in d["records"]]
-        text += reports.markdown_table(["model A", "model B", "metric", "best (max over layer pairs)", "95% CI",
-                                        "null of max", "last layers", "95% CI", "chance", "calibrated"], rows)
-        for a in d["competence"]:
-            text += f"\n**{a['metric']} vs {a['competence']}** ({a['side']} models): {a['sentence']}."
-            if a["figure"]:
-                text += f" ![{a['metric']}]({d['name']}/{a['figure']})"
-            text += "\n"
-    for note in summary["notes"]:
-        text += f"\nNote: {note}\n"
-    return text

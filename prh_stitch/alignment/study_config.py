@@ -94,7 +94,13 @@ class StudyConfig:
         max_null: permutation draws of the max over layer pairs
         half_samples: half-sample rescoring draws for intervals of correlations
         seed: seed of every resampling
-        outlier_quantile: clamp each layer to ±(this quantile of |x|) first; the paper: 0.95
+        outlier_quantile: clamp features to ±(this quantile of |x|) first (protocol paper: 0.95 unless given)
+        protocol: prh_stitch (this project's protocol, the default) or paper (the paper's outlier clamp, layer
+            sets, normalisation and bits per byte; see prh_stitch.alignment.protocol)
+        stability_halves: random halves of the items in which the best layer pair is re-selected, to report how
+            often it wins (0 = off)
+        knn_k: neighbour counts of the mutual-kNN k × N table (calibrated against the permutation null)
+        knn_n: item counts of that table (null = all items); empty lists turn the table off
         pairs: vt (vision–text), vv, tt, a comma list, or all
         competence: per modality (vision, text), how good the models are
         out: report folder
@@ -116,6 +122,10 @@ class StudyConfig:
     half_samples: int = 100
     seed: int = 0
     outlier_quantile: Optional[float] = None
+    protocol: Literal["prh_stitch", "paper"] = "prh_stitch"
+    stability_halves: int = 20
+    knn_k: List[int] = field(default_factory=lambda: [5, 10, 20])
+    knn_n: List[Optional[int]] = field(default_factory=lambda: [256, 512, None])
     pairs: str = "vt"
     competence: Dict[str, CompetenceBlock] = field(default_factory=dict)
     out: str = "runs/study"
@@ -184,6 +194,9 @@ def check_config(cfg: StudyConfig, where: str) -> StudyConfig:
         if isinstance(block.scores, str) and block.scores != "imagenet_top1":
             raise UserError(f"competence.{side}.scores: a mapping {{model: value}} or 'imagenet_top1'")
     cfg.metrics = list(check_metrics(cfg.metrics))
+    if cfg.stability_halves < 0 or any(k < 1 for k in cfg.knn_k) or any(n is not None and n < 4 for n in cfg.knn_n):
+        raise UserError(f"{where}: stability_halves must be >= 0, knn_k values >= 1 and knn_n values >= 4 (or null "
+                        "for all items)")
     parse_pairs(cfg.pairs)
     try:
         cfg.outlier_quantile = check_quantile(cfg.outlier_quantile, f"outlier_quantile in {where}")

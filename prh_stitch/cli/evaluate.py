@@ -9,7 +9,9 @@ and ``--print_config`` prints one):
   objective's loss, alignment of stitched and of raw features, zero-shot classification.
 - ``align``: the paper's measurement: every layer pair of every model pair, the best pair (max over layer
   pairs, as the paper reports it) and the last-layer pair, each against chance, a permutation null and a
-  bootstrap interval; figures and tables.
+  bootstrap interval; figures and tables. ``--protocol prh_stitch`` (default) is this project's protocol;
+  ``--protocol paper`` applies the paper's outlier clamp, layer sets and normalisation (see
+  :mod:`prh_stitch.alignment.protocol`); every report names the protocol that produced it.
 - ``study``: the convergence study from a YAML config (see :mod:`prh_stitch.alignment.study`).
 - ``layer-sweep``: the stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.
 
@@ -29,6 +31,7 @@ from prh_stitch.cli.common import argv_of, option_kinds, run_command, standard_s
 
 PROG = "evaluate.py"
 SCORE_SKIP = {"half_samples"}  # study only
+ALIGN_ONLY = {"protocol"}  # the paper's protocol is a preset of align and study; stitch has no layer sets to choose
 
 
 def align_models(data: str, out: str, vision: str = "", text: str = "", pairs: str = "vt") -> None:
@@ -82,7 +85,7 @@ def build_parser():
     commands = parser.add_subcommands(dest="command")
     stitch = _subparser("Evaluate a trained stitcher or a training-free baseline on held-out pairs.")
     # evaluate_stitcher's **settings are ScoreSettings' fields: jsonargparse follows them there.
-    stitch.add_function_arguments(evaluate_stitcher, None, skip={"data", "inputs"} | SCORE_SKIP)
+    stitch.add_function_arguments(evaluate_stitcher, None, skip={"data", "inputs"} | SCORE_SKIP | ALIGN_ONLY)
     stitch.add_function_arguments(stitch_outputs, None)
     _shared(stitch, score=False)
     commands.add_subcommand("stitch", stitch, help="evaluate a trained stitcher or a baseline on held-out pairs")
@@ -179,7 +182,7 @@ def cmd_study(options: Dict[str, Any], config_file: Optional[str] = None) -> int
     from prh_stitch.alignment import run_study
 
     progress = options.pop("progress")
-    summary = run_study(options, progress=progress, config_file=config_file)
+    summary = run_study(options, progress=progress, config_file=config_file, notify=print)
     for dataset in summary["datasets"]:
         for a in dataset["competence"]:
             print(f"{dataset['name']} / {a['metric']} / {a['side']}: {a['sentence']}")

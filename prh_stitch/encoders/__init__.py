@@ -11,13 +11,16 @@ from typing import Any, Dict, Optional, Union
 from prh_stitch.encoders.base import EncoderSpec, FrozenEncoder
 from prh_stitch.encoders.builtins import BUILTINS, IMAGENET_TOP1
 from prh_stitch.encoders.hf_backend import HFTextEncoder
+from prh_stitch.encoders.hf_vision import HFVisionEncoder, hf_encoder
+from prh_stitch.encoders.openclip_backend import OpenCLIPEncoder
 from prh_stitch.encoders.pooling import POOLERS
 from prh_stitch.encoders.timm_backend import TimmEncoder
 from prh_stitch.registry import Registry
 
 BACKENDS: Registry = Registry("encoder backend")
 BACKENDS.register("timm")(TimmEncoder)
-BACKENDS.register("hf")(HFTextEncoder)
+BACKENDS.register("hf")(hf_encoder)
+BACKENDS.register("openclip")(OpenCLIPEncoder)
 
 
 def build_encoder(
@@ -33,7 +36,8 @@ def build_encoder(
     if not sep or backend not in BACKENDS:
         raise ValueError(
             f"unknown encoder {name!r}. Use a built-in ({', '.join(BUILTINS.names())}) or a backend prefix: "
-            "'timm:<timm model name>' for images, 'hf:<hub id or local folder>' for text"
+            "'timm:<timm model name>' for images, 'hf:<hub id or local folder>' for text or images "
+            "('hf:<id>#vision' / '#text' for a tower of CLIP-like models), 'openclip:<arch>@<tag>#vision' / '#text'"
         )
     if not model_id:
         raise ValueError(f"encoder {name!r} names no model after {backend!r}:")
@@ -52,5 +56,5 @@ def encoder_from_spec(spec: Union[EncoderSpec, Dict[str, Any], str]) -> FrozenEn
 
 __all__ = [
     "BACKENDS", "BUILTINS", "IMAGENET_TOP1", "POOLERS", "EncoderSpec", "FrozenEncoder", "HFTextEncoder",
-    "TimmEncoder", "build_encoder", "encoder_from_spec",
+    "HFVisionEncoder", "OpenCLIPEncoder", "TimmEncoder", "build_encoder", "encoder_from_spec",
 ]

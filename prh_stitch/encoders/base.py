@@ -71,11 +71,13 @@ class EncoderSpec:
     """What a config says about one encoder: which network, and which features of it.
 
     ``name`` is a built-in (``efficientnet_lite0``, ``minilm_l6``, ``tiny_vit``, ...) or a backend-prefixed
-    id: ``timm:<timm model name>`` or ``hf:<hub id or local folder>``. ``layer`` indexes
+    id: ``timm:<timm model name>``, ``hf:<hub id or local folder>`` (text or vision; ``#vision``/``#text`` for a
+    tower of a CLIP-like model) or ``openclip:<arch>@<tag>#vision`` / ``#text``. ``layer`` indexes
     ``encoder.layer_names`` (negative counts from the end; -1 is the model's final representation).
     ``pooling`` None means the natural pooling for that layer (see each backend). ``checkpoint`` loads
     weights from a local file instead of the hub; ``pretrained`` asks the hub (timm/hf names only);
-    ``options`` go to the backend constructor unchanged (e.g. ``max_length`` for text).
+    ``options`` go to the backend constructor unchanged (e.g. ``max_length`` for text; ``torch_dtype``,
+    ``device_map``, ``revision``, ``trust_remote_code``, ``attn_implementation`` for ``hf:`` models).
     """
 
     name: str
@@ -194,8 +196,17 @@ class FrozenEncoder(nn.Module, ABC):
             h.update(sample.numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the network computes in (its first floating-point parameter's; float32 for none)."""
+        floating = (p.dtype for p in self.parameters() if p.is_floating_point())
+        return next(floating, torch.float32)
+
     def fingerprint(self, layers: Sequence[Layer] = (-1,), pooling: Optional[str] = None) -> str:
-        """Identity of the features this encoder produces for these layers and pooling."""
+        """Identity of the features this encoder produces for these layers and pooling.
+
+        A network run in bf16 or fp16 gives other features than in float32, so a lower compute dtype enters the
+        identity (float32 adds nothing, which keeps the fingerprints of features stored before this field).
+        """
         payload = {
             "name": self.name,
             "class": type(self).__name__,
@@ -204,6 +215,8 @@ class FrozenEncoder(nn.Module, ABC):
             "layers": [self.layer_names[self.resolve_layer(layer)] for layer in layers],
             "pooling": pooling,
         }
+        if self.compute_dtype() != torch.float32:
+            payload["dtype"] = str(self.compute_dtype()).replace("torch.", "")
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

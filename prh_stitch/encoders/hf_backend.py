@@ -1,23 +1,53 @@
 """Text encoders from Hugging Face transformers: any hub id or local folder, every hidden state.
 
-Layers are ``embeddings`` followed by ``layers.0`` ... ``layers.{L-1}`` (the model's ``hidden_states``).
+Layers are ``embeddings`` followed by ``layers.0`` ... ``layers.{L-1}`` (the model's ``hidden_states``); the text
+tower of a two-tower model (``hf:PATH#text``) adds ``projection``: the model's own text embedding in the space it
+shares with images (``get_text_features``), pooled by the model, so it takes pooling None or ``head`` only.
 Pooling: ``mean`` over real tokens (attention mask respected; the default), ``cls`` (first token) or
 ``last`` (last real token, the natural choice for causal LMs; correct for left and right padding).
+Loading options (``torch_dtype``, ``device_map``, ...) are described in ``prh_stitch.encoders.hf_loading``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from prh_stitch.encoders.base import FrozenEncoder
+from prh_stitch.encoders.hf_loading import (
+    LoadingOptions, load_hf_model, pick_tower, placed_by_device_map, split_tower,
+)
 from prh_stitch.encoders.pooling import get_pooler
-from prh_stitch.encoders.weights import load_state_dict_file, load_strict
+
+PROJECTION_LAYER = "projection"
 
 
-class HFTextEncoder(FrozenEncoder):
+class KeepsDeviceMapPlacement(nn.Module):
+    """A model placed by a ``device_map`` (one GPU, or a large model spread over several by accelerate) stays where it
+    was put: ``.to(...)`` is a no-op for it (the feature store moves encoders to its device and back to the CPU), and
+    inputs go to the device of its first parameter (accelerate's hooks move them on from there)."""
+
+    _placed_by_device_map = False
+
+    def _apply(self, fn, recurse=True):
+        if self._placed_by_device_map:
+            return self
+        return super()._apply(fn, recurse)
+
+
+def check_head_pooling(names: List[str], layers: List[int], pooling: Optional[str], head: str, encoder: str) -> None:
+    """A layer pooled by the model itself takes pooling None or ``head``; every other layer takes a pooler."""
+    for layer in layers:
+        if names[layer] == head and pooling not in (None, "head"):
+            raise ValueError(f"layer {head!r} of {encoder!r} is pooled by the model itself; "
+                             f"use pooling None or 'head' for it (got {pooling!r})")
+        if names[layer] != head and pooling == "head":
+            raise ValueError(f"pooling 'head' applies only to the layer {head!r} of {encoder!r}")
+
+
+class HFTextEncoder(KeepsDeviceMapPlacement, FrozenEncoder):
     modality = "text"
 
     def __init__(
@@ -30,30 +60,35 @@ class HFTextEncoder(FrozenEncoder):
         model: Optional[nn.Module] = None,
         tokenizer: Any = None,
         default_pooling: str = "mean",
+        projection: Optional[nn.Module] = None,
+        torch_dtype: Optional[str] = None,
+        device_map: Any = None,
+        revision: Optional[str] = None,
+        trust_remote_code: bool = False,
+        attn_implementation: Optional[str] = None,
     ) -> None:
         super().__init__(name or f"hf:{model_name_or_path}")
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
+        path, tower = split_tower(model_name_or_path)
         self.model_name_or_path = model_name_or_path
-        try:
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-            if model is None:
-                if pretrained and checkpoint is None:
-                    model = AutoModel.from_pretrained(model_name_or_path)
-                else:  # architecture only; weights from `checkpoint` (or random, for tests)
-                    model = AutoModel.from_config(AutoConfig.from_pretrained(model_name_or_path))
-        except OSError as exc:
-            raise ValueError(
-                f"could not load Hugging Face model {model_name_or_path!r}: {str(exc).splitlines()[0]} "
-                "Give an existing local folder, or a hub id while online (it is cached for offline use after)."
-            ) from None
-        if checkpoint is not None:
-            load_strict(model, load_state_dict_file(checkpoint), f"text model {model_name_or_path!r} from {checkpoint!r}")
+        options = LoadingOptions(torch_dtype, device_map, revision, trust_remote_code, attn_implementation)
+        if model is None:
+            full = load_hf_model(path, pretrained, checkpoint, options)
+            self._placed_by_device_map = placed_by_device_map(full, device_map)
+            model, projection = pick_tower(full, path, tower)
+            if tower == "vision":
+                raise ValueError(f"encoder {self.name!r} is a vision tower; build it with the hf: backend")
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+            except OSError as exc:
+                raise ValueError(f"could not load the tokenizer of {path!r}: {str(exc).splitlines()[0]}") from None
         if tokenizer.pad_token is None:
             # GPT-style tokenizers have no pad token; padded positions are masked out, so any id will do.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.model = model
+        self.projection = projection
         self.tokenizer = tokenizer
         self.max_length = int(max_length)
         self._default_pooling = default_pooling
@@ -63,7 +98,8 @@ class HFTextEncoder(FrozenEncoder):
     @property
     def layer_names(self) -> List[str]:
         n = int(self.model.config.num_hidden_layers)
-        return ["embeddings"] + [f"layers.{i}" for i in range(n)]
+        head = [PROJECTION_LAYER] if self.projection is not None else []
+        return ["embeddings"] + [f"layers.{i}" for i in range(n)] + head
 
     def transform(self, raw: str) -> Dict[str, List[int]]:
         # Tokenised one caption at a time (in data workers); padding happens per batch in `collate`.
@@ -84,9 +120,14 @@ class HFTextEncoder(FrozenEncoder):
         }
 
     def _encode(self, batch: Dict[str, Tensor], layers: List[int], pooling: Optional[str]) -> List[Tensor]:
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        names = self.layer_names
+        check_head_pooling(names, layers, pooling, PROJECTION_LAYER, self.name)
+        # Only what the model's forward names: a tokenizer may give more (BERT's token_type_ids) than a tower takes.
+        accepted = inspect.signature(self.model.forward).parameters
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in accepted}
         output = self.model(**batch, output_hidden_states=True)
         hidden_states = output.hidden_states
-        pool = get_pooler(pooling or self._default_pooling)
+        pool = get_pooler(pooling or self._default_pooling) if pooling != "head" else None
         mask = batch.get("attention_mask")
-        return [pool(hidden_states[i], mask, 0).float() for i in layers]
+        return [self.projection(output.pooler_output).float() if names[i] == PROJECTION_LAYER
+                else pool(hidden_states[i], mask, 0).float() for i in layers]

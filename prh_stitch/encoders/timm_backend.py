@@ -39,6 +39,36 @@ def _tappable_modules(model: nn.Module) -> List[str]:
     raise ValueError(f"cannot find blocks or stages to tap in {type(model).__name__}")
 
 
+def intermediate_indices(model: nn.Module, tapped: List[str]) -> Optional[Tuple[Dict[str, int], Dict[str, Any]]]:
+    """Where timm's own ``forward_intermediates`` returns each tapped layer: ({layer name: index}, extra kwargs),
+    or None when the model has no such API or its indices cannot be matched to the layer names (then hooks do it).
+
+    - EfficientNet-style models with ``extra_blocks``: the stem is index 0 and ``blocks.j`` is ``j + 1``;
+    - otherwise the indices follow ``feature_info``, whose module names must then be exactly the tapped layers
+      (one entry per ViT block, per ConvNeXt or Swin stage; ResNet's ``act1``, ``layer1`` ...).
+    """
+    import inspect
+
+    method = getattr(model, "forward_intermediates", None)
+    if method is None:
+        return None
+    parameters = inspect.signature(method).parameters
+    if "extra_blocks" in parameters and all(name.startswith("blocks.") for name in tapped):
+        return {name: int(name.split(".")[1]) + 1 for name in tapped}, {"extra_blocks": True}
+    info = getattr(model, "feature_info", None)
+    modules = [f["module"] for f in info] if info is not None else []
+    if modules != tapped:
+        return None
+    # Token models return (patches, prefix tokens) in NLC; joined again they are the block's own output. (Asked only
+    # of models with prefix tokens: some timm 1.0 token models fail on return_prefix_tokens without any.)
+    extra: Dict[str, Any] = {}
+    if "return_prefix_tokens" in parameters:
+        extra["output_fmt"] = "NLC"
+        if getattr(model, "num_prefix_tokens", 0):
+            extra["return_prefix_tokens"] = True
+    return {name: i for i, name in enumerate(modules)}, extra
+
+
 def split_pixel_transform(transform: Any) -> Tuple[Any, Optional[Tuple[Sequence[float], Sequence[float]]]]:
     """timm's eval transform cut before its ``ToTensor``: (PIL -> uint8 tensor transform, (mean, std)).
 
@@ -93,6 +123,7 @@ class TimmEncoder(FrozenEncoder):
                 load_strict(model, load_state_dict_file(checkpoint), f"timm model {model_name!r} from {checkpoint!r}")
         self.model = model
         self._modules_to_tap = _tappable_modules(model)
+        self._intermediates = intermediate_indices(model, self._modules_to_tap)
         self._prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self._has_cls = getattr(model, "cls_token", None) is not None
         # NHWC maps (e.g. Swin) are permuted to NCHW before pooling.
@@ -143,7 +174,7 @@ class TimmEncoder(FrozenEncoder):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()}
 
     def _pool_block(self, hidden: Tensor, pooling: str) -> Tensor:
-        if hidden.ndim == 4 and self._nhwc:
+        if hidden.ndim == 4 and self._nhwc and self._intermediates is None:
             hidden = hidden.permute(0, 3, 1, 2)
         return get_pooler(pooling)(hidden, None, self._prefix_tokens)
 
@@ -159,9 +190,38 @@ class TimmEncoder(FrozenEncoder):
                 )
             if names[layer] != HEAD_LAYER and chosen == "head":
                 raise ValueError(f"pooling 'head' applies only to the last layer {HEAD_LAYER!r}")
-        captured: Dict[str, Tensor] = {}
         wanted = {names[i] for i in layers if names[i] != HEAD_LAYER}
         need_head = any(names[i] == HEAD_LAYER for i in layers)
+        run = self._run_intermediates if self._intermediates is not None else self._run_hooked
+        captured, head = run(batch, wanted, need_head)
+        out = []
+        for layer in layers:
+            if names[layer] == HEAD_LAYER:
+                out.append(head.float())
+            else:
+                out.append(self._pool_block(captured[names[layer]], pooling or self.default_pooling(layer)).float())
+        return out
+
+    def _run_intermediates(self, batch: Tensor, wanted: set, need_head: bool):
+        """The tapped layers through timm's ``forward_intermediates`` (stopping after the deepest one unless the head
+        is wanted too); its maps come back NCHW whatever the model's own layout, so no NHWC permutation follows."""
+        index, extra = self._intermediates
+        names = sorted(wanted, key=index.get)
+        if not names:  # pre_logits alone: the model's own forward, nothing to tap
+            return {}, self.model.forward_head(self.model.forward_features(batch), pre_logits=True)
+        result = self.model.forward_intermediates(batch, indices=[index[n] for n in names], stop_early=not need_head,
+                                                  intermediates_only=not need_head, **extra)
+        final, outputs = result if need_head else (None, result)
+        captured = {}
+        for name, output in zip(names, outputs):
+            # (patches, prefix tokens): the prefix goes first again, as the block emitted it (and `_prefix_tokens` says)
+            captured[name] = torch.cat([output[1], output[0]], dim=1) if isinstance(output, tuple) else output
+        head = self.model.forward_head(final, pre_logits=True) if need_head else None
+        return captured, head
+
+    def _run_hooked(self, batch: Tensor, wanted: set, need_head: bool):
+        """Fallback for models without a usable ``forward_intermediates``: forward hooks on the tapped modules."""
+        captured: Dict[str, Tensor] = {}
         deepest = max((self._modules_to_tap.index(n) for n in wanted), default=-1)
         handles = []
         module_index = dict(self.model.named_modules())
@@ -188,10 +248,4 @@ class TimmEncoder(FrozenEncoder):
         finally:
             for h in handles:
                 h.remove()
-        out = []
-        for layer in layers:
-            if names[layer] == HEAD_LAYER:
-                out.append(head.float())
-            else:
-                out.append(self._pool_block(captured[names[layer]], pooling or self.default_pooling(layer)).float())
-        return out
+        return captured, head

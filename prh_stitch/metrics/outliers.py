@@ -5,6 +5,9 @@ L2 normalisation, so neighbour lists and kernels then mostly reflect those chann
 element to [−t, t] with t the 95th percentile of |x| before normalising. Here that is :func:`clamp_outliers`, one
 pure function, applied per layer and per side by ``evaluate.py`` (``--outlier-quantile``), study configs
 (``outlier_quantile``) and the torchmetrics wrappers (``outlier_quantile=``). Default everywhere: off.
+
+:func:`clamp_outliers_paper` is the paper's own rule, for ``--protocol paper``: one threshold per model, the mean
+over samples of each sample's (interpolated) q quantile of |x| over all its layers at once.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 from fractions import Fraction
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -123,6 +126,59 @@ def clamp_outliers(x: Tensor, quantile: Optional[float], name: str = "x") -> Ten
                          "exactly 0, e.g. sparse ReLU features), so clamping would set every feature to 0; use a "
                          "higher quantile or no clamp for this layer")
     return torch.clamp(x, -t, t)
+
+
+# torch.quantile refuses inputs of more than 2^24 elements: the per-sample quantiles are taken in row blocks below it.
+_QUANTILE_LIMIT = 1 << 24
+
+
+def paper_outlier_threshold(layers: Sequence[Tensor], quantile: float, name: str = "x") -> Tensor:
+    """The paper's threshold for one model: mean over samples of each sample's q quantile of |x| (float32).
+
+    Transcribes what platonic-rep's ``metrics.remove_outliers(feats, q)`` computes by default (``exact=False``,
+    as ``measure_alignment.py`` runs it): ``feats`` is the model's N × L × D stack of *all* its layers, each
+    sample's |x| is flattened over its L·D values, ``torch.quantile`` (linear interpolation) gives one value per
+    sample, and their mean is the threshold for every element of every layer. Layers of different widths cannot
+    be stacked; the paper's code then clamps each layer on its own (its list branch), and so does
+    :func:`clamp_outliers_paper`, which calls this once per layer in that case.
+    """
+    q = check_quantile(quantile)
+    if q is None:
+        raise ValueError("paper_outlier_threshold needs a quantile in (0, 1], got None")
+    for i, x in enumerate(layers):
+        check_matrix(x, f"{name} layer {i}", hint=_NAN_HINT)
+    n = layers[0].shape[0]
+    if any(x.shape[0] != n for x in layers):
+        raise ValueError(f"{name}: every layer needs the same number of rows, got {[x.shape[0] for x in layers]}")
+    width = sum(x.shape[1] for x in layers)
+    rows = max(1, _QUANTILE_LIMIT // max(1, width))
+    per_sample = []
+    with torch.no_grad():
+        for i0 in range(0, n, rows):
+            block = torch.cat([x[i0:i0 + rows].detach().float().abs() for x in layers], dim=1)
+            per_sample.append(torch.quantile(block, q, dim=1))
+    return torch.cat(per_sample).mean()
+
+
+def clamp_outliers_paper(layers: Sequence[Tensor], quantile: Optional[float], name: str = "x") -> List[Tensor]:
+    """Every layer of one model clamped to ±t with the paper's threshold t (see :func:`paper_outlier_threshold`).
+
+    Layers of one width share one t computed over all of them, as the paper's N × L × D tensor does; layers of
+    mixed widths (CNN stages) each get their own t, as the paper's code does for a list of layers. Returns
+    float32 tensors (the paper's code casts to float before clamping). ``None`` or 1 leave the layers as they are.
+    """
+    q = check_quantile(quantile)
+    if q is None or q == 1.0:
+        return list(layers)
+    groups = [list(layers)] if len({x.shape[1] for x in layers}) == 1 else [[x] for x in layers]
+    out = []
+    for group in groups:
+        t = paper_outlier_threshold(group, q, name)
+        if float(t) == 0.0 and any(bool((x != 0).any()) for x in group):
+            raise ValueError(f"{name}: the paper's {q:g} quantile threshold of |x| is 0 (most elements are exactly 0), "
+                             "so clamping would set every feature to 0; use a higher quantile")
+        out += [torch.clamp(x.float(), -t, t) for x in group]
+    return out
 
 
 _NAN_HINT = ("; the outlier clamp's threshold is a quantile of |x| and is undefined with them: drop or repair those "
