@@ -1,0 +1,71 @@
+"""kNN metrics' per-sample scores and analytic chance levels, exactly, against brute force and simulation.
+
+``calibrate`` bootstraps the per-sample scores (``spec.per_item``) and reports ``spec.chance``; the reference tests
+check only the means. Here each per-sample score is checked against the literal definition on sort-based
+neighbour lists, and each chance level against the mean score of independent uniformly random neighbour lists.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from prh_stitch.metrics import cycle_knn, edit_distance_knn, lcs_knn, mutual_knn
+from prh_stitch.metrics._spec import spec_of
+from prh_stitch.metrics.knn import KnnSide
+from test_metrics_reference import make_data, np_pair, ref_knn, ref_levenshtein, ref_lcs_len
+
+
+def _per_sample(name, na, nb, k):
+    """The definition of each metric for sample i, on the neighbour lists na[i], nb[i] (arrays of indices)."""
+    n = len(na)
+    if name == "mutual_knn":
+        return [len(set(na[i]) & set(nb[i])) / k for i in range(n)]
+    if name == "cycle_knn":
+        return [float(any(i in na[j] for j in nb[i])) for i in range(n)]
+    if name == "lcs_knn":
+        return [ref_lcs_len(na[i], nb[i]) / k for i in range(n)]
+    return [1 - ref_levenshtein(na[i], nb[i]) / k for i in range(n)]
+
+
+@pytest.mark.parametrize("fn", [mutual_knn, cycle_knn, lcs_knn, edit_distance_knn], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("kind", ["noisy", "clusters"])
+def test_per_item_scores_equal_the_definition_and_average_to_the_score(fn, kind):
+    a, b = make_data(kind, n=60, seed=4)
+    k = 6
+    spec, opts = spec_of(fn), dict(k=k, normalize=True, block_size=None)
+    sa, sb = spec.prepare(a, "a", opts), spec.prepare(b, "b", opts)
+    items = spec.per_item(sa, sb, opts)
+    na, nb = (ref_knn(x, k) for x in np_pair(a, b))
+    expected = np.array(_per_sample(spec.name, na, nb, k))
+    assert items.shape == (60,)
+    np.testing.assert_allclose(items.numpy(), expected, atol=1e-12)
+    assert 0.0 < expected.mean() < 1.0  # the data make the check informative: neither empty nor perfect
+    assert spec.pair(sa, sb, opts) == pytest.approx(expected.mean(), abs=1e-12)
+    assert fn(a, b, k=k) == pytest.approx(expected.mean(), abs=1e-12)
+
+
+def _random_lists(n, k, gen):
+    """For every i, a uniformly random ordered k-subset of the other n − 1 rows (what unrelated features give)."""
+    keys = torch.rand(n, n, generator=gen)
+    keys.fill_diagonal_(2.0)  # self sorts last, never among the first k
+    idx = keys.argsort(dim=1)[:, :k]
+    return KnnSide(torch.zeros(n, k), idx)
+
+
+@pytest.mark.parametrize("fn,n,k", [(mutual_knn, 11, 3), (mutual_knn, 30, 7), (cycle_knn, 11, 3),
+                                    (cycle_knn, 30, 7)], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_chance_level_is_the_mean_score_of_random_neighbour_lists(fn, n, k):
+    spec, opts = spec_of(fn), dict(k=k, normalize=True, block_size=None)
+    gen = torch.Generator().manual_seed(n * 100 + k)
+    trials = 1500
+    scores = torch.stack([spec.per_item(_random_lists(n, k, gen), _random_lists(n, k, gen), opts)
+                          for _ in range(trials)])
+    mean, se = float(scores.mean()), float(scores.std()) / (trials * n) ** 0.5
+    # Sample i's scores are independent across trials (rows within a trial are only weakly dependent), so the
+    # simulated mean is within a few standard errors of the exact expectation.
+    assert spec.chance(n, opts) == pytest.approx(mean, abs=6 * se + 1e-3)
+    assert se < 0.004  # tight enough to tell k/(N−1) from k/N or k/(N−2) at these sizes
+
+
+def test_order_blind_metrics_have_no_analytic_chance_level():
+    assert spec_of(lcs_knn).chance is None and spec_of(edit_distance_knn).chance is None
