@@ -69,3 +69,35 @@ def test_chance_level_is_the_mean_score_of_random_neighbour_lists(fn, n, k):
 
 def test_order_blind_metrics_have_no_analytic_chance_level():
     assert spec_of(lcs_knn).chance is None and spec_of(edit_distance_knn).chance is None
+
+
+@pytest.mark.parametrize("fn", [mutual_knn, cycle_knn, lcs_knn, edit_distance_knn], ids=lambda f: f.__name__)
+def test_a_permuted_prepared_side_equals_searching_the_permuted_rows(fn):
+    """What calibration's permutation null relies on: permute(prepare(b)) pairs like prepare(b[perm])."""
+    a, b = make_data("clusters", n=40, seed=2)
+    spec, opts = spec_of(fn), dict(k=5, normalize=True, block_size=None)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(5))
+    sa, sb = spec.prepare(a, "a", opts), spec.prepare(b, "b", opts)
+    got = spec.pair(sa, spec.permute(sb, perm, opts), opts)
+    assert got == pytest.approx(fn(a, b[perm], k=5), abs=1e-12)
+    assert abs(got - fn(a, b, k=5)) > 0.05  # the permutation matters for these data
+
+
+def test_options_are_checked_against_n():
+    a, b = make_data("noisy", n=6)
+    with pytest.raises(ValueError, match="N must exceed k"):
+        mutual_knn(a, b, k=6)
+    with pytest.raises(ValueError, match="block_size"):
+        cycle_knn(a, b, k=2, block_size=0)
+
+
+def test_unnormalised_rows_use_raw_inner_products():
+    a, b = make_data("noisy", n=30, seed=1)
+    a = a * torch.linspace(0.2, 5.0, 30)[:, None]  # row norms now decide the raw inner products
+    raw_a, raw_b = a.double().numpy(), b.double().numpy()
+    for fn, k in ((mutual_knn, 4), (edit_distance_knn, 3)):
+        spec = spec_of(fn)
+        name = spec.name
+        want = np.mean(_per_sample(name, ref_knn(raw_a, k), ref_knn(raw_b, k), k))
+        assert fn(a, b, k=k, normalize=False) == pytest.approx(want, abs=1e-12)
+        assert abs(fn(a, b, k=k) - want) > 0.01  # normalising would give another answer
