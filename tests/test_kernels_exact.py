@@ -171,3 +171,17 @@ def test_cka_values_are_clipped_only_by_rounding():
     a, _ = _data(10, seed=4)
     assert cka(a, -a) == pytest.approx(1.0, abs=1e-6)  # linear CKA sees only the Gram matrix: sign-blind
     assert cka(a, a) <= 1.0 and unbiased_cka(a, a) <= 1.0
+
+
+def test_the_smallest_valid_n_for_unbiased_hsic():
+    """N = 4 is the first N where unbiased HSIC is defined (its n(n − 3) denominator): accepted and exact."""
+    a, b = _data(4, seed=11)
+    na, nb = _np(a), _np(b)
+    assert unbiased_cka(a, b) == pytest.approx(ref_cka(na, nb, unbiased=True), abs=1e-6)
+    assert unbiased_cka(a, b, method="samples") == pytest.approx(ref_cka(na, nb, unbiased=True), abs=1e-6)
+    for k in (2, 3):
+        assert cknna(a, b, k=k) == pytest.approx(ref_cknna(na, nb, k), abs=1e-6)
+    # CKNNA's masks differ between numerator and denominators: no Cauchy–Schwarz bound, and here it exceeds 1
+    assert ref_cknna(na, nb, 2) > 1.001 and cknna(a, b, k=2) > 1.001
+    with pytest.raises(ValueError, match="N >= 4"):
+        cknna(a[:3], b[:3], k=1)
