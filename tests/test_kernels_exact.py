@@ -54,8 +54,9 @@ def test_auto_route_with_more_features_than_samples():
     assert unbiased_cka(a, b) == pytest.approx(ref_cka(na, nb, unbiased=True), abs=1e-6)
     # one side wide, the other narrow: the routes are chosen per side and must still agree
     a2 = torch.cat([a, torch.randn(6, 3)], 1)
-    assert cka(a2, b[:, :2]) == pytest.approx(ref_cka(_np(a2), _np(b[:, :2])), abs=1e-6)
-    assert unbiased_cka(a2, b[:, :2]) == pytest.approx(ref_cka(_np(a2), _np(b[:, :2]), unbiased=True), abs=1e-6)
+    for wide, narrow in ((a2, b[:, :2]), (b[:, :2], a2)):  # both orders: either side may be the wide one
+        assert cka(wide, narrow) == pytest.approx(ref_cka(_np(wide), _np(narrow)), abs=1e-6)
+        assert unbiased_cka(wide, narrow) == pytest.approx(ref_cka(_np(wide), _np(narrow), unbiased=True), abs=1e-6)
 
 
 @pytest.mark.parametrize("n", [9, 14])
@@ -185,3 +186,12 @@ def test_the_smallest_valid_n_for_unbiased_hsic():
     assert ref_cknna(na, nb, 2) > 1.001 and cknna(a, b, k=2) > 1.001
     with pytest.raises(ValueError, match="N >= 4"):
         cknna(a[:3], b[:3], k=1)
+
+
+def test_option_errors_are_one_exact_line():
+    a, b = _data(8, seed=1)
+    with pytest.raises(ValueError, match=r"^unknown method 'fast'; choose one of \('auto', 'features', 'samples'\)$"):
+        cka(a, b, method="fast")
+    with pytest.raises(ValueError, match=r"^method='features' needs kernel='linear' "
+                                         r"\(the RBF kernel has no feature-space form\)$"):
+        cka(a, b, kernel="rbf", method="features")
