@@ -101,3 +101,19 @@ def test_unnormalised_rows_use_raw_inner_products():
         want = np.mean(_per_sample(name, ref_knn(raw_a, k), ref_knn(raw_b, k), k))
         assert fn(a, b, k=k, normalize=False) == pytest.approx(want, abs=1e-12)
         assert abs(fn(a, b, k=k) - want) > 0.01  # normalising would give another answer
+
+
+def test_prepared_side_of_a_resample_never_lists_copies_of_the_same_sample():
+    """Bootstrap resamples repeat rows; ``origin`` (the source row of each) keeps copies out of each other's lists."""
+    a, _ = make_data("clusters", n=30, seed=6)
+    idx = torch.randint(30, (30,), generator=torch.Generator().manual_seed(1))
+    assert len(idx.unique()) < 30  # some samples are repeated
+    spec, opts = spec_of(mutual_knn), dict(k=4, normalize=True, block_size=3)
+    side = spec.prepare(a[idx], "a", opts, origin=idx)
+    assert not (idx[side.indices] == idx[:, None]).any()
+    rows = np_pair(a[idx], a[idx])[0]
+    sims = rows @ rows.T
+    sims[idx.numpy()[:, None] == idx.numpy()[None, :]] = -np.inf
+    # copies tie exactly, and blocked float32 products may order such ties either way: compare the similarities
+    want = -np.sort(-sims, axis=1)[:, :4]
+    np.testing.assert_allclose(side.values.double().numpy(), want, atol=1e-6)
