@@ -117,3 +117,11 @@ def test_prepared_side_of_a_resample_never_lists_copies_of_the_same_sample():
     # copies tie exactly, and blocked float32 products may order such ties either way: compare the similarities
     want = -np.sort(-sims, axis=1)[:, :4]
     np.testing.assert_allclose(side.values.double().numpy(), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [mutual_knn, cycle_knn, lcs_knn, edit_distance_knn], ids=lambda f: f.__name__)
+def test_default_k_is_ten(fn):
+    """The paper's setting, k = 10, is every kNN metric's documented default."""
+    a, b = make_data("noisy", n=40, seed=3)
+    na, nb = (ref_knn(x, 10) for x in np_pair(a, b))
+    assert fn(a, b) == pytest.approx(np.mean(_per_sample(fn.__name__, na, nb, 10)), abs=1e-12)
