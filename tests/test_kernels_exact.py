@@ -195,3 +195,9 @@ def test_option_errors_are_one_exact_line():
     with pytest.raises(ValueError, match=r"^method='features' needs kernel='linear' "
                                          r"\(the RBF kernel has no feature-space form\)$"):
         cka(a, b, kernel="rbf", method="features")
+    with pytest.raises(ValueError, match=r"^bandwidth must be positive, got 0\.0$"):
+        cka(a, b, kernel="rbf", bandwidth=0.0)
+    with pytest.raises(ValueError, match=r"^CKA needs N >= 2 samples, got N=1$"):
+        cka(a[:1], b[:1])
+    with pytest.raises(ValueError, match=r"^unbiased HSIC needs N >= 4 samples, got N=3$"):
+        unbiased_cka(a[:3], b[:3])
