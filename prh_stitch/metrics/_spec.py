@@ -12,7 +12,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
-import torch
 from torch import Tensor
 
 from prh_stitch.registry import Registry
