@@ -147,7 +147,7 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
                                              if all(r.get("contextual") for r in mine) else []),
                  "partners": [r["model_b"] if r["model_a"] == m.label else r["model_a"] for r in mine],
                  "layers": [[r["layer_a_name"], r["layer_b_name"]] for r in mine]}
-        if len(mine) == 1:  # the interval of the score itself: calibrate()'s bootstrap
+        if len(mine) == 1:  # the interval of the score itself: the selection-aware half-sample one
             point.update(ci_low=mine[0]["ci_low"], ci_high=mine[0]["ci_high"])
         if all("half_samples" in r for r in mine):
             reps_best.append(_average([r["half_samples"]["best"] for r in mine]))
@@ -182,7 +182,7 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
             if len(with_ctx) == len(points) else "no contextual layer on one side: not computed",
             "sentence": sentence,
             "figure": figure,
-            "interval_method": "half-sample rescoring at each model's best layer pair (same halves for every model)"}
+            "interval_method": "half-samples, the best layer pair re-selected in each half (same halves for every model)"}
 
 
 def _mean_or_none(values: List[Optional[float]]) -> Optional[float]:
