@@ -636,8 +636,8 @@ def test_stitch_reads_the_checkpoints_test_split_and_says_where_every_choice_was
     assert "Evaluated split: **test**" in markdown and "checkpoint selection (checkpoint.monitor): made on val" in markdown
     assert "test recall@1 all" in capsys.readouterr().out
     # val can be read, labelled as the split the choices were made on; the training split is refused.
-    assert main([*base, "--out", str(tmp_path / "val"), "--split", "val"]) == 0
-    report = json.loads((tmp_path / "val" / "stitch.json").read_text())
+    assert main([*base, "--out", str(tmp_path / "val_report"), "--split", "val"]) == 0
+    report = json.loads((tmp_path / "val_report" / "stitch.json").read_text())
     assert report["n"] == 24 and report["split"]["name"] == "val" and "not held-out" in report["split"]["warning"]
     assert_user_error(capsys, [*base, "--out", str(tmp_path / "refused"), "--data", patterns["train"]],
                       "--data is the checkpoint's training split", out=tmp_path / "refused")

@@ -313,7 +313,8 @@ def test_check_fails_on_repeated_keys(tmp_path, capsys):
 
 
 def test_train_shards_equal_to_val_shards_are_refused(tmp_path, shards):
-    dm = StitchingDataModule(train=",".join(shards), val=",".join(reversed(shards)), cache_dir=str(tmp_path))
+    dm = StitchingDataModule(train=",".join(shards), val=",".join(reversed(shards)), test=shards[0],
+                             cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="data.train and data.val are the same shards"):
         dm.shard_urls("val")
 
