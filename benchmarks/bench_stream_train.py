@@ -90,7 +90,7 @@ def main() -> None:
     n = args.batches * args.batch_size
     with tempfile.TemporaryDirectory() as cache:
         module = StitchingModule(source=source, target=target)
-        dm = PremadeBatches(scenes=SceneData(n_train=n, n_val=args.batch_size, image_size=image_size),
+        dm = PremadeBatches(scenes=SceneData(n_train=n, n_val=args.batch_size, n_test=args.batch_size, image_size=image_size),
                             cache_dir=cache, batch_size=args.batch_size, mode="stream",
                             stream=StreamOptions(norm_samples=args.batch_size))
         dm.prepare_features(list(module.feature_requests()))

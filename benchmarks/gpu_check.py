@@ -563,7 +563,7 @@ def part_training(ctx: Ctx) -> None:
         for spec in (stitcher.source_spec, stitcher.target_spec):
             if spec.name not in encoders:
                 encoders[spec.name] = build_encoder(spec.name, spec.pretrained, spec.checkpoint, spec.options)
-        dm = StitchingDataModule(scenes=SceneData(n_train=n_train, n_val=n_val, seed=0, image_size=64), cache_dir=str(cache))
+        dm = StitchingDataModule(scenes=SceneData(n_train=n_train, n_val=n_val, n_test=n_val, seed=0, image_size=64), cache_dir=str(cache))
         dm.setup_features(FeatureRequest(encoders[stitcher.source_spec.name], stitcher.source_spec.layer, stitcher.source_spec.pooling),
                           FeatureRequest(encoders[stitcher.target_spec.name], stitcher.target_spec.layer, stitcher.target_spec.pooling))
         r.check(f"{name}: the run's stored features are found from the CPU (no re-extraction)", dm.store.extractions == 0,

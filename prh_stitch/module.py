@@ -166,9 +166,12 @@ class StitchingModule(pl.LightningModule):
         spec = self.stitcher_spec
         self.stitcher = Stitcher(spec.name, in_dim, out_dim, spec.input_norm, spec.output_norm, **spec.options)
         self.objective = build_loss(self.objective_spec.name, **self.objective_spec.options)
-        from prh_stitch.metrics import Retrieval
+        from prh_stitch.evaluation.captions import SplitRetrieval
 
-        self.val_retrieval = Retrieval(ks=(1, 5, 10))
+        # Exact whole-set scores of the held-out splits: val (every choice is made on it) and test (reported once).
+        self.val_retrieval = SplitRetrieval(ks=(1, 5, 10))
+        self.test_retrieval = SplitRetrieval(ks=(1, 5, 10))
+        self.test_scores: Optional[Dict[str, Any]] = None  # caption_retrieval of the last test run
         self.closed_form_result: Optional[ClosedFormResult] = None
         if self.gradient_free:
             # The closed-form solve is this run's single optimizer step (see ClosedFormStep), taken by hand.
@@ -209,6 +212,9 @@ class StitchingModule(pl.LightningModule):
         if dm.mode == "stream":
             self._setup_stream(dm)
         dm.setup_features(*self.feature_requests())
+        # Seen/unseen scores need each row's caption and the training split's captions.
+        for split, metric in (("val", self.val_retrieval), ("test", self.test_retrieval)):
+            metric.set_split(dm.captions[split], dm.train_captions())
         if stage == "fit" and dm.mode == "stream":
             from prh_stitch.streamed import fit_normalization_on_stream
 
@@ -300,24 +306,34 @@ class StitchingModule(pl.LightningModule):
             self.log("train/temperature", temperature, on_step=False, on_epoch=True, batch_size=len(source))
         return loss
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def _evaluation_step(self, stage: str, batch) -> None:
+        """One step of val or test: the same loss and the same whole-set retrieval for both splits."""
         source, target, index, group = batch
         pred = self.stitcher(source)
-        self.log("val/loss", self.objective(pred, target), on_epoch=True, sync_dist=True, batch_size=len(source))
-        self.val_retrieval.update(pred, target, index=index, groups=group)
+        self.log(f"{stage}/loss", self.objective(pred, target), on_epoch=True, sync_dist=True, batch_size=len(source))
+        getattr(self, f"{stage}_retrieval").update(pred, target, index=index, groups=group)
+
+    def _evaluation_epoch_end(self, stage: str) -> Dict[str, Any]:
+        from prh_stitch.evaluation.captions import logged_scores
+
+        # compute() gathers every rank's rows and drops the sampler's padded repeats: whole-set metrics.
+        metric = getattr(self, f"{stage}_retrieval")
+        scores = metric.compute()
+        metric.reset()
+        self.log_dict(logged_scores(stage, scores), prog_bar=False)
+        return scores
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluation_step("val", batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluation_step("test", batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_scores = self._evaluation_epoch_end("test")
 
     def on_validation_epoch_end(self) -> None:
-        # compute() gathers every rank's rows and drops the sampler's padded repeats: whole-set metrics.
-        scores = self.val_retrieval.compute()
-        self.val_retrieval.reset()
-        self.log_dict({
-            "val/recall@1": scores["a2b/recall@1"],
-            "val/recall@5": scores["a2b/recall@5"],
-            "val/recall@10": scores["a2b/recall@10"],
-            "val/recall@1_target_to_source": scores["b2a/recall@1"],
-            "val/mean_rank": scores["a2b/mean_rank"],
-            "val/mean_cosine": scores["mean_cosine"],
-        }, prog_bar=False)
+        scores = self._evaluation_epoch_end("val")
         self.log("val/r@1", scores["a2b/recall@1"], prog_bar=True, logger=False)
         result = self.closed_form_result
         if result is not None:
@@ -366,4 +382,11 @@ class StitchingModule(pl.LightningModule):
             "objective": asdict(self.objective_spec),
             "fit": {"method": self.stitcher_spec.fit, "init": self.stitcher_spec.init,
                     "closed_form": self.closed_form_result.as_dict() if self.closed_form_result else None},
+            # Which data each split was, and where choices were made: evaluate.py stitch reports test by default.
+            "data": self._split_record(),
         }
+
+    def _split_record(self) -> Dict[str, Any]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        patterns = dict(dm.patterns) if isinstance(dm, StitchingDataModule) else {}  # as resolved for this run
+        return {**patterns, "choices_made_on": "val"}

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import prh_stitch.data.shards as shards_module
+from prh_stitch.data.scenes import SCENES_VERSION
 from prh_stitch.data.shards import ensure_scene_shards, expand_urls, keys_digest, write_shards
 from prh_stitch.data.sources import scenes
 from prh_stitch.data.stream import scan
@@ -157,7 +158,7 @@ def test_expand_errors_name_the_pattern_and_the_fix(shard_files):
 
 def test_ensure_scene_shards_writes_once_and_splits_are_disjoint(tmp_path, monkeypatch):
     train, val = ensure_scene_shards(tmp_path, n_train=9, n_val=4, seed=1, size=32, samples_per_shard=4)
-    folder = tmp_path / "scenes-9-4-s1-32px"
+    folder = tmp_path / f"scenes-v{SCENES_VERSION}-9-4-s1-32px"
     assert Path(train).parent == folder and Path(val).parent == folder
     assert len(expand_urls(train)) == 3 and len(expand_urls(val)) == 1
     train_report, val_report = scan(train), scan(val)
@@ -194,7 +195,7 @@ def test_ensure_scene_shards_crash_leaves_no_complete_looking_folder(tmp_path, m
 
 
 def test_ensure_scene_shards_rebuilds_a_folder_without_manifests(tmp_path):
-    folder = tmp_path / "scenes-3-2-s0-32px"
+    folder = tmp_path / f"scenes-v{SCENES_VERSION}-3-2-s0-32px"
     folder.mkdir()
     (folder / "train-000000.tar").write_bytes(b"half written")
     train, val = ensure_scene_shards(tmp_path, n_train=3, n_val=2, size=32)
@@ -202,6 +203,6 @@ def test_ensure_scene_shards_rebuilds_a_folder_without_manifests(tmp_path):
 
 
 def test_ensure_scene_shards_validates_counts(tmp_path):
-    with pytest.raises(ValueError, match="n_train and n_val"):
+    with pytest.raises(ValueError, match="scene counts must be >= 1"):
         ensure_scene_shards(tmp_path, n_train=0, n_val=2)
     assert not os.listdir(tmp_path)

@@ -23,8 +23,8 @@ from prh_stitch.stitchers import Stitcher
 FAST = ["--permutations", "5", "--bootstrap", "10", "--max-null", "2", "--no-progress", "--device", "cpu"]
 
 
-def write_scene_shards(folder, n, shuffle_captions=False, prefix="val"):
-    samples = list(scenes(n, seed=3, size=48, split="val"))
+def write_scene_shards(folder, n, shuffle_captions=False, prefix="val", split="val"):
+    samples = list(scenes(n, seed=3, size=48, split=split))
     if shuffle_captions:  # a planted null: captions describe other images
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
         samples = [(k, img, samples[order[i]][2], meta) for i, (k, img, _, meta) in enumerate(samples)]
@@ -596,3 +596,40 @@ def test_bad_outlier_quantile_and_nan_features(data, tmp_path, capsys, monkeypat
     name = store_features("tiny_vit", data).info["layers"][1]
     assert_user_error(capsys, base + ["--outlier-quantile", "0.77"], f"tiny_vit layer {name} contains NaN or Inf",
                       "drop or repair those samples", out=out)
+
+
+def test_stitch_reads_the_checkpoints_test_split_and_says_where_every_choice_was_made(tmp_path, capsys):
+    from prh_stitch.data.datamodule import shard_captions
+    from prh_stitch.data.shards import expand_urls
+    from prh_stitch.evaluation.captions import caption_retrieval
+
+    patterns = {split: write_scene_shards(tmp_path / split, n, prefix=split, split=split)
+                for split, n in (("train", 160), ("val", 24), ("test", 40))}
+    ckpt = identity_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    saved[CHECKPOINT_KEY]["data"] = {**patterns, "choices_made_on": "val"}
+    torch.save(saved, ckpt)
+    out = tmp_path / "stitch"
+    base = ["stitch", "--ckpt", str(ckpt), "--metrics", "cka", "--tensorboard", "none", *FAST]
+    assert main([*base, "--out", str(out)]) == 0
+    report = json.loads((out / "stitch.json").read_text())
+    assert report["n"] == 40 and report["split"]["name"] == "test" and report["split"]["from"] == "checkpoint"
+    assert {c["split"] for c in report["split"]["choices"]} == {"val", "train"} and "warning" not in report["split"]
+    # Seen/unseen as caption_retrieval computes it on the store's features and the training shards' captions.
+    feats = store_features("tiny_bert", patterns["test"], layers=["layers.1"])
+    train_captions = frozenset(shard_captions(expand_urls(patterns["train"])))
+    x = feats.features["layers.1"]
+    expected = caption_retrieval(x, x, feats.captions, train_captions)
+    for name, subset in expected["subsets"].items():
+        assert report["retrieval"]["subsets"][name] == pytest.approx(subset), name
+    assert report["retrieval"]["subsets"]["seen"]["n"] == sum(c in train_captions for c in feats.captions) > 0
+    assert report["retrieval"]["subsets"]["unseen"]["n"] > 0
+    markdown = (out / "stitch.md").read_text()
+    assert "Evaluated split: **test**" in markdown and "checkpoint selection (checkpoint.monitor): made on val" in markdown
+    assert "test recall@1 all" in capsys.readouterr().out
+    # val can be read, labelled as the split the choices were made on; the training split is refused.
+    assert main([*base, "--out", str(tmp_path / "val"), "--split", "val"]) == 0
+    report = json.loads((tmp_path / "val" / "stitch.json").read_text())
+    assert report["n"] == 24 and report["split"]["name"] == "val" and "not held-out" in report["split"]["warning"]
+    assert_user_error(capsys, [*base, "--out", str(tmp_path / "refused"), "--data", patterns["train"]],
+                      "--data is the checkpoint's training split", out=tmp_path / "refused")

@@ -12,7 +12,7 @@ from pytorch_lightning import Callback
 
 import prh_stitch
 from prh_stitch.cli import build_cli, fit, main
-from prh_stitch.data.datamodule import PairDataset, StitchingDataModule
+from prh_stitch.data.datamodule import PairDataset, StitchingDataModule, caption_groups
 from prh_stitch.data.features import FeatureStore
 from prh_stitch.metrics import retrieval
 from prh_stitch.module import StitchingModule
@@ -114,9 +114,9 @@ class PlantedPairs(StitchingDataModule):
     stitcher can reach near-perfect retrieval in seconds, so a module that trains the wrong way cannot hide.
     """
 
-    def __init__(self, cache_dir, n_train=256, n_val=127, batch_size=64, noise=0.3, seed=0):
+    def __init__(self, cache_dir, n_train=256, n_val=127, batch_size=64, noise=0.3, seed=0, n_test=96):
         super().__init__(cache_dir=str(cache_dir), batch_size=batch_size, seed=seed)
-        self.sizes, self.noise, self.planted_seed = {"train": n_train, "val": n_val}, noise, seed
+        self.sizes, self.noise, self.planted_seed = {"train": n_train, "val": n_val, "test": n_test}, noise, seed
 
     def prepare_features(self, requests, device="cpu"):
         pass
@@ -129,8 +129,14 @@ class PlantedPairs(StitchingDataModule):
         for split, n in self.sizes.items():
             x = 3.0 * torch.randn(n, d_in, generator=g) + 1.0  # not standardised: the stitcher's norm must do it
             y = x @ weight + self.noise * torch.randn(n, d_out, generator=g)
-            groups = torch.arange(n) // 2 * 2 if split == "val" else torch.arange(n)  # pairs of "same caption"
-            self.datasets[split] = PairDataset(x, y, torch.arange(n), groups)
+            # Train: distinct captions; val and test: pairs of rows share a caption, and every third pair's caption
+            # also occurs in training (seen), the others do not (unseen).
+            if split == "train":
+                captions = [f"caption {i}" for i in range(n)]
+            else:
+                captions = [f"caption {i // 2}" if i // 2 % 3 == 0 else f"{split} caption {i // 2}" for i in range(n)]
+            self.captions[split] = captions
+            self.datasets[split] = PairDataset(x, y, torch.arange(n), caption_groups(captions))
             self.skipped[split] = dict(getattr(self, "skipped_override", {}).get(split, {}))
 
 
@@ -202,6 +208,7 @@ def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_los
         "source_layer": "pre_logits", "target_layer": "layers.1",
         "objective": {"name": "contrastive", "options": {}},
         "fit": {"method": "gradient", "init": None, "closed_form": None},
+        "data": {"choices_made_on": "val"},  # planted features: no shard patterns to record
     }
     with torch.no_grad():
         torch.testing.assert_close(prh_stitch.load_stitcher(tmp_path / "end.ckpt")(source), model(source))
@@ -256,7 +263,9 @@ def test_checkpoint_holds_the_stitcher_but_no_encoder_weights(trained):
         "source_layer": "pre_logits", "target_layer": "layers.1",
         "objective": {"name": "contrastive", "options": {}},
         "fit": {"method": "gradient", "init": None, "closed_form": None},
+        "data": {**cli.datamodule.split_patterns(), "choices_made_on": "val"},  # what evaluate.py stitch reads
     }
+    assert set(cli.datamodule.split_patterns()) == {"train", "val", "test"}
     assert ckpt["prh_stitch"]["source"]["name"] == "tiny_vit" and ckpt["prh_stitch"]["target"]["name"] == "tiny_bert"
 
 
@@ -437,11 +446,12 @@ def _ddp_validation_worker(rank, world, root):
     try:
         cli = build_cli(tiny_args(root / "ddp", "--trainer.accelerator=cpu", f"--trainer.devices={world}",
                                   "--trainer.strategy=ddp", "--trainer.max_epochs=2", "--data.scenes.n_val=127",
-                                  "--data.cache_dir", str(root / "cache")))
+                                  "--data.scenes.n_test=127", "--data.cache_dir", str(root / "cache")))
         seen = EpochMetrics()
         cli.trainer.callbacks.append(seen)
-        fit(cli)
-        torch.save({"val": seen.val, "stitchers": seen.stitchers}, root / f"rank{rank}.pt")
+        fit(cli)  # then tests the selected checkpoint on every rank
+        torch.save({"val": seen.val, "stitchers": seen.stitchers, "test": cli.model.test_scores["subsets"],
+                    "best": cli.trainer.checkpoint_callback.best_model_path}, root / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -455,7 +465,8 @@ def test_two_process_ddp_validation_scores_the_whole_set_once_on_every_rank(tmp_
     mp.spawn(_ddp_validation_worker, args=(world, tmp_path), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     # The one-process reference: the same validation features, read back from the run's store.
-    cli = build_cli(tiny_args(tmp_path / "reference", "--data.scenes.n_val=127", "--data.cache_dir", str(tmp_path / "cache")))
+    cli = build_cli(tiny_args(tmp_path / "reference", "--data.scenes.n_val=127", "--data.scenes.n_test=127",
+                              "--data.cache_dir", str(tmp_path / "cache")))
     cli.datamodule.setup_features(*cli.model.feature_requests())
     source, target, _, groups = cli.datamodule.datasets["val"].tensors
     assert len(source) == 127  # odd: the sampler must pad, and the metric must not count the repeat
@@ -472,6 +483,19 @@ def test_two_process_ddp_validation_scores_the_whole_set_once_on_every_rank(tmp_
                               ("val/recall@10", "a2b/recall@10"), ("val/recall@1_target_to_source", "b2a/recall@1"),
                               ("val/mean_rank", "a2b/mean_rank"), ("val/mean_cosine", "mean_cosine")):
                 assert logged[name] == pytest.approx(expected[key], rel=1e-6, abs=1e-6), (rank, epoch, name)
+    # The test split (127 rows: padded too) is scored once per row on every rank, with the selected checkpoint.
+    from prh_stitch.evaluation.captions import caption_retrieval
+
+    dm = cli.datamodule
+    test_source, test_target, _, _ = dm.datasets["test"].tensors
+    assert len(test_source) == 127
+    with torch.no_grad():
+        expected = caption_retrieval(prh_stitch.load_stitcher(ranks[0]["best"])(test_source), test_target,
+                                     dm.captions["test"], dm.train_captions())["subsets"]
+    for rank, seen in enumerate(ranks):
+        assert seen["best"] == ranks[0]["best"]
+        for name, subset in expected.items():
+            assert seen["test"][name] == pytest.approx(subset, rel=1e-6, abs=1e-6), (rank, name)
 
 
 # ---------------------------------------------------------------- the module's own rules, without the CLI
@@ -543,3 +567,79 @@ def _csv_metrics(trainer):
     with open(Path(trainer.logger.log_dir) / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     return {key: [float(r[key]) for r in rows if r.get(key) not in (None, "")] for key in rows[0]}
+
+
+class RecordingPairs(PlantedPairs):
+    """Planted pairs that record which split each loader served and in which trainer stage (fit or test)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.served = []
+
+    def train_dataloader(self):
+        self.served.append(("train", self.trainer.state.fn))
+        return super().train_dataloader()
+
+    def val_dataloader(self):
+        self.served.append(("val", self.trainer.state.fn))
+        return super().val_dataloader()
+
+    def test_dataloader(self):
+        self.served.append(("test", self.trainer.state.fn))
+        return super().test_dataloader()
+
+
+def test_every_choice_reads_val_and_only_the_report_reads_test(tmp_path, monkeypatch):
+    """Closed-form tuning gets the val features, checkpoint selection scores val, and the test split is read once,
+    after fitting, by the report, with the selected checkpoint."""
+    import json
+    from types import SimpleNamespace
+
+    from pytorch_lightning import Trainer
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    import prh_stitch.module as module_code
+    from prh_stitch.cli.train import test_selected
+    from prh_stitch.evaluation.captions import caption_retrieval
+
+    tuned_on = []
+    real_fit = module_code.fit_closed_form
+
+    def recording_fit(stitcher, train, method, val=None, **options):
+        tuned_on.append(val)
+        return real_fit(stitcher, train, method, val=val, **options)
+
+    monkeypatch.setattr(module_code, "fit_closed_form", recording_fit)
+    torch.manual_seed(0)
+    model = tiny_module(stitcher={"name": "linear", "init": "ridge", "closed_form": {"ridge_grid": [1e-2, 1.0]}})
+    data = RecordingPairs(tmp_path / "cache", noise=2.0)
+    selection = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val/recall@1", mode="max", save_top_k=1)
+    trainer = Trainer(default_root_dir=str(tmp_path), max_epochs=4, accelerator="cpu", devices=1, logger=False,
+                      callbacks=[selection], enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=data)
+    # The ridge strength was chosen on the val features (the very tensors), never on test.
+    val_source, val_target, _, _ = data.datasets["val"].tensors
+    assert len(tuned_on) == 1 and tuned_on[0][0] is val_source and tuned_on[0][1] is val_target
+    # Fitting read train and val only; selection's score is val recall@1 of the selected weights.
+    assert {split for split, _ in data.served} == {"train", "val"}
+    best = selection.best_model_path
+    selected = prh_stitch.load_stitcher(best)
+    with torch.no_grad():
+        val_scores = caption_retrieval(selected(val_source), val_target, data.captions["val"], data.train_captions())
+    assert float(selection.best_model_score) == pytest.approx(val_scores["a2b/recall@1"], abs=1e-6)
+
+    line = test_selected(SimpleNamespace(trainer=trainer, model=model, datamodule=data), best)
+    assert [entry for entry in data.served if entry[0] == "test"] == [("test", TrainerFn.TESTING)]
+    test_source, test_target, _, _ = data.datasets["test"].tensors
+    with torch.no_grad():
+        expected = caption_retrieval(selected(test_source), test_target, data.captions["test"], data.train_captions())
+    report = json.loads((Path(best).parent / "test.json").read_text())
+    assert report["split"] == "test" and report["checkpoint"] == best
+    assert report["selected_by"] == {"monitor": "val/recall@1", "split": "val"} and report["closed_form_tuned_on"] == "val"
+    for name in ("all", "seen", "unseen"):
+        for key, value in expected["subsets"][name].items():
+            assert report["retrieval"]["subsets"][name][key] == pytest.approx(value, abs=1e-9), (name, key)
+    assert report["retrieval"]["subsets"]["seen"]["n"] == 32 and report["retrieval"]["subsets"]["unseen"]["n"] == 64
+    assert f"test recall@1 all {expected['a2b/recall@1']:.4f}" in line

@@ -4,8 +4,9 @@ alignment grows with competence.
 Subcommands (``python evaluate.py SUBCOMMAND --help`` lists every option; ``--config FILE`` reads them from YAML
 and ``--print_config`` prints one):
 
-- ``stitch``: a trained stitcher (``--ckpt``) or a training-free baseline (``--baseline``) on held-out pairs:
-  retrieval, the objective's loss, alignment of stitched and of raw features, zero-shot classification.
+- ``stitch``: a trained stitcher (``--ckpt``) or a training-free baseline (``--baseline``) on held-out pairs (by
+  default the checkpoint's test split): retrieval overall and on seen / unseen captions with exact chance, the
+  objective's loss, alignment of stitched and of raw features, zero-shot classification.
 - ``align``: the paper's measurement: every layer pair of every model pair, the best pair (max over layer
   pairs, as the paper reports it) and the last-layer pair, each against chance, a permutation null and a
   bootstrap interval; figures and tables. ``--protocol prh_stitch`` (default) is this project's protocol;
@@ -46,13 +47,13 @@ def align_models(data: str, out: str, vision: str = "", text: str = "", pairs: s
     """
 
 
-def stitch_outputs(data: str, out: str, tensorboard: str = "auto") -> None:
+def stitch_outputs(out: str, data: Optional[str] = None, tensorboard: str = "auto") -> None:
     """Evaluate a trained stitcher or a baseline on held-out pairs.
 
     Args:
-        data: shard pattern of held-out image–caption pairs (brace ranges, globs, folders, pipe: URLs; several
-            joined by ',')
         out: report folder
+        data: shard pattern of held-out image–caption pairs (brace ranges, globs, folders, pipe: URLs; several
+            joined by ','); default: the checkpoint's recorded test split (see --split)
         tensorboard: TensorBoard folder; auto = next to the training run (…/version_N/evaluate); none
     """
 
@@ -152,8 +153,13 @@ def cmd_stitch(options: Dict[str, Any], config_file: Optional[str] = None) -> in
     out, tensorboard = rest.pop("out"), rest.pop("tensorboard")
     result = evaluate_stitcher(rest.pop("data"), inputs=inputs, **rest, **score)
     path = result.write(out, tensorboard_dir(tensorboard, rest.get("ckpt"), out))
-    r, n = result.report["retrieval"], result.report["n"]
-    print(f"evaluate.py stitch: recall@1 {r['a2b/recall@1']:.4f} (stitched → target), N = {n}; report in {path}")
+    from prh_stitch.evaluation.captions import summary_line
+
+    report = result.report
+    print(f"evaluate.py stitch: {summary_line(report['split']['name'], report['retrieval'])} (stitched → target); "
+          f"report in {path}")
+    if report["split"].get("warning"):
+        print(f"evaluate.py stitch: warning: {report['split']['warning']}")
     return 0
 
 

@@ -118,16 +118,53 @@ def fit(cli: StitchCLI) -> None:
     if ckpt_path:
         rank_zero_info(f"prh_stitch: resuming from {ckpt_path}")
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    callback = trainer.checkpoint_callback
+    latest = next(c for c in trainer.callbacks if isinstance(c, LatestCheckpoint))
+    # Read before testing: loading the selected checkpoint for the test restores the callbacks' state as saved then.
+    best_path, best_score, last_path = callback.best_model_path, callback.best_model_score, latest.best_model_path
+    tested = test_selected(cli, best_path) if isinstance(cli.model, StitchingModule) else None
     if trainer.is_global_zero:
-        callback = trainer.checkpoint_callback
-        latest = next(c for c in trainer.callbacks if isinstance(c, LatestCheckpoint))
-        hint = (f"\n  load in Python:  prh_stitch.load_stitcher({latest.best_model_path!r})"
+        hint = (f"\n  load in Python:  prh_stitch.load_stitcher({last_path!r})"
                 if isinstance(cli.model, StitchingModule) else "")
         print(
             "\nDone.\n"
-            f"  best checkpoint: {callback.best_model_path} ({callback.monitor} = {float(callback.best_model_score or 0):.4f})\n"
-            f"  last checkpoint: {latest.best_model_path}\n"
+            f"  best checkpoint: {best_path} ({callback.monitor} = {float(best_score or 0):.4f})\n"
+            f"  last checkpoint: {last_path}\n"
             f"  TensorBoard:     tensorboard --logdir {trainer.default_root_dir}\n"
-            f"  resume with:     python train.py <same options> --ckpt_path {latest.best_model_path}"
+            f"  resume with:     python train.py <same options> --ckpt_path {last_path}"
             f"{hint}"
         )
+        if tested is not None:
+            print(f"  {tested}")
+
+
+def test_selected(cli: StitchCLI, selected: Optional[str]) -> Optional[str]:
+    """Score the test split once, with the checkpoint that validation selected; returns the summary line.
+
+    The test split is touched here only: the checkpoint was chosen on ``val`` (``checkpoint.monitor``), closed-form
+    choices were made on ``val`` too. ``test/*`` goes to the run's logger, and the scores (overall, seen and
+    unseen captions, chance) to ``test.json`` next to the checkpoint.
+    """
+    from prh_stitch import reports
+    from prh_stitch.evaluation.captions import summary_line
+
+    trainer, model = cli.trainer, cli.model
+    callback = trainer.checkpoint_callback
+    selected = selected or None
+    # Without a selected checkpoint (no monitor, or it was never logged) the weights at the end of training are tested.
+    trainer.test(model, datamodule=cli.datamodule, ckpt_path=selected, verbose=False)
+    scores = model.test_scores
+    if scores is None or not trainer.is_global_zero:
+        return None
+    folder = Path(selected).parent if selected else Path(trainer.log_dir or trainer.default_root_dir)
+    path = reports.write_json(folder / "test.json", {
+        "split": "test",
+        "checkpoint": selected or "weights at the end of training (no selected checkpoint)",
+        "selected_by": {"monitor": callback.monitor if callback is not None else None, "split": "val"},
+        "closed_form_tuned_on": "val" if model.stitcher_spec.closed_form_method else None,
+        "data": model._split_record(),
+        "retrieval": scores,
+        "note": "a2b = stitched source -> target; items with the identical caption count as correct; seen = the "
+                "caption occurs in the training split; chance@k is exact for a uniformly random ranking",
+    })
+    return f"{summary_line('test', scores)}\n  test scores:     {path}"

@@ -35,21 +35,23 @@ def is_val(index: int, fraction: Fraction) -> bool:
 
 def _routed_samples(source: str, fraction: Fraction, n: Optional[int], seed: int, size: int, split: str,
                     captions: Optional[str], image_root: Optional[str], image_column: Optional[str],
-                    caption_column: Optional[str], skip_bad_rows: bool,
+                    caption_column: Optional[str], skip_bad_rows: bool, test_fraction: Fraction = Fraction(0),
                     ) -> Tuple[Iterator[Tuple[str, Sample]], Optional[int], dict]:
-    """``(("train" | "val", sample) pairs, seed recorded in the manifests, info)``.
+    """``(("train" | "val" | "test", sample) pairs, seed recorded in the manifests, info)``.
 
-    Scenes draw train and val from their own seed streams (as ``ensure_scene_shards`` does, so
+    Scenes draw train, val and test from their own seed streams (as ``ensure_scene_splits`` does, so
     ``--n 1000 --val-fraction 0.1`` writes the same data as ``ensure_scene_shards(root, 900, 100)``);
-    file-based sources are one stream, read once and split by the interleaving rule of :func:`is_val`.
+    file-based sources are one stream, read once and split by the interleaving rule of :func:`is_val`: sample i
+    is held out at the combined fraction, and held-out sample h is test at the test share of it.
     """
     factory = SOURCES.get(source)
     if source == "scenes":
         n = DEFAULT_SCENES if n is None else n
-        n_val = int(n * fraction)
-        train = factory(n - n_val, seed=seed, size=size, split="train")
-        val = factory(n_val, seed=seed, size=size, split="val")
-        pairs = itertools.chain((("train", s) for s in train), (("val", s) for s in val))
+        n_val, n_test = int(n * fraction), int(n * test_fraction)
+        series = {"train": n - n_val - n_test, "val": n_val, "test": n_test}
+        pairs = itertools.chain.from_iterable(
+            zip(itertools.repeat(name), factory(count, seed=seed, size=size, split=name))
+            for name, count in series.items() if count)
         return pairs, seed, {"n": n, "size": size}
     if source == "folder":
         if not captions:
@@ -60,8 +62,17 @@ def _routed_samples(source: str, fraction: Fraction, n: Optional[int], seed: int
     else:
         stream = factory(split=split, limit=n)
         info = {"split": split, "limit": n}
-    pairs = (("val" if is_val(i, fraction) else "train", s) for i, s in enumerate(stream))
-    return pairs, None, info
+    return _interleaved(stream, fraction, test_fraction), None, info
+
+
+def _interleaved(stream: Iterator[Sample], fraction: Fraction, test_fraction: Fraction) -> Iterator[Tuple[str, Sample]]:
+    held, held_fraction = 0, fraction + test_fraction
+    for i, sample in enumerate(stream):
+        if not is_val(i, held_fraction):
+            yield "train", sample
+            continue
+        yield ("test" if is_val(held, test_fraction / held_fraction) else "val"), sample
+        held += 1
 
 
 def _summary(out: Path, manifest: dict) -> dict:
@@ -84,6 +95,7 @@ def write_shards(
     caption_column: Optional[str] = None,
     skip_bad_rows: bool = False,
     split: Literal["train", "test"] = "train",
+    test_fraction: float = 0.0,
     image_format: Optional[Literal["jpg", "png", "webp"]] = None,
     overwrite: bool = False,
 ) -> Dict[str, Any]:
@@ -104,25 +116,31 @@ def write_shards(
         caption_column: folder: column holding the caption
         skip_bad_rows: folder: skip rows with a missing image or empty caption instead of failing
         split: fashion_mnist: which split
+        test_fraction: share of samples written as the 'test' series (reported once, never used for a choice;
+            scenes draw it from their own test stream)
         image_format: default: png for fashion_mnist, jpg otherwise
         overwrite: replace existing series in out
 
     Returns:
-        ``{"out": folder, "train": summary, "val": summary}`` (no "val" when val_fraction is 0), each summary
+        ``{"out": folder, "train": summary, "val": summary, "test": summary}`` (no "val" / "test" when its fraction
+        is 0), each summary
         the written series' pattern, sample and shard counts and keys digest.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= test_fraction < 1 - val_fraction:
+        raise ValueError(f"--test-fraction must be in [0, 1 - val fraction), got {test_fraction}")
     if n is not None and n < 1:
         raise ValueError(f"--n must be >= 1, got {n}")
     fraction = Fraction(str(val_fraction))
     pairs, recorded_seed, info = _routed_samples(source, fraction, n, seed, size, split, captions, image_root,
-                                                 image_column, caption_column, skip_bad_rows)
+                                                 image_column, caption_column, skip_bad_rows,
+                                                 Fraction(str(test_fraction)))
     out_dir = Path(out).expanduser().resolve()
     common = dict(samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes, source=source,
                   seed=recorded_seed, image_format=image_format or DEFAULT_IMAGE_FORMAT.get(source, "jpg"),
-                  overwrite=overwrite, info=dict(info, val_fraction=val_fraction))
-    splits = ("train", "val") if fraction > 0 else ("train",)
+                  overwrite=overwrite, info=dict(info, val_fraction=val_fraction, test_fraction=test_fraction))
+    splits = ("train",) + (("val",) if fraction > 0 else ()) + (("test",) if test_fraction > 0 else ())
     with contextlib.ExitStack() as stack:
         # The writers abort together on any error: a failed run leaves no series behind.
         writers = {name: stack.enter_context(ShardWriter(out_dir, prefix=name, **common)) for name in splits}
@@ -132,8 +150,8 @@ def write_shards(
         for name, writer in writers.items():
             if writer.num_samples == 0:
                 raise ValueError(
-                    f"the {name} series would be empty ({total} samples, --val-fraction {val_fraction}); "
-                    "change --n or --val-fraction"
+                    f"the {name} series would be empty ({total} samples, --val-fraction {val_fraction}, "
+                    f"--test-fraction {test_fraction}); change --n or the fractions"
                 )
         manifests = {name: writer.close() for name, writer in writers.items()}
     return {"out": str(out_dir), **{name: _summary(out_dir, m) for name, m in manifests.items()}}

@@ -9,8 +9,11 @@ encoders from the feature store (``setup_features``, on every process). Whatever
 extracted there, each DDP rank encoding a disjoint part (see ``features.py``); the features are then read
 memory-mapped from the store. Batches are ``(source_features, target_features, sample_index, caption_group)``.
 
-Without ``train``/``val`` shard patterns, the built-in procedural scenes are written into the cache on first
-use and used instead, so ``python train.py`` needs no data download.
+Three splits: ``train`` fits, ``val`` makes every choice (checkpoint selection, early stopping, closed-form
+tuning), ``test`` is reported once, on the selected checkpoint (``train.py`` runs ``trainer.test`` after fitting).
+Without ``train``/``val``/``test`` shard patterns, the built-in procedural scenes are written into the cache on
+first use and used instead, so ``python train.py`` needs no data download. ``captions[split]`` holds every row's
+caption and ``train_captions()`` the training split's, which tell seen from unseen captions in val and test.
 
 Skipped samples and shards (by reason, per split) are in ``skipped`` after ``setup_features``, and a summary
 line is printed on rank 0.
@@ -19,9 +22,9 @@ line is printed on rank 0.
 tokenised captions, each encoder's preprocessing done in the workers, optionally augmented) come from a
 ``StreamingDataModule`` over the training shards, resampled with a fixed epoch length so that every DDP rank
 streams its own shards and takes the same number of steps; the ``StitchingModule`` runs both frozen encoders
-on them. Validation still reads the feature store, exactly as in cached mode: every validation sample once
+on them. Validation and test still read the feature store, exactly as in cached mode: every sample once
 (the sampler's padding dropped by sample index), of the same un-augmented features, so the whole-set metrics
-are exact and comparable between modes; and the validation set is encoded once, not once per epoch.
+are exact and comparable between modes; and val and test are encoded once, not once per epoch.
 
 ``StreamingDataModule``: ``PairedShards`` (each sample exactly once per epoch across all ranks and workers,
 optional shuffle buffer) or ``ResampledShards`` (shards drawn with replacement, cut to a fixed epoch length).
@@ -51,7 +54,9 @@ from prh_stitch.encoders.base import FrozenEncoder, Layer
 
 log = logging.getLogger("prh_stitch.data")
 
-SPLITS = ("train", "val")
+# train fits, val makes every choice (checkpoint, early stopping, closed-form tuning), test is reported once.
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("val", "test")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class SceneData:
 
     n_train: int = 4096
     n_val: int = 1024
+    n_test: int = 1024
     seed: int = 0
     image_size: int = 224
 
@@ -128,6 +134,7 @@ class StitchingDataModule(pl.LightningDataModule):
         self,
         train: Optional[str] = None,
         val: Optional[str] = None,
+        test: Optional[str] = None,
         scenes: SceneData = SceneData(),
         cache_dir: Optional[str] = None,
         batch_size: int = 256,
@@ -142,7 +149,10 @@ class StitchingDataModule(pl.LightningDataModule):
         Args:
             train: shard pattern of the training pairs (``shards/{000000..000099}.tar``, a glob, ``pipe:...``);
                 None uses the built-in scenes.
-            val: shard pattern of the validation pairs; None uses the built-in scenes.
+            val: shard pattern of the validation pairs (every choice is made on them: checkpoint selection,
+                closed-form tuning); None uses the built-in scenes.
+            test: shard pattern of the test pairs, reported after training on the selected checkpoint and never
+                used for a choice; None uses the built-in scenes.
             scenes: size and seed of the built-in scenes.
             cache_dir: where scenes and the feature store live (default ``$PRH_STITCH_CACHE`` or ``~/.cache/prh_stitch``).
             batch_size: stitcher training batch size (per process).
@@ -156,8 +166,12 @@ class StitchingDataModule(pl.LightningDataModule):
             stream: options of ``mode: stream`` (epoch length, shuffle buffer, normalisation samples, augmentation).
         """
         super().__init__()
-        if (train is None) != (val is None):
-            raise ValueError("give both 'train' and 'val' shard patterns, or neither (to use the built-in scenes)")
+        if len({train is None, val is None, test is None}) > 1:
+            raise ValueError("give all of the 'train', 'val' and 'test' shard patterns, or none (to use the built-in "
+                             "scenes)")
+        if test is not None and test in (train, val):
+            raise ValueError("the test split must be its own shards, not the training or validation pattern again "
+                             "(choices are made on val; test is reported once)")
         if mode not in MODES:
             raise ValueError(f"unknown data mode {mode!r}; choose one of {', '.join(MODES)}")
         if mode == "stream" and stream.epoch_length is None and train is not None:
@@ -167,6 +181,8 @@ class StitchingDataModule(pl.LightningDataModule):
         self.streaming: Optional[StreamingDataModule] = None  # the raw training stream of mode 'stream'
         self.train_pattern = train
         self.val_pattern = val
+        self.test_pattern = test
+        self.patterns: Dict[str, str] = {}  # split -> shard pattern, once resolved by split_patterns()
         self.scenes = scenes
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = int(batch_size)
@@ -175,6 +191,9 @@ class StitchingDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.store = FeatureStore(self.cache_dir / "features", dtype=feature_dtype)
         self.datasets: Dict[str, TensorDataset] = {}
+        # split -> caption of every row of datasets[split] (row i = sample index i); filled by setup_features.
+        self.captions: Dict[str, List[str]] = {}
+        self._train_captions: Optional[frozenset] = None
         self.feature_sets: Dict[Tuple[str, str], FeatureSet] = {}
         # split -> {reason: count} of the samples and shards the features skipped; filled by setup_features.
         self.skipped: Dict[str, Dict[str, int]] = {}
@@ -184,12 +203,28 @@ class StitchingDataModule(pl.LightningDataModule):
     def shard_urls(self, split: str) -> List[str]:
         from prh_stitch.data.shards import ensure_scene_shards, expand_urls
 
-        pattern = self.train_pattern if split == "train" else self.val_pattern
-        if pattern is None:
+        return expand_urls(self.split_patterns()[split])
+
+    def split_patterns(self) -> Dict[str, str]:
+        """``{split: shard pattern}`` of train, val and test (the built-in scenes written first when used)."""
+        from prh_stitch.data.shards import ensure_scene_splits
+
+        if self.train_pattern is not None:
+            self.patterns = {"train": self.train_pattern, "val": self.val_pattern, "test": self.test_pattern}
+        elif not self.patterns:
             s = self.scenes
-            train, val = ensure_scene_shards(self.cache_dir / "scenes", s.n_train, s.n_val, seed=s.seed, size=s.image_size)
-            pattern = train if split == "train" else val
-        return expand_urls(pattern)
+            self.patterns = ensure_scene_splits(self.cache_dir / "scenes", {"train": s.n_train, "val": s.n_val,
+                                                "test": s.n_test}, seed=s.seed, size=s.image_size)
+        return dict(self.patterns)
+
+    def train_captions(self) -> frozenset:
+        """Every caption of the training split: what makes a val/test caption "seen" (read once, then kept)."""
+        if self._train_captions is None:
+            if "train" in self.captions:
+                self._train_captions = frozenset(self.captions["train"])
+            else:  # mode stream: the training split is not in the store; its captions are read from the shards
+                self._train_captions = frozenset(shard_captions(self.shard_urls("train")))
+        return self._train_captions
 
     # ---- features -----------------------------------------------------------------------------
     def prepare_features(self, requests: List[FeatureRequest], device: torch.device | str = "cpu") -> None:
@@ -198,8 +233,7 @@ class StitchingDataModule(pl.LightningDataModule):
         Extraction happens in ``setup_features``, where every rank can take its share of it.
         """
         self._device = torch.device(device)
-        for split in SPLITS:
-            self.shard_urls(split)
+        self.split_patterns()
 
     def _extraction_device(self) -> Optional[torch.device]:
         trainer = self.trainer
@@ -219,7 +253,7 @@ class StitchingDataModule(pl.LightningDataModule):
         ranks = Ranks.from_trainer(self.trainer)
         if self.mode == "stream":
             self._setup_stream(source, target)
-        for split in SPLITS if self.mode == "cached" else ("val",):
+        for split in SPLITS if self.mode == "cached" else EVAL_SPLITS:
             a = self._features(source, split, ranks)
             b = self._features(target, split, ranks)
             idx_a, idx_b = align_by_key(a, b)
@@ -229,6 +263,7 @@ class StitchingDataModule(pl.LightningDataModule):
             self.feature_sets[(split, "source")] = a
             self.feature_sets[(split, "target")] = b
             self.datasets[split] = PairDataset(src, tgt, torch.arange(len(src)), caption_groups(captions))
+            self.captions[split] = captions
             # Both sides read the same shards, so their skip counts agree; the source's stand for the split.
             self.skipped[split] = dict(a.info["skipped"]["skipped"])
             skipped = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped[split].items())) or "none"
@@ -306,12 +341,36 @@ class StitchingDataModule(pl.LightningDataModule):
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is)
 
-    def val_dataloader(self) -> DataLoader:
-        dataset = self._require("val")
+    def _eval_dataloader(self, split: str) -> DataLoader:
+        dataset = self._require(split)
         world, rank = self._distributed()
-        # Padding repeats a few samples to even out ranks; validation metrics drop repeats by sample index.
+        # Padding repeats a few samples to even out ranks; val/test metrics drop repeats by sample index.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_dataloader("test")
+
+
+def shard_captions(urls: Sequence[str]) -> Iterator[str]:
+    """The captions of shards, read without decoding any image: every whole sample with an image member and a
+    non-empty ``.txt`` (a sample whose image would fail to decode is the one case counted here but skipped by
+    training; its caption then counts as seen)."""
+    from prh_stitch.data.stream import IMAGE_EXTENSIONS, PROBLEM, TRUNCATED, read_shard
+
+    for url in urls:
+        for raw in read_shard(url):
+            if PROBLEM in raw or raw.get(TRUNCATED) or "txt" not in raw or not any(e in raw for e in IMAGE_EXTENSIONS):
+                continue
+            try:
+                caption = raw["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                continue  # undecodable: skipped by training as well
+            if caption:
+                yield caption
 
 
 def _layer_name(request: FeatureRequest) -> str:

@@ -16,6 +16,12 @@ Scene kinds (chosen at random):
 
 Relations are read off the drawn positions (every member of one group lies beyond every member of the
 other along the named axis), so a caption never claims a relation the picture does not show.
+
+Held-out combinations (``HELD_OUT_OBJECTS``, ``HELD_OUT_TEMPLATES``): the training split never draws them
+(``generate_scene(..., hold_out=True)`` redraws the scene instead), while validation and test draw from the full
+distribution. So every val/test scene that contains one has a caption never seen in training, by construction:
+a compositional test (every colour, shape, size, count and relation word still occurs in training, only these
+combinations do not). ``is_held_out(meta)`` says whether a scene contains one.
 """
 
 from __future__ import annotations
@@ -56,6 +62,24 @@ SIZE_RADIUS: Dict[str, Tuple[float, float]] = {"small": (0.07, 0.10), "large": (
 SIZE_RANK: Dict[str, int] = {"small": 0, "large": 1}
 
 NUMBER_WORDS: Dict[int, str] = {1: "a", 2: "two", 3: "three"}
+
+# Bumped whenever the same seed draws different scenes, so cached scene shards of an older generator are not reused.
+SCENES_VERSION = 2
+
+# (shape, colour, size) objects the training split never contains: two per shape, each colour held out once or
+# twice, both sizes, so that no single attribute value is unseen in training -- only the combination is.
+HELD_OUT_OBJECTS = frozenset({
+    ("circle", "green", "large"), ("circle", "purple", "small"),
+    ("square", "blue", "small"), ("square", "pink", "large"),
+    ("triangle", "yellow", "large"), ("triangle", "brown", "small"),
+    ("star", "orange", "small"), ("star", "red", "large"),
+    ("diamond", "purple", "large"), ("diamond", "green", "small"),
+    ("hexagon", "pink", "small"), ("hexagon", "blue", "large"),
+})
+# Relation templates of two-group scenes, (relation, (count of the first group, count of the second)), that the
+# training split never contains: "two ... above a ..." and "a ... to the right of two ...". Each relation and each
+# count pattern still occurs in training with the others.
+HELD_OUT_TEMPLATES = frozenset({("above", (2, 1)), ("to the right of", (1, 2))})
 
 # Rejection sampling of positions gives up after this many tries and redraws the whole scene plan;
 # with at most three objects of radius <= 0.19 this is hit only rarely.
@@ -168,11 +192,26 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"no drawing for shape {shape!r}")
 
 
-def _layout(rng: np.random.Generator) -> Tuple[List[Dict[str, object]], list, Optional[str]]:
+def _held_out(groups: Sequence[Dict[str, object]], relation: Optional[str]) -> bool:
+    objects = {(str(g["shape"]), str(g["colour"]), str(g["size"])) for g in groups}
+    counts = tuple(int(g["count"]) for g in groups)  # type: ignore[arg-type]
+    return bool(objects & HELD_OUT_OBJECTS) or (relation, counts) in HELD_OUT_TEMPLATES
+
+
+def is_held_out(meta: Dict[str, object]) -> bool:
+    """True when a scene (its ``meta``) contains a held-out object or relation template (see the module docstring)."""
+    objects = set(zip(meta["shapes"], meta["colours"], meta["sizes"]))  # type: ignore[call-overload]
+    template = (meta["relation"], tuple(meta["counts"]))  # type: ignore[arg-type]
+    return bool(objects & HELD_OUT_OBJECTS) or template in HELD_OUT_TEMPLATES
+
+
+def _layout(rng: np.random.Generator, hold_out: bool = False) -> Tuple[List[Dict[str, object]], list, Optional[str]]:
     """Groups, their members ``[((x, y), radius), ...]`` and the pair relation, drawn until the layout is honest.
 
     Two groups must stand in a clear relation, three must be clearly ordered left to right (and are then put in
-    that order, the caption's order of mention).
+    that order, the caption's order of mention). With ``hold_out`` a layout containing a held-out combination is
+    drawn again too (rejection from the same generator: deterministic, and the kept layouts keep their
+    distribution conditional on not being held out).
     """
     while True:
         groups = _plan_groups(rng)
@@ -202,11 +241,15 @@ def _layout(rng: np.random.Generator) -> Tuple[List[Dict[str, object]], list, Op
             order = sorted(range(3), key=lambda gi: members[gi][0][0][0])
             groups = [groups[gi] for gi in order]
             members = [members[gi] for gi in order]
+        if hold_out and _held_out(groups, relation):
+            continue
         return groups, members, relation
 
 
-def generate_scene(rng: np.random.Generator, size: int = 224) -> Tuple[Image.Image, str, dict]:
+def generate_scene(rng: np.random.Generator, size: int = 224, hold_out: bool = False) -> Tuple[Image.Image, str, dict]:
     """Draw one scene; return ``(RGB image of size x size, caption, meta)``.
+
+    ``hold_out=True`` (the training split) never draws a held-out object or relation template.
 
     ``meta`` holds per-object lists ``shapes``, ``colours``, ``sizes`` and ``positions`` (centre as
     fractions of the side, x to the right, y downwards), ``counts`` per group, ``background``,
@@ -216,7 +259,7 @@ def generate_scene(rng: np.random.Generator, size: int = 224) -> Tuple[Image.Ima
     """
     if size < 16:
         raise ValueError(f"scene size must be at least 16 pixels, got {size}")
-    groups, members, relation = _layout(rng)
+    groups, members, relation = _layout(rng, hold_out)
 
     background = _choice(rng, list(BACKGROUNDS))
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])

@@ -24,7 +24,7 @@ import shutil
 import tarfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import braceexpand
 import webdataset as wds
@@ -422,29 +422,43 @@ def ensure_scene_shards(
     size: int = 224,
     samples_per_shard: int = 500,
 ) -> Tuple[str, str]:
-    """Write the built-in scenes once under ``root``; return ``(train_pattern, val_pattern)``.
+    """``(train_pattern, val_pattern)`` of :func:`ensure_scene_splits` with a train and a val series only."""
+    patterns = ensure_scene_splits(root, {"train": n_train, "val": n_val}, seed, size, samples_per_shard)
+    return patterns["train"], patterns["val"]
 
-    The folder ``root/scenes-{n_train}-{n_val}-s{seed}-{size}px/`` is built in a hidden temporary
-    sibling and renamed into place only when both series and their manifests are written, so a crash
-    never leaves a folder that looks complete; a later call simply starts again. Train and validation
-    scenes come from disjoint seed streams (see ``sources.scenes``). When two processes race, the first
-    rename wins and the other discards its copy.
+
+def ensure_scene_splits(
+    root: str | Path,
+    counts: Dict[str, int],
+    seed: int = 0,
+    size: int = 224,
+    samples_per_shard: int = 500,
+) -> Dict[str, str]:
+    """Write the built-in scenes once under ``root``; return ``{split: pattern}`` for ``counts`` (split -> n).
+
+    The folder ``root/scenes-v{version}-{n_train}-{n_val}[-{n_test}]-s{seed}-{size}px/`` is built in a hidden
+    temporary sibling and renamed into place only when every series and its manifest is written, so a crash
+    never leaves a folder that looks complete; a later call simply starts again. The splits come from disjoint
+    seed streams, and the training split holds out some combinations (see ``sources.scenes``). When two
+    processes race, the first rename wins and the other discards its copy.
     """
-    from prh_stitch.data.sources import scenes  # sources imports this module
+    from prh_stitch.data.scenes import SCENES_VERSION
+    from prh_stitch.data.sources import SCENE_SPLITS, scenes  # sources imports this module
 
-    if n_train < 1 or n_val < 1:
-        raise ValueError(f"n_train and n_val must be >= 1, got {n_train} and {n_val}")
+    splits = [split for split in SCENE_SPLITS if split in counts]
+    if set(counts) != set(splits) or any(counts[split] < 1 for split in splits):
+        raise ValueError(f"scene counts must be >= 1 and name splits of {sorted(SCENE_SPLITS)}, got {dict(counts)}")
     root = Path(root).expanduser()
-    folder = root / f"scenes-{n_train}-{n_val}-s{seed}-{size}px"
+    folder = root / f"scenes-v{SCENES_VERSION}-{'-'.join(str(counts[s]) for s in splits)}-s{seed}-{size}px"
 
-    def patterns() -> Optional[Tuple[str, str]]:
-        found = []
-        for prefix in ("train", "val"):
+    def patterns() -> Optional[Dict[str, str]]:
+        found = {}
+        for prefix in splits:
             manifest = _read_manifest(manifest_path(folder, prefix))
             if manifest is None:
                 return None
-            found.append(str(folder / manifest["pattern"]))
-        return found[0], found[1]
+            found[prefix] = str(folder / manifest["pattern"])
+        return found
 
     if folder.exists():
         ready = patterns()
@@ -458,11 +472,11 @@ def ensure_scene_shards(
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        for split, count in (("train", n_train), ("val", n_val)):
+        for split in splits:
             write_shards(
-                scenes(count, seed=seed, size=size, split=split), tmp, prefix=split,
+                scenes(counts[split], seed=seed, size=size, split=split), tmp, prefix=split,
                 samples_per_shard=samples_per_shard, source="scenes", seed=seed,
-                info={"n": count, "size": size, "split": split},
+                info={"n": counts[split], "size": size, "split": split},
             )
         try:
             os.rename(tmp, folder)

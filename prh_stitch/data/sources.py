@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from prh_stitch.data.scenes import generate_scene
+from prh_stitch.data.scenes import generate_scene, is_held_out
 from prh_stitch.registry import Registry
 
 logger = logging.getLogger("prh_stitch.data")
@@ -36,7 +36,10 @@ def scenes(n: int, seed: int = 0, size: int = 224, split: str = "train") -> Iter
     """``n`` procedurally drawn scenes; scene ``i`` is drawn from ``default_rng([seed, split_id, i])``.
 
     Seeding each scene on its own index makes scene ``i`` independent of ``n`` (the first 100 of a
-    1000-scene set are the 100-scene set) and keeps the splits disjoint streams for the same seed.
+    1000-scene set are the 100-scene set) and keeps the splits disjoint streams for the same seed. The
+    ``train`` split never contains the held-out combinations of ``scenes.HELD_OUT_OBJECTS`` and
+    ``HELD_OUT_TEMPLATES``; ``val`` and ``test`` draw from the full distribution, so some of their captions are
+    unseen in training by construction (``meta["held_out"]`` marks those scenes).
     """
     if split not in SCENE_SPLITS:
         raise ValueError(f"scene split must be one of {sorted(SCENE_SPLITS)}, got {split!r}")
@@ -50,8 +53,8 @@ def scenes(n: int, seed: int = 0, size: int = 224, split: str = "train") -> Iter
 def _scene_samples(n: int, seed: int, size: int, split: str) -> Iterator[Sample]:
     for index in range(n):
         rng = np.random.default_rng([seed, SCENE_SPLITS[split], index])
-        image, caption, meta = generate_scene(rng, size)
-        meta = dict(meta, index=index, split=split, seed=seed)
+        image, caption, meta = generate_scene(rng, size, hold_out=split == "train")
+        meta = dict(meta, index=index, split=split, seed=seed, held_out=is_held_out(meta))
         yield f"{split}-{index:08d}", image, caption, meta
 
 

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 from prh_stitch import reports
 from prh_stitch.alignment.settings import clamp_note
+from prh_stitch.evaluation.splits import split_lines
 
 
 def stitch_markdown(report: Dict[str, Any]) -> str:
@@ -17,9 +18,19 @@ def stitch_markdown(report: Dict[str, Any]) -> str:
             f"{report['target']['name']} ({report['target']['layer_name']})\n\n"
             f"N = {report['n']} held-out pairs ({report['unique_captions']} distinct captions), method: "
             f"{report['config']['method']['kind']}, device {report['device']}, seed {report['seed']}.\n\n"
-            "## Retrieval (a2b = stitched source → target; same-caption items count as correct)\n\n"
+            + ("\n".join(split_lines(report["split"])) + "\n\n" if "split" in report else "")
+            + "## Retrieval (a2b = stitched source → target; same-caption items count as correct)\n\n"
             + reports.markdown_table(["direction", "R@1", "R@5", "R@10", "mean rank", "median rank"], rows)
             + f"\nMean cosine of true pairs: {r['mean_cosine']:.4f}\n")
+    subsets = r.get("subsets", {})
+    if subsets:
+        rows = [[name, s["n"], s["distinct"], s["a2b/recall@1"], s["chance@1"], s["a2b/recall@5"], s["chance@5"],
+                 s["b2a/recall@1"]] for name, s in subsets.items() if s["n"]]
+        text += ("\n### Seen and unseen captions (seen = the exact caption occurs in the training split)\n\n"
+                 "Chance is exact for a uniformly random ranking with same-caption items correct "
+                 "(Σ|g|²/N² at k = 1; queries are ranked against all N items).\n\n"
+                 + reports.markdown_table(["captions", "pairs", "distinct", "R@1 a2b", "chance@1", "R@5 a2b",
+                                           "chance@5", "R@1 b2a"], rows))
     if "loss" in report:
         text += f"\nObjective ({report['config']['method'].get('objective', {}).get('name')}): " \
                 f"{report['loss']['value']:.4f} (batches of {report['loss']['batch_size']})\n"
@@ -68,6 +79,12 @@ def log_tensorboard(log_dir: Path, report: Dict[str, Any], markdown: str, step: 
     writer = SummaryWriter(str(log_dir))
     try:
         for key, value in report["retrieval"].items():
+            if key == "subsets":
+                for name, subset in value.items():
+                    for sub_key, sub_value in subset.items():
+                        if sub_value == sub_value:  # NaN (an empty subset) is not a scalar worth plotting
+                            writer.add_scalar(f"eval/{name}/{sub_key}", sub_value, step)
+                continue
             writer.add_scalar(f"eval/{key}", value, step)
         if "loss" in report:
             writer.add_scalar("eval/loss", report["loss"]["value"], step)

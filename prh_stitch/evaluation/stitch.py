@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -26,24 +26,28 @@ from prh_stitch.evaluation.zero_shot import ZeroShotInputs, zero_shot, zero_shot
 
 def stitch_report(mapped: Tensor, target: Tensor, raw_source: Tensor, raw_target: Tensor, captions: Sequence[str],
                   settings: ScoreSettings, loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-                  loss_batch_size: int = 256, zero_shot_inputs: Optional[ZeroShotInputs] = None) -> Dict[str, Any]:
+                  loss_batch_size: int = 256, zero_shot_inputs: Optional[ZeroShotInputs] = None,
+                  train_captions: Optional[Collection[str]] = None) -> Dict[str, Any]:
     """Everything ``stitch`` reports, independent of where the mapping came from (checkpoint or baseline).
 
     ``mapped`` (source features mapped into the comparison space) and ``target`` (target features in that
     space) are compared by retrieval and alignment; ``raw_source``/``raw_target`` are the encoders' own
     features, scored for alignment as the reference the mapping should not lose. Same-caption items count
-    as correct retrieval matches.
+    as correct retrieval matches; retrieval is also reported on captions seen / unseen in ``train_captions``
+    (when given), with exact chance (:func:`prh_stitch.evaluation.captions.caption_retrieval`).
     """
     from prh_stitch.data.datamodule import caption_groups
-    from prh_stitch.metrics import calibrate, clamp_outliers, retrieval
+    from prh_stitch.evaluation.captions import caption_retrieval
+    from prh_stitch.metrics import calibrate, clamp_outliers
 
     n = mapped.shape[0]
     check_n(n, settings, "stitch")
     groups = caption_groups(list(captions)).to(mapped.device)
     out: Dict[str, Any] = {"n": n, "unique_captions": int(groups.max()) + 1,
-                           "retrieval": retrieval(mapped, target, groups=groups),
+                           "retrieval": caption_retrieval(mapped, target, captions, train_captions),
                            "retrieval_note": "a2b = stitched source → target, b2a = target → stitched source; "
-                                             "items with the identical caption count as correct"}
+                                             "items with the identical caption count as correct; seen = the caption "
+                                             "occurs in the training split; chance@k is exact for a random ranking"}
     if loss is not None:
         out["loss"] = batched_loss(loss, mapped, target, loss_batch_size)
     out["alignment"] = {}
@@ -102,6 +106,7 @@ class StitchMapping:
     stitcher: Any = None
     baseline: Any = None
     loss: Any = None
+    meta: Optional[Dict[str, Any]] = None  # the checkpoint's prh_stitch metadata
 
 
 def checkpoint_mapping(ckpt: str, source: Optional[str], target: Optional[str], device: torch.device) -> StitchMapping:
@@ -118,7 +123,7 @@ def checkpoint_mapping(ckpt: str, source: Optional[str], target: Optional[str], 
     loss, objective = load_objective(checkpoint[CHECKPOINT_KEY], checkpoint["state_dict"], device)
     method = {"kind": "checkpoint", "path": os.path.abspath(ckpt), "stitcher": stitcher.config(),
               "objective": objective, "global_step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
-    return StitchMapping(source_spec, target_spec, method, stitcher=stitcher, loss=loss)
+    return StitchMapping(source_spec, target_spec, method, stitcher=stitcher, loss=loss, meta=checkpoint[CHECKPOINT_KEY])
 
 
 def baseline_mapping(name: str, options: Optional[Dict[str, Any]], anchors: Optional[str], source: Optional[str],
@@ -211,20 +216,26 @@ def apply_mapping(ex: Extraction, mapping: StitchMapping, pairs: HeldOut, urls: 
             baseline.transform_target)
 
 
-def evaluate_stitcher(data: Union[str, Sequence[str]], ckpt: Optional[str] = None, baseline: Optional[str] = None, *,
+def evaluate_stitcher(data: Optional[Union[str, Sequence[str]]] = None, ckpt: Optional[str] = None,
+                      baseline: Optional[str] = None, *, split: str = "test", train_data: Optional[str] = None,
                       baseline_options: Optional[Dict[str, Any]] = None, anchors: Optional[str] = None,
                       source: Optional[str] = None, target: Optional[str] = None, source_layer: int = -1,
                       target_layer: int = -1, source_pooling: Optional[str] = None,
                       target_pooling: Optional[str] = None, prompt: str = "a photo of a {}",
                       loss_batch_size: int = 256, inputs: Optional[Inputs] = None, **settings: Any) -> StitchResult:
-    """Evaluate a trained stitcher (``ckpt``) or a training-free ``baseline`` on the held-out pairs of ``data``.
+    """Evaluate a trained stitcher (``ckpt``) or a training-free ``baseline`` on held-out pairs: by default the
+    checkpoint's recorded test split (see :mod:`prh_stitch.evaluation.splits`).
 
     ``settings`` are :class:`ScoreSettings` fields (``metrics``, ``k``, ...); ``inputs`` says where features come
-    from (:class:`Inputs`).
+    from (:class:`Inputs`). The report names the split it read and the split every choice was made on.
 
     Args:
-        data: shard pattern of held-out image–caption pairs
+        data: shard pattern of held-out image–caption pairs (default: the checkpoint's recorded test split)
         ckpt: checkpoint of a trained stitcher (train.py)
+        split: without --data: which recorded split of the checkpoint to read (test, or val: the split its
+            choices were made on, reported with a warning)
+        train_data: shard pattern of the training pairs, whose captions count as seen (default: the
+            checkpoint's recorded training split, or a baseline's anchors)
         baseline: a training-free baseline (prh_stitch.evaluation.baselines.BASELINES)
         baseline_options: the baseline's options, e.g. {"num_anchors": 512}
         anchors: with a baseline: shard pattern of anchor pairs (the training split, never the evaluated data)
@@ -238,25 +249,28 @@ def evaluate_stitcher(data: Union[str, Sequence[str]], ckpt: Optional[str] = Non
         loss_batch_size: batch size for the objective's loss
     """
     from prh_stitch.data.shards import expand_urls
+    from prh_stitch.evaluation.splits import resolve_split, train_captions
 
     score_settings = ScoreSettings(**settings).checked()
     if (ckpt is None) == (baseline is None):
         raise UserError("give exactly one of --ckpt PATH (a trained stitcher) or --baseline NAME (training-free)")
     inputs = inputs or Inputs()
     ex = inputs.extraction()
-    urls = expand_urls(data)
     if ckpt is not None:
         mapping = checkpoint_mapping(ckpt, source, target, ex.device)
     else:
         mapping = baseline_mapping(baseline, baseline_options, anchors, source, target, (source_layer, target_layer),
                                    (source_pooling, target_pooling))
+    evaluated = resolve_split(data, split, mapping.meta, anchors, train_data)
+    data = evaluated.pattern
+    urls = expand_urls(data)
     pairs = held_out(ex, mapping, urls)
     mapped, target_space, to_space = apply_mapping(ex, mapping, pairs, urls)
     text_target = pairs.target_encoder.modality == "text"
     zs, zs_note = zero_shot_inputs(urls, pairs.labels, pairs.target_encoder, mapping.target_spec, to_space, prompt,
                                    ex.device, reference=target_space if text_target else None)
     result = stitch_report(mapped, target_space, pairs.raw_source, pairs.raw_target, pairs.captions, score_settings,
-                           mapping.loss, loss_batch_size, zs)
+                           mapping.loss, loss_batch_size, zs, train_captions(evaluated))
     if zs_note:
         result["zero_shot"] = {"skipped": zs_note}
     fs_source, fs_target = pairs.feature_sets
@@ -266,6 +280,7 @@ def evaluate_stitcher(data: Union[str, Sequence[str]], ckpt: Optional[str] = Non
                              settings=asdict(score_settings)),
         "source": {**mapping.source_spec.to_dict(), "layer_name": pairs.names[0]},
         "target": {**mapping.target_spec.to_dict(), "layer_name": pairs.names[1]},
+        "split": evaluated.record(),
         **result,
     }
     return StitchResult(report)

@@ -85,3 +85,55 @@ def retrieval(a: Tensor, b: Tensor, groups: Optional[Tensor] = None, normalize: 
         raise ValueError("a zero row has no cosine similarity (mean_cosine); remove zero rows")
     out["mean_cosine"] = float(((fa.double() * fb.double()).sum(1) / (na * nb)).mean())
     return out
+
+
+def chance_recall(groups: Tensor, k: int = 1) -> Tensor:
+    """Per-query chance of recall@k (float64, one per row) when all N items are ranked uniformly at random.
+
+    A query whose group (same caption) has g members, itself included, has g correct items among N; the chance
+    that none of them is among the first k of a random order is C(N-g, k) / C(N, k) = Π_{j<k} (N-g-j) / (N-j),
+    so chance recall@k = 1 - that product; for k = 1 it is g / N, and averaged over all queries Σ|g|² / N².
+    """
+    groups = _check_groups(groups, len(groups))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    n = len(groups)
+    if n == 0:
+        raise ValueError("chance_recall needs at least one row")
+    _, inverse, sizes = torch.unique(groups, return_inverse=True, return_counts=True)
+    g = sizes[inverse].double()
+    miss = torch.ones(n, dtype=torch.float64, device=groups.device)
+    for j in range(min(k, n)):
+        # The factor reaches 0 once j = N - g (fewer wrong items than draws), before N - j does.
+        miss = miss * ((n - g - j) / (n - j)).clamp(min=0.0)
+    return 1.0 - miss
+
+
+def retrieval_subsets(a: Tensor, b: Tensor, groups: Tensor, subsets: Dict[str, Tensor], normalize: bool = True,
+                      ks: Sequence[int] = (1, 5, 10), block_size: Optional[int] = None) -> Dict[str, Dict[str, float]]:
+    """Recall@k both ways averaged over subsets of the queries (ranked against all N items), with exact chance.
+
+    ``subsets`` maps a name to a boolean mask of the rows (e.g. seen / unseen captions); each gets ``n`` (queries),
+    ``distinct`` (distinct groups among them), ``a2b/recall@k``, ``b2a/recall@k`` and ``chance@k`` (the mean of
+    :func:`chance_recall` over its queries; the same both ways, as groups are shared). An empty subset gets
+    ``n = 0`` and NaN scores.
+    """
+    n = check_pair(a, b)
+    groups = _check_groups(groups, n)
+    check_block_size(block_size)
+    fa, fb = to_float32(a, normalize, "a"), to_float32(b, normalize, "b")
+    r = {"a2b": ranks(fa, fb, groups, block_size), "b2a": ranks(fb, fa, groups, block_size)}
+    chance = {k: chance_recall(groups, k) for k in ks}
+    out: Dict[str, Dict[str, float]] = {}
+    for name, mask in subsets.items():
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != (n,):
+            raise ValueError(f"subset {name!r} must be a boolean mask with one entry per row (N={n})")
+        mask = mask.to(groups.device)
+        count = int(mask.sum())
+        scores: Dict[str, float] = {"n": count, "distinct": int(torch.unique(groups[mask]).numel())}
+        for k in ks:
+            for d in ("a2b", "b2a"):
+                scores[f"{d}/recall@{k}"] = float((r[d][mask] <= k).double().mean()) if count else float("nan")
+            scores[f"chance@{k}"] = float(chance[k][mask].mean()) if count else float("nan")
+        out[name] = scores
+    return out
