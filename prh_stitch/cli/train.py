@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from prh_stitch.cli.common import argv_of, run_command, with_shipped_configs
 from prh_stitch.module import StitchingModule
+from prh_stitch.training_board import TrainingBoard
 
 PROG = "train.py"
 # The classes a config without ``class_path`` trains: the feature stitcher.
@@ -55,6 +56,7 @@ class StitchCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(TrainingBoard, "board")  # figures, projector and hp_metric in TensorBoard
         parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
             help="Resume training: a checkpoint path, or 'last' for the newest last.ckpt under trainer.default_root_dir.",

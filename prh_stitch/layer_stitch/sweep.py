@@ -111,7 +111,8 @@ def layer_sweep(
         batch_size: stitch-layer training batch size.
         epochs: training epochs per cut.
         lr: AdamW learning rate of the stitching layer.
-        out: folder for ``penalty.json``, ``penalty.csv`` and ``penalty.png``; None writes nothing.
+        out: folder for ``penalty.json``, ``penalty.csv``, ``penalty.png``/``.pdf`` and ``tensorboard/``; None writes
+            nothing.
         init: stitching-layer init: ``lstsq``, ``identity`` (equal widths) or ``default``.
         seed: seed of the scenes, the training order and every cut's initialisation.
         cache_dir: cache of the frozen networks' outputs (default ``$PRH_STITCH_CACHE`` or ``~/.cache/prh_stitch``).
@@ -151,13 +152,19 @@ def layer_sweep(
 
 
 def write_sweep_report(report: SweepReport, out: str | Path) -> Dict[str, Path]:
-    """``penalty.json``, ``penalty.csv`` and ``penalty.png`` in ``out``, each written atomically."""
+    """``penalty.json``, ``penalty.csv`` (long form: one row per cut) and ``penalty.png``/``.pdf`` in ``out``, each
+    written atomically; the penalty matrix and every cut's penalty also in ``out/tensorboard``."""
+    from prh_stitch.report_board import report_board, tag_part
     from prh_stitch.reports import save_figure, write_csv, write_json
 
     out = Path(out)
+    with report_board(out) as board:
+        png = save_figure(penalty_figure(report), out / "penalty.png", board, "layer_sweep/penalty")
+        for row in report.records:
+            board.scalar(f"penalty/{tag_part(row['layer_a'])}__{tag_part(row['layer_b'])}", row["penalty"])
     return {"json": write_json(out / "penalty.json", report.to_dict()),
             "csv": write_csv(out / "penalty.csv", report.records, CSV_FIELDS),
-            "png": save_figure(penalty_figure(report), out / "penalty.png")}
+            "png": png, "pdf": png.with_suffix(".pdf"), "tensorboard": board.folder}
 
 
 def penalty_figure(report: SweepReport):
