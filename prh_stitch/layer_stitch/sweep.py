@@ -95,6 +95,7 @@ def layer_sweep(
     seed: int = 0,
     cache_dir: Optional[str] = None,
     accelerator: str = "cpu",
+    progress: bool = True,
 ) -> SweepReport:
     """Stitching penalty of every cut: A's layer i into B's layer j, a stitching layer trained for each.
 
@@ -117,6 +118,7 @@ def layer_sweep(
         seed: seed of the scenes, the training order and every cut's initialisation.
         cache_dir: cache of the frozen networks' outputs (default ``$PRH_STITCH_CACHE`` or ``~/.cache/prh_stitch``).
         accelerator: Lightning accelerator of each cut's training (``cpu``, ``gpu``, ``auto``).
+        progress: a progress bar over the cuts (total ``len(layers_a) * len(layers_b)``, with an ETA) on stderr.
 
     Returns:
         The :class:`SweepReport`. A's activations at each cut are computed once and shared by every j.
@@ -127,8 +129,11 @@ def layer_sweep(
                                batch_size=batch_size, cache_dir=cache_dir)
     report = SweepReport(model_a, model_b, target, "accuracy" if target == "labels" else "agreement with B",
                          epochs=epochs)
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
-    with _quiet_lightning():
+    bar = tqdm(total=len(layers_a) * len(layers_b), desc="layer sweep: cuts trained", unit="cut", disable=not progress)
+    with _quiet_lightning(), bar:
         for la in layers_a:
             rows: Dict[str, List[float]] = {"score": [], "penalty": [], "agreement": []}
             for lb in layers_b:
@@ -142,6 +147,7 @@ def layer_sweep(
                     report.layers_b.append(module.layer_b)
                 log.info("%s %s -> %s %s: score %.4f, penalty %+.4f", model_a, module.layer_a, model_b,
                          module.layer_b, result["score"], result["penalty"])
+                bar.update(1)
             report.layers_a.append(module.layer_a)
             for key, row in rows.items():
                 getattr(report, key).append(row)
