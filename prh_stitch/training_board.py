@@ -9,7 +9,7 @@ TensorBoard logger:
   validation rows (a diagonal is what a good stitcher draws), after every validation epoch.
 - **Text**: ``val/retrieval_examples``, for a few fixed validation queries, the caption and the captions of the
   top retrieved targets over the whole validation split.
-- **Projector**: at the end of fit, stitched and target vectors of a small fixed validation subset in one space,
+- **Projector**: at the end of training, stitched and target vectors of a small fixed validation subset in one space,
   with their captions and kind (``stitched`` / ``target``) as metadata and the images as thumbnails.
 """
 
@@ -57,7 +57,8 @@ class TrainingBoard(Callback):
                                 retrieval_examples(pl_module.stitcher, source, target, captions, self.examples,
                                                    self.top, pl_module.device), step)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
+        # Not on_fit_end: by then Lightning has closed the run's event file, and writing would open another one.
         callback = trainer.checkpoint_callback
         score = getattr(callback, "best_model_score", None)
         if score is not None and trainer.is_global_zero:
