@@ -150,3 +150,29 @@ def test_unknown_training_split_reports_all_only_and_an_empty_subset_is_nan_free
     result = caption_retrieval(a, a, ["x", "y", "z", "w"], {"x", "y", "z", "w"})
     assert result["subsets"]["unseen"]["n"] == 0
     assert not any(key.startswith("test/unseen/recall") for key in logged_scores("test", result))
+
+
+# -- data write: a test series ---------------------------------------------------------------------------------------
+
+def test_write_adds_a_test_series_from_the_scenes_test_stream_and_interleaves_files_exactly(tmp_path):
+    from PIL import Image
+
+    from prh_stitch.data.commands import write_shards
+    from prh_stitch.data.datamodule import shard_captions
+    from prh_stitch.data.shards import expand_urls
+
+    written = write_shards("scenes", str(tmp_path / "scenes"), n=20, val_fraction=0.25, test_fraction=0.25, size=16)
+    assert [written[s]["num_samples"] for s in ("train", "val", "test")] == [10, 5, 5]
+    for split in ("train", "test"):  # each series is its split's own seed stream (train with the hold-out)
+        assert list(shard_captions(expand_urls(written[split]["pattern"]))) == [c for c, _ in _scene_records(
+            written[split]["num_samples"], split)]
+    for i in range(10):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "pairs.tsv").write_text("path\ttext\n" + "".join(f"{i}.png\tcaption {i}\n" for i in range(10)))
+    written = write_shards("folder", str(tmp_path / "files"), captions=str(tmp_path / "pairs.tsv"),
+                           val_fraction=0.2, test_fraction=0.3)
+    series = {s: list(shard_captions(expand_urls(written[s]["pattern"]))) for s in ("train", "val", "test")}
+    assert [len(series[s]) for s in ("train", "val", "test")] == [5, 2, 3]  # floor(10 * 0.5) held, 3/5 of them test
+    assert sorted(sum(series.values(), [])) == sorted(f"caption {i}" for i in range(10))  # each row exactly once
+    with pytest.raises(ValueError, match="--test-fraction must be in"):
+        write_shards("scenes", str(tmp_path / "bad"), n=10, val_fraction=0.5, test_fraction=0.5)

@@ -41,14 +41,14 @@ def trained(tmp_path_factory):
     recorder = Recorder()
     cli.trainer.callbacks.append(recorder)
     fit(cli)
-    return cli, before, root, recorder.initial_stitcher
+    return cli, before, root, recorder.initial_stitcher, recorder.fit_metrics
 
 
 class Recorder(Callback):
     """What a run actually did: the stitcher it started from, the epochs it ran and the global step of each batch."""
 
     def __init__(self):
-        self.initial_stitcher, self.epochs, self.steps = None, [], []
+        self.initial_stitcher, self.epochs, self.steps, self.fit_metrics = None, [], [], {}
 
     def on_train_start(self, trainer, pl_module):
         # After setup (normalisation fitted) and after a resumed run restored its checkpoint.
@@ -59,6 +59,10 @@ class Recorder(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append(trainer.global_step)
+
+    def on_fit_end(self, trainer, pl_module):
+        # What fitting logged last: the test that follows replaces the trainer's logged metrics with test/*.
+        self.fit_metrics = dict(trainer.logged_metrics)
 
 
 def _scalars(root, tag):
@@ -75,31 +79,31 @@ def _scalars(root, tag):
 
 
 def test_training_writes_best_and_last_checkpoints_and_tensorboard_logs(trained):
-    cli, _, root, _ = trained
+    cli, _, root, _, fit_metrics = trained
     names = {p.name for p in checkpoints(root)}
     assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
-    events = list(Path(root).glob("**/events.out.tfevents.*"))
-    assert events, "no TensorBoard event file"
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(events[0]))
-    accumulator.Reload()
-    scalars = accumulator.Tags()["scalars"]
-    assert {"data/train_skipped", "data/val_skipped", "val/recall@1", "train/loss_epoch"} <= set(scalars)
-    assert accumulator.Scalars("data/train_skipped")[0].value == 0.0
-    logged = cli.trainer.logged_metrics
+    assert list(Path(root).glob("**/events.out.tfevents.*")), "no TensorBoard event file"
+    # The run's event files (the test after fitting may open one of its own), read together.
+    for tag in ("data/train_skipped", "data/val_skipped", "val/recall@1", "train/loss_epoch"):
+        assert _scalars(root, tag), tag
+    assert _scalars(root, "data/train_skipped")[0] == 0.0
     for key in ("train/loss_epoch", "val/loss", "val/recall@1", "val/recall@5", "val/mean_cosine"):
-        assert key in logged, key
+        assert key in fit_metrics, key
+    # Then the selected checkpoint was tested once: test/* in TensorBoard and as the trainer's last logged metrics.
+    for tag in ("test/recall@1", "test/seen/recall@1", "test/unseen/recall@1", "test/chance@1"):
+        assert len(_scalars(root, tag)) == 1, tag
+    assert {"test/loss", "test/recall@1", "test/distinct_captions"} <= set(cli.trainer.logged_metrics)
+    assert any(p.name == "test.json" for p in Path(root).glob("**/checkpoints/*"))
 
 
 def test_logged_validation_recall_is_the_whole_set_recall_and_the_training_loss_falls(trained):
-    cli, _, root, _ = trained
+    cli, _, root, _, fit_metrics = trained
     train_loss = _scalars(root, "train/loss_epoch")
     assert len(train_loss) == 3 and train_loss[-1] < train_loss[0], train_loss
     source, target, _, groups = cli.datamodule.datasets["val"].tensors
     with torch.no_grad():
         expected = retrieval(cli.model.stitcher.eval()(source), target, groups=groups)
-    logged = cli.trainer.logged_metrics
+    logged = fit_metrics
     assert float(logged["val/recall@1"]) == pytest.approx(expected["a2b/recall@1"], abs=1e-6)
     assert float(logged["val/recall@5"]) == pytest.approx(expected["a2b/recall@5"], abs=1e-6)
     assert float(logged["val/mean_cosine"]) == pytest.approx(expected["mean_cosine"], abs=1e-5)
@@ -243,7 +247,7 @@ def test_learning_rate_warms_up_linearly_then_follows_the_schedule_and_decay_spa
 
 
 def test_frozen_encoders_are_unchanged_and_not_trained(trained):
-    cli, before, _, _ = trained
+    cli, before, _, _, _ = trained
     for side, encoder in (("source", cli.model.source_encoder), ("target", cli.model.target_encoder)):
         for key, value in encoder.state_dict().items():
             assert torch.equal(value, before[side][key]), f"{side} encoder tensor {key} changed"
@@ -253,7 +257,7 @@ def test_frozen_encoders_are_unchanged_and_not_trained(trained):
 
 
 def test_checkpoint_holds_the_stitcher_but_no_encoder_weights(trained):
-    cli, _, root, _ = trained
+    cli, _, root, _, _ = trained
     ckpt = torch.load(checkpoints(root)[-1], map_location="cpu", weights_only=True)
     assert all(not k.startswith(("encoders", "source_encoder", "target_encoder")) for k in ckpt["state_dict"])
     assert ckpt["prh_stitch"] == {  # everything load_stitcher and a reader of the run need, nothing else
@@ -270,7 +274,7 @@ def test_checkpoint_holds_the_stitcher_but_no_encoder_weights(trained):
 
 
 def test_load_stitcher_round_trip_equals_the_in_memory_stitcher(trained):
-    cli, _, root, _ = trained
+    cli, _, root, _, _ = trained
     last = next(p for p in checkpoints(root) if p.name == "last.ckpt")
     loaded = prh_stitch.load_stitcher(last)
     source, _ = cli.datamodule.training_tensors()
@@ -308,7 +312,7 @@ def test_second_run_reads_features_from_the_store(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = build_cli(tiny_args(tmp_path / "a", "--data.cache_dir", str(cache), "--trainer.max_epochs=1"))
     fit(first)
-    assert first.datamodule.store.extractions == 4  # 2 encoders x (train, val)
+    assert first.datamodule.store.extractions == 6  # 2 encoders x (train, val, test); the test after fitting reads them back
 
     def no_extraction(*args, **kwargs):
         raise AssertionError("the encoders ran again on a warm store")
@@ -316,7 +320,7 @@ def test_second_run_reads_features_from_the_store(tmp_path, monkeypatch):
     monkeypatch.setattr(FeatureStore, "extract", no_extraction)
     second = build_cli(tiny_args(tmp_path / "b", "--data.cache_dir", str(cache), "--trainer.max_epochs=1"))
     fit(second)
-    assert second.datamodule.store.extractions == 0 and second.datamodule.store.hits >= 4
+    assert second.datamodule.store.extractions == 0 and second.datamodule.store.hits >= 6
 
 
 class _Crash(RuntimeError):
@@ -394,7 +398,10 @@ def _write_tar(path, samples):
         (["--model.stitcher.name", "lineer"], "unknown stitcher 'lineer'. Did you mean 'linear'"),
         (["--model.source.layer", "42"], "layer 42 is out of range for encoder 'tiny_vit'"),
         (["--model.objective.name", "hinge"], "unknown loss 'hinge'"),
-        (["--data.train", "/nonexistent/train-{0..3}.tar", "--data.val", "/nonexistent/val.tar"], "no shards match"),
+        (["--data.train", "/nonexistent/train-{0..3}.tar", "--data.val", "/nonexistent/val.tar", "--data.test",
+          "/nonexistent/test.tar"], "no shards match"),
+        (["--data.train", "/nonexistent/train.tar", "--data.val", "/nonexistent/val.tar"],
+         "give all of the 'train', 'val' and 'test' shard patterns, or none"),
     ],
 )
 def test_bad_input_gives_one_clear_error_and_no_checkpoint(tmp_path, capsys, extra, message):
@@ -407,7 +414,10 @@ def test_bad_input_gives_one_clear_error_and_no_checkpoint(tmp_path, capsys, ext
 def test_shards_without_usable_samples_fail_before_training(tmp_path, capsys):
     shard = tmp_path / "broken.tar"
     _write_tar(shard, [("a.jpg", b"garbage bytes"), ("a.txt", b"a caption"), ("b.txt", b"no image here")])
-    assert main(tiny_args(tmp_path / "run", "--data.train", str(shard), "--data.val", str(shard))) == 2
+    test_shard = tmp_path / "broken-test.tar"
+    test_shard.write_bytes(shard.read_bytes())
+    assert main(tiny_args(tmp_path / "run", "--data.train", str(shard), "--data.val", str(shard),
+                          "--data.test", str(test_shard))) == 2
     assert "no usable samples" in capsys.readouterr().err
     assert checkpoints(tmp_path) == []
 

@@ -168,7 +168,10 @@ def test_selected(cli: StitchCLI, selected: Optional[str]) -> Optional[str]:
     callback = trainer.checkpoint_callback
     selected = selected or None
     # Without a selected checkpoint (no monitor, or it was never logged) the weights at the end of training are tested.
+    # Testing loads the selected weights into the module; the module is given back as training left it.
+    final = {key: value.clone() for key, value in model.state_dict().items()}
     trainer.test(model, datamodule=cli.datamodule, ckpt_path=selected, verbose=False)
+    model.load_state_dict(final)
     scores = model.test_scores
     if scores is None or not trainer.is_global_zero:
         return None
