@@ -154,4 +154,16 @@ def save_stitcher_folder(checkpoint: str | os.PathLike, folder: str | os.PathLik
 def load_stitcher_folder(folder_or_hub_id: str | os.PathLike, map_location: str | torch.device = "cpu",
                          **hub_options: Any) -> HubStitcher:
     """``HubStitcher.from_pretrained``: a local folder, or a Hub id (``owner/name``, ``revision=...`` optional)."""
-    return HubStitcher.from_pretrained(os.fspath(folder_or_hub_id), map_location=map_location, **hub_options)
+    name = os.fspath(folder_or_hub_id)
+    if os.path.isdir(name):
+        return HubStitcher.from_pretrained(name, map_location=map_location, **hub_options)
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return HubStitcher.from_pretrained(name, map_location=map_location, **hub_options)
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, HfHubHTTPError) as exc:
+        # A mistyped local path looks like a Hub id (owner/name): say both readings, not only the Hub's.
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"{name!r} is neither a local checkpoint or stitcher folder nor a Hub repository "
+                                f"that could be read ({reason}); check the path, or the Hub id and your network "
+                                "(HF_HUB_OFFLINE=1 reads only what was downloaded before)") from None

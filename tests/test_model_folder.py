@@ -136,3 +136,14 @@ def test_loading_a_folder_never_unpickles(run, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     prh_stitch.load_stitcher(last.parent / "stitcher")
+
+
+def test_a_path_that_is_neither_local_nor_on_the_hub_names_both_readings(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match="neither a local checkpoint or stitcher folder nor a Hub repository"):
+        prh_stitch.load_stitcher("runs/no_such_stitcher", cache_dir=str(tmp_path / "empty_cache"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prh_stitch.load_stitcher(tmp_path / "no_such.ckpt")
