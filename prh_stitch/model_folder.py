@@ -36,7 +36,6 @@ class HubStitcher(
     Stitcher,
     PyTorchModelHubMixin,
     library_name="prh_stitch",
-    repo_url="https://github.com/prh-stitch/prh_stitch",
     tags=["prh_stitch", "model-stitching", "representation-alignment"],
 ):
     """A :class:`Stitcher` that saves as, and loads from, a model folder or a Hugging Face Hub repository.
