@@ -63,8 +63,16 @@ def load_stitcher(path: str | os.PathLike, map_location: str | torch.device = "c
         raise TypeError(f"options {sorted(hub_options)} apply to stitcher folders and Hub ids, not to the checkpoint "
                         f"file {os.fspath(path)!r}")
     meta, state = read_stitcher_checkpoint(path)
-    stitcher = Stitcher(**meta["stitcher"])
-    stitcher.load_state_dict(state, strict=True)
+    try:
+        stitcher = Stitcher(**meta["stitcher"])
+        stitcher.load_state_dict(state, strict=True)
+    except (TypeError, RuntimeError) as exc:  # metadata and weights disagree: an edited or foreign file
+        from prh_stitch.errors import state_dict_problem
+
+        detail = state_dict_problem(exc)
+        raise ValueError(f"{os.fspath(path)!r}: its metadata describes a stitcher {meta['stitcher'].get('name')!r} "
+                         f"that its weights do not fit ({detail}); the file was edited or mixed up: use the "
+                         "checkpoint as train.py wrote it, or retrain") from None
     stitcher.source_spec = EncoderSpec.coerce(meta["source"])
     stitcher.target_spec = EncoderSpec.coerce(meta["target"])
     stitcher.source_layer = meta.get("source_layer")

@@ -18,9 +18,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UserError
 from .registry import Registry
 
-__all__ = ["LOSSES", "PairLoss", "MSELoss", "CosineLoss", "ContrastiveLoss", "build_loss"]
+__all__ = ["LOSSES", "PairLoss", "MSELoss", "CosineLoss", "ContrastiveLoss", "Diverged", "build_loss",
+           "check_stitched"]
 
 LOSSES: Registry[type] = Registry("loss")
 
@@ -52,6 +54,31 @@ class PairLoss(nn.Module, ABC):
     @abstractmethod
     def compute(self, pred: Tensor, target: Tensor) -> Tensor:
         """The loss of already validated ``[B, D]`` inputs."""
+
+
+class Diverged(UserError):
+    """Training blew up: the stitcher's outputs stopped being usable although its inputs are fine."""
+
+
+def check_stitched(pred: Tensor, source: Tensor, step: int, lr: float) -> None:
+    """Raise :class:`Diverged` when the stitcher turned finite, nonzero input rows into non-finite or zero rows.
+
+    Without this, a diverged run surfaces later as a complaint about the data (NaN in ``pred``, or "remove zero
+    rows" from the retrieval metrics), although the data is fine and the learning rate is at fault. Bad input rows
+    are left to the checks that name the data. One combined reduction: a single device->host sync.
+    """
+    source_ok = torch.isfinite(source).flatten(1).all(1) & (source.flatten(1) != 0).any(1)
+    # Row norms in float32, as the metrics take them: a norm that overflows (outputs around 1e19 and up) or
+    # vanishes makes a row unusable although every element is finite.
+    norms = torch.linalg.vector_norm(pred.detach().flatten(1).float(), dim=1)
+    bad = source_ok & (~torch.isfinite(norms) | (norms == 0))
+    if not bool(bad.any()):
+        return
+    what = ("not finite" if not bool(torch.isfinite(pred[bad]).all()) else
+            "so large that their norm overflows float32" if not bool(torch.isfinite(norms[bad]).all()) else "zero")
+    raise Diverged(f"training diverged at step {step} (lr {lr:g}): the stitcher's outputs for {int(bad.sum())} of "
+                   f"{len(pred)} rows are {what} although their inputs are fine; lower the learning rate "
+                   "(--model.lr) or add warmup (--model.warmup_steps); the data is not at fault")
 
 
 @LOSSES.register("mse")

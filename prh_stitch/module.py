@@ -27,7 +27,7 @@ from prh_stitch.closed_form import ClosedFormResult, check_ridge_grid, fit_close
 from prh_stitch.data.datamodule import FeatureRequest, StitchingDataModule
 from prh_stitch.encoders import EncoderSpec, FrozenEncoder, encoder_from_spec
 from prh_stitch.encoders.base import coerce_spec
-from prh_stitch.losses import LOSSES, build_loss
+from prh_stitch.losses import LOSSES, build_loss, check_stitched
 from prh_stitch.stitchers import STITCHERS, Stitcher
 
 CHECKPOINT_FORMAT = 1
@@ -299,7 +299,10 @@ class StitchingModule(pl.LightningModule):
             source, target = self.encode_streamed_batch(batch)
         else:
             source, target, _, _ = batch
-        loss = self.objective(self.stitcher(source), target)
+        pred = self.stitcher(source)
+        if self.objective.check_finite:  # a diverged run says so, not "bad data" (one sync, like the loss's check)
+            check_stitched(pred, source, self.global_step, self.hparams.lr)
+        loss = self.objective(pred, target)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(source))
         temperature = getattr(self.objective, "temperature", None)
         if temperature is not None:
@@ -310,6 +313,8 @@ class StitchingModule(pl.LightningModule):
         """One step of val or test: the same loss and the same whole-set retrieval for both splits."""
         source, target, index, group = batch
         pred = self.stitcher(source)
+        if self.objective.check_finite:
+            check_stitched(pred, source, self.global_step, self.hparams.lr)
         self.log(f"{stage}/loss", self.objective(pred, target), on_epoch=True, sync_dist=True, batch_size=len(source))
         getattr(self, f"{stage}_retrieval").update(pred, target, index=index, groups=group)
 

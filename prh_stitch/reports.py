@@ -181,13 +181,13 @@ def _outline():
 
 def competence_scatter(points: Sequence[Dict[str, Any]], xlabel: str, metric: str, chance: Optional[float],
                        title: str, subtitle: str):
-    """Alignment (with bootstrap intervals) against competence, one labelled point per model."""
+    """Alignment (with half-sample intervals) against competence, one labelled point per model."""
     fig, ax = new_figure((6.4, 4.6))
     xs = [p["competence"] for p in points]
     ys = [p["score"] for p in points]
     low = [p["score"] - p["ci_low"] if p.get("ci_low") is not None else 0.0 for p in points]
     high = [p["ci_high"] - p["score"] if p.get("ci_high") is not None else 0.0 for p in points]
-    ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=4, color="tab:blue", label="alignment (95% bootstrap CI)")
+    ax.errorbar(xs, ys, yerr=[low, high], fmt="o", capsize=4, color="tab:blue", label="alignment (95% half-sample CI)")
     for p in points:
         ax.annotate(p["model"], (p["competence"], p["score"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     if chance is not None:

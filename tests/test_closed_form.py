@@ -226,21 +226,24 @@ def test_closed_form_run_validates_once_and_writes_ordinary_checkpoints(tmp_path
     assert cli.trainer.current_epoch == 1 and cli.trainer.global_step == 1  # one epoch, one "step": the solve
     names = {p.name for p in tmp_path.glob("**/*.ckpt")}
     assert "last.ckpt" in names and any(n.startswith("best-") for n in names)
-    logged = cli.trainer.logged_metrics
-    assert "val/recall@1" in logged and "closed_form/ridge" in logged
+    logged = cli.trainer.logged_metrics  # train.py tested the selected checkpoint last: these are test/* scores
+    meta = torch.load(next(tmp_path.glob("**/last.ckpt")), weights_only=True)["prh_stitch"]["fit"]
     # The checkpoint's stitcher is exactly the direct closed-form fit of the same features.
     dm = cli.datamodule
     source, target = dm.training_tensors()
     vs, vt, _, vg = dm.datasets["val"].tensors
     direct = Stitcher("affine", source.shape[1], target.shape[1], "standard").fit_normalization(source, target)
     result = fit_closed_form(direct, (source, target), "ridge", val=(vs, vt), val_groups=vg)
-    assert float(logged["closed_form/ridge"]) == pytest.approx(result.ridge, rel=1e-6)
+    assert meta["closed_form"]["ridge"] == pytest.approx(result.ridge, rel=1e-6)
     loaded = prh_stitch.load_stitcher(next(tmp_path.glob("**/last.ckpt")))
     with torch.no_grad():
         torch.testing.assert_close(loaded(vs), direct(vs), atol=1e-5, rtol=1e-5)
         r1 = retrieval(loaded(vs), vt, groups=vg)["a2b/recall@1"]
-    assert float(logged["val/recall@1"]) == pytest.approx(r1, abs=1e-6)
-    meta = torch.load(next(tmp_path.glob("**/last.ckpt")), weights_only=True)["prh_stitch"]["fit"]
+    assert float(cli.trainer.checkpoint_callback.best_model_score) == pytest.approx(r1, abs=1e-6)  # val/recall@1
+    ts, tt, _, tg = dm.datasets["test"].tensors
+    with torch.no_grad():
+        assert float(logged["test/recall@1"]) == pytest.approx(retrieval(loaded(ts), tt, groups=tg)["a2b/recall@1"],
+                                                               abs=1e-6)
     assert meta["method"] == "ridge" and meta["closed_form"]["ridge"] == result.ridge
 
 

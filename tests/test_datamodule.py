@@ -9,7 +9,7 @@ import torch
 
 from prh_stitch.data.datamodule import FeatureRequest, StitchingDataModule, shard_captions
 from prh_stitch.encoders import build_encoder
-from test_features import mapped_ranges
+from test_features import mapped_ranges, whole_shards
 
 # The shared fixtures of test_features, by name, so pytest finds them here too.
 from test_features import dataset, tiny_vit  # noqa: F401  (pytest fixtures)
@@ -24,7 +24,7 @@ def tiny_bert():
 
 
 def test_stitching_datamodule_serves_memory_mapped_features_and_reports_skips(tmp_path, dataset, tiny_vit, tiny_bert, caplog):
-    urls, good, skips = dataset
+    urls, good, skips = whole_shards(dataset)  # the store never commits the fixture's cut and unreadable shards
     dm = StitchingDataModule(train=",".join(urls), val=urls[0], test=urls[1], cache_dir=str(tmp_path), batch_size=5)
     source, target = FeatureRequest(tiny_vit, -1), FeatureRequest(tiny_bert, -1, "mean")
     dm.prepare_features([source, target], "cpu")
@@ -33,9 +33,10 @@ def test_stitching_datamodule_serves_memory_mapped_features_and_reports_skips(tm
         dm.setup_features(source, target)
     assert dm.store.extractions == 6  # two encoders, three splits
     assert dm.skipped == {"train": skips, "val": {}, "test": {}}
-    assert [len(dm.datasets[split]) for split in ("val", "test")] == [7, 5]
-    assert dm.captions["test"] == [dm.feature_sets[("test", "source")].captions[i] for i in range(5)]
-    assert any("train: 17 pairs" in r.getMessage() and "skipped 6" in r.getMessage() for r in caplog.records)
+    per_shard = [sum(1 for shard, _ in good.values() if shard == i) for i in (0, 1)]
+    assert [len(dm.datasets[split]) for split in ("val", "test")] == per_shard
+    assert dm.captions["test"] == [dm.feature_sets[("test", "source")].captions[i] for i in range(per_shard[1])]
+    assert any("train: 14 pairs" in r.getMessage() and "skipped 3" in r.getMessage() for r in caplog.records)
 
     src, tgt, index, groups = dm.datasets["train"].tensors
     entry = Path(dm.feature_sets[("train", "source")].info["entry"])

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prh_stitch.alignment.scoring import selection_aware
+from prh_stitch.alignment.settings import ScoreSettings
 from prh_stitch.checkpoint import CHECKPOINT_KEY
 from prh_stitch.data.datamodule import caption_groups
 from prh_stitch.data.features import FeatureStore, align_by_key, default_cache_dir
@@ -95,8 +97,11 @@ def test_align_reports_equal_the_metric_functions_and_rerun_from_the_caches(data
         assert r["matrix"] == table["scores"].tolist()
         assert (r["layer_a"], r["layer_b"]) == tuple(table["best_index"])
         cal = calibrate(r["metric"], a[r["layer_a"]], b[r["layer_b"]], permutations=5, bootstrap=10, seed=0, **opts)
-        for key in ("score", "chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high"):
+        for key in ("score", "chance", "null_mean", "null_std", "calibrated", "p_value", "p_resolution"):
             assert r[key] == pytest.approx(cal[key], abs=1e-12), key
+        sel = selection_aware(a, b, table["scores"], r["metric"], opts, ScoreSettings(k=5, bootstrap=10), "cpu")
+        for key in ("ci_low", "ci_high", "interval_method", "selection_stability"):  # the pair re-selected in halves
+            assert r[key] == pytest.approx(sel[key], abs=1e-12), key
         last = calibrate(r["metric"], a[-1], b[-1], permutations=5, bootstrap=10, seed=0, **opts)
         assert r["last"]["score"] == pytest.approx(last["score"]) and r["last"]["layer_a"] == len(a) - 1
         vit = build_encoder("tiny_vit")
@@ -512,8 +517,11 @@ def test_outlier_quantile_reaches_the_scores_and_the_cache_keeps_them_apart(data
     assert r["matrix"] == layer_alignment(ca, cb, "mutual_knn", k=5)["scores"].tolist()
     assert r["matrix"] != off["records"][0]["matrix"]
     cal = calibrate("mutual_knn", ca[r["layer_a"]], cb[r["layer_b"]], permutations=5, bootstrap=10, seed=0, k=5)
-    for key in ("score", "null_mean", "ci_low", "ci_high"):
+    for key in ("score", "null_mean"):
         assert r[key] == pytest.approx(cal[key], abs=1e-12), key
+    full = torch.tensor(r["matrix"], dtype=torch.float64)
+    sel = selection_aware(ca, cb, full, "mutual_knn", {"k": 5}, ScoreSettings(k=5, bootstrap=10), "cpu")
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((sel["ci_low"], sel["ci_high"]), abs=1e-12)
     assert on["settings"]["outlier_quantile"] == 0.9 and off["settings"]["outlier_quantile"] is None
     assert "features clamped at the 0.9 quantile of |x| per layer" in (tmp_path / "on" / "alignment.md").read_text()
     assert "no outlier clamp" in (tmp_path / "off" / "alignment.md").read_text()

@@ -121,8 +121,18 @@ def direct_features(encoder, good, layers=(-1,)):
 # -- extraction -----------------------------------------------------------------------------------------
 
 
+# Shards 0-2 end with their end marker; shard 3 is cut and shard 4 is not a tar, so no entry holding them is committed.
+WHOLE = 3
+SAMPLE_SKIPS = {"undecodable_image": 1, "missing_caption": 1, "empty_caption": 1}
+
+
+def whole_shards(dataset):
+    urls, good, _ = dataset
+    return urls[:WHOLE], {k: v for k, v in good.items() if v[0] < WHOLE}, SAMPLE_SKIPS
+
+
 def test_extraction_keeps_every_good_sample_and_counts_each_skip_with_and_without_workers(tmp_path, dataset, tiny_vit):
-    urls, good, skips = dataset
+    urls, good, skips = whole_shards(dataset)
     results = {}
     for workers in (0, 2):
         store = FeatureStore(tmp_path / f"store{workers}", chunk_size=3)
@@ -135,7 +145,7 @@ def test_extraction_keeps_every_good_sample_and_counts_each_skip_with_and_withou
         counts = result.info["skipped"]
         assert counts["good"] == len(good) and counts["skipped"] == skips
         per_shard = {entry["url"]: entry for entry in counts["shards"]}
-        assert per_shard[urls[2]]["good"] == 2 and per_shard[urls[4]]["skipped"] == {"unreadable_shard": 1}
+        assert per_shard[urls[2]]["good"] == 2 and per_shard[urls[0]]["skipped"] == {}
     assert two.keys == one.keys and two.info["skipped"] == one.info["skipped"]
     reference = direct_features(tiny_vit, good, layers=[-1, 1])
     for i, layer in enumerate(["pre_logits", "blocks.1"]):
@@ -279,12 +289,29 @@ def test_an_entry_made_from_other_weights_is_a_clear_error_and_is_left_intact(tm
     assert sorted(p.name for p in partial.iterdir()) == ["identity.json"]
 
 
-def test_shards_without_usable_samples_fail_and_leave_no_entry(tmp_path, capsys, dataset):
+def test_shards_cut_or_unreadable_are_named_and_nothing_is_committed(tmp_path, dataset, tiny_vit):
     urls, _, _ = dataset
+    store = FeatureStore(tmp_path / "store", chunk_size=3)
+    with pytest.raises(ValueError, match=r"2 shard\(s\) were not read to their end, e.g. '.*cut-3.tar' "
+                                         r"\(truncated_shard\); nothing was committed"):
+        store.get(tiny_vit, urls, batch_size=2, progress=False)
+    entry, = (tmp_path / "store").iterdir()  # finished units stay for a rerun; no index, no lock
+    parts = sorted(p.name for p in (entry / "parts").iterdir())
+    assert not (entry / "index.json").exists()
+    # Shard 3's first unit was read whole; the units ending shards 3 and 4 (which saw the problems) are not kept.
+    assert parts == ["s000000-b000000.safetensors", "s000000-b000001.safetensors", "s000000-b000002-last.safetensors",
+                     "s000001-b000000.safetensors", "s000001-b000001-last.safetensors",
+                     "s000002-b000000.safetensors", "s000002-b000001-last.safetensors", "s000003-b000000.safetensors"]
+    with pytest.raises(ValueError, match="not read to their end"):  # still refused: never committed short
+        store.get(tiny_vit, urls, batch_size=2, progress=False)
+
+
+def test_shards_without_usable_samples_fail_and_leave_no_entry(tmp_path, capsys):
+    shard = write_tar(tmp_path / "nocaptions.tar", sample_members(5, 0, caption=False) + sample_members(5, 1, caption=False))
     store = tmp_path / "store"
-    code, out, err = run_cli_inprocess(capsys, "extract", "--encoder", "tiny_vit", "--data", urls[4],
+    code, out, err = run_cli_inprocess(capsys, "extract", "--encoder", "tiny_vit", "--data", shard,
                                        "--out", str(store), "--no-progress")
-    assert code == 2 and out == "" and "no usable samples" in err and "unreadable_shard" in err
+    assert code == 2 and out == "" and "no usable samples" in err and "missing_caption" in err
     assert not store.exists() or list(store.iterdir()) == []
 
 
@@ -322,7 +349,7 @@ def _extract_on_rank(rank, world, rendezvous, urls, root, out):
 
 
 def test_two_ddp_processes_with_two_workers_each_extract_disjoint_parts_equal_to_one_process(tmp_path, dataset, tiny_vit):
-    urls, good, skips = dataset
+    urls, good, skips = whole_shards(dataset)
     root = tmp_path / "ddp"
     torch.multiprocessing.spawn(_extract_on_rank, args=(2, str(tmp_path / "rendezvous"), urls, str(root), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

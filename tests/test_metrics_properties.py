@@ -175,15 +175,16 @@ def test_calibrate_report_on_aligned_data():
 
 # -- calibration against an independent replay of the same seeded draws ----------------------------------------
 # calibrate draws from one CPU generator seeded with ``seed``: first ``permutations`` randperm(N) (the shuffled
-# pairings), then ``bootstrap`` randint(N, (N,)) resamples. The replay below repeats those draws and recomputes
-# everything with the NumPy brute force of test_metrics_reference, sharing no code with calibrate.
+# pairings), then ``bootstrap`` half-samples, each the first N//2 entries of a randperm(N), sorted. The replay below
+# repeats those draws and recomputes everything with the NumPy brute force of test_metrics_reference, sharing no
+# code with calibrate; the interval is written out from its definition (prh_stitch.metrics.intervals).
 
 
 def replay_draws(n, permutations, bootstrap, seed):
     gen = torch.Generator().manual_seed(seed)
     perms = [torch.randperm(n, generator=gen) for _ in range(permutations)]
-    resamples = [torch.randint(n, (n,), generator=gen) for _ in range(bootstrap)]
-    return perms, resamples
+    halves = [torch.randperm(n, generator=gen)[: n // 2].sort().values for _ in range(bootstrap)]
+    return perms, halves
 
 
 def mutual_overlaps(na, nb, k):
@@ -192,58 +193,67 @@ def mutual_overlaps(na, nb, k):
     return np.array([len(set(ia[i]) & set(ib[i])) for i in range(len(na))])
 
 
-def test_calibrate_replays_permutations_and_bootstrap_for_a_knn_metric():
-    """Unrelated features, N = 14, k = 2: scores are multiples of 1/28, so many null scores tie with the observed
-    one exactly. The one-sided p-value counts them (≥, not >); the interval is the percentile interval at the
-    requested level; the null std is the sample std (ddof 1)."""
-    n, k, perms_n, boots_n, seed, ci = 14, 2, 199, 300, 5, 0.9
+def test_calibrate_replays_permutations_and_half_samples_for_a_knn_metric():
+    """Unrelated features, N = 15, k = 2: scores are multiples of 1/30, so many null scores tie with the observed
+    one exactly. The one-sided p-value counts them (≥, not >) and its resolution is 1/(1 + permutations); the null
+    std is the sample std (ddof 1). The interval: mutual kNN at fixed k estimates the N-sample value, so the
+    half-sample scores (neighbours searched anew in each half) are centred on their own mean, rescaled by
+    √(m/(N − m)) = √(7/8) for N = 15, and reflected around the score (basic interval)."""
+    n, k, perms_n, boots_n, seed, ci = 15, 2, 199, 300, 5, 0.9
     g = torch.Generator().manual_seed(7)
     a, b = torch.randn(n, 6, generator=g), torch.randn(n, 5, generator=g)
     na, nb = np_pair(a, b)
     rep = calibrate("mutual_knn", a, b, k=k, permutations=perms_n, bootstrap=boots_n, seed=seed, ci=ci)
 
-    perms, resamples = replay_draws(n, perms_n, boots_n, seed)
+    perms, halves = replay_draws(n, perms_n, boots_n, seed)
     observed = mutual_overlaps(na, nb, k).sum()
     null_counts = np.array([mutual_overlaps(na, nb[p.numpy()], k).sum() for p in perms])
     ties, above = int((null_counts == observed).sum()), int((null_counts > observed).sum())
     assert ties >= 5 and above >= 5  # the tie rule and the count both matter for this p-value
-    assert rep["score"] == observed / (n * k)
-    assert rep["p_value"] == (1 + above + ties) / (1 + perms_n)
+    score = observed / (n * k)
+    assert rep["score"] == score
+    assert rep["p_value"] == (1 + above + ties) / (1 + perms_n) and rep["p_resolution"] == 1 / 200
     null = null_counts / (n * k)
     mean, std = null.mean(), null.std(ddof=1)
     assert rep["null_mean"] == pytest.approx(mean, abs=1e-12)
     assert rep["null_std"] == pytest.approx(std, abs=1e-12)
-    assert rep["z"] == pytest.approx((observed / (n * k) - mean) / std, abs=1e-9)
-    assert rep["calibrated"] == pytest.approx((observed / (n * k) - mean) / (1 - mean), abs=1e-12)
+    assert rep["z"] == pytest.approx((score - mean) / std, abs=1e-9)
+    assert rep["calibrated"] == pytest.approx((score - mean) / (1 - mean), abs=1e-12)
     assert rep["chance"] == pytest.approx(k / (n - 1), abs=1e-15)
     assert (rep["metric"], rep["n"], rep["permutations"], rep["bootstrap"]) == ("mutual_knn", n, perms_n, boots_n)
 
-    per_sample = mutual_overlaps(na, nb, k) / k  # resampled conditional on the neighbour graph
-    boots = np.array([per_sample[idx.numpy()].mean() for idx in resamples])
-    low, high = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
-    assert rep["ci"] == ci
-    assert rep["ci_low"] == pytest.approx(low, abs=1e-12) and rep["ci_high"] == pytest.approx(high, abs=1e-12)
-    wider = np.quantile(boots, [0.025, 0.975])  # what a 95 % interval of the same draws would be
-    assert wider[0] < low and high < wider[1]
+    # each half is a data set of its own: 7 rows, neighbour lists searched among those 7 only
+    draws = np.array([ref_mutual(na[h.numpy()], nb[h.numpy()], k) for h in halves])
+    assert rep["ci_draws"] == pytest.approx(draws.tolist(), abs=1e-12)
+    dev = draws - draws.mean()
+    q_lo, q_hi = np.quantile(dev, [(1 - ci) / 2, (1 + ci) / 2])
+    c = math.sqrt(7 / 8)
+    assert rep["ci"] == ci and rep["interval_method"] == "half-sample, 300 draws, N-sample estimand"
+    assert rep["ci_low"] == pytest.approx(score - c * q_hi, abs=1e-12)
+    assert rep["ci_high"] == pytest.approx(score - c * q_lo, abs=1e-12)
 
 
-def test_calibrate_replays_row_resampling_for_a_kernel_metric():
-    """CKA has no per-sample scores: the bootstrap recomputes it on resampled rows (duplicates included)."""
+def test_calibrate_replays_half_samples_for_a_kernel_metric():
+    """CKA estimates its population value: deviations are taken from the full-sample score (their mean is the
+    estimate of the full sample's 1/N bias), N = 40 gives c = 1, and no half holds a row twice."""
     n, perms_n, boots_n, seed, ci = 40, 6, 25, 3, 0.8
     a, b = make_data("noisy", n=n)
     na, nb = np_pair(a, b)
     rep = calibrate("cka", a, b, permutations=perms_n, bootstrap=boots_n, seed=seed, ci=ci)
-    perms, resamples = replay_draws(n, perms_n, boots_n, seed)
+    perms, halves = replay_draws(n, perms_n, boots_n, seed)
     score = ref_cka(na, nb)
     null = np.array([ref_cka(na, nb[p.numpy()]) for p in perms])
     assert rep["score"] == pytest.approx(score, abs=1e-6)
     assert rep["null_mean"] == pytest.approx(null.mean(), abs=1e-6)
     assert rep["null_std"] == pytest.approx(null.std(ddof=1), abs=1e-6)
     assert rep["z"] == pytest.approx((score - null.mean()) / null.std(ddof=1), rel=1e-4)
-    assert rep["p_value"] == 1 / (1 + perms_n) and rep["chance"] is None
-    boots = np.array([ref_cka(na[idx.numpy()], nb[idx.numpy()]) for idx in resamples])
-    low, high = np.quantile(boots, [(1 - ci) / 2, (1 + ci) / 2])
-    assert rep["ci_low"] == pytest.approx(low, abs=1e-6) and rep["ci_high"] == pytest.approx(high, abs=1e-6)
+    assert rep["p_value"] == rep["p_resolution"] == 1 / (1 + perms_n) and rep["chance"] is None
+    assert all(len(set(h.tolist())) == n // 2 for h in halves)
+    draws = np.array([ref_cka(na[h.numpy()], nb[h.numpy()]) for h in halves])
+    q_lo, q_hi = np.quantile(draws - score, [(1 - ci) / 2, (1 + ci) / 2])
+    assert rep["ci_low"] == pytest.approx(score - q_hi, abs=1e-6)
+    assert rep["ci_high"] == pytest.approx(score - q_lo, abs=1e-6)
+    assert rep["interval_method"] == "half-sample, 25 draws, population estimand"
 
 
 def test_calibrate_edge_cases_saturated_null_one_or_two_permutations_and_no_resampling():
@@ -261,8 +271,8 @@ def test_calibrate_edge_cases_saturated_null_one_or_two_permutations_and_no_resa
     null = np.array([ref_mutual(na, nb[p.numpy()], 3) for p in perms])
     assert two["null_std"] == pytest.approx(null.std(ddof=1), abs=1e-12) and two["null_std"] > 0
     none = calibrate("mutual_knn", a, b, k=3, permutations=0)
-    assert all(none[key] is None for key in ("null_mean", "null_std", "z", "p_value", "calibrated", "ci_low",
-                                             "ci_high"))
+    assert all(none[key] is None for key in ("null_mean", "null_std", "z", "p_value", "p_resolution", "calibrated",
+                                             "ci_low", "ci_high", "interval_method", "ci_draws"))
     assert none["ci"] == 0.95 and none["score"] == pytest.approx(ref_mutual(na, nb, 3), abs=1e-12)
 
 
@@ -313,7 +323,7 @@ def test_a_fresh_import_of_the_knn_module_wires_every_part(monkeypatch):
         fn, imported = getattr(fresh, name), METRICS.get(name)
         assert fn is not imported and fn.spec is not imported.spec
         assert fn(a, b, k=4) == pytest.approx(ref(na, nb, 4), abs=1e-12), name
-        # chance, permutation (relabelled lists), per-sample bootstrap: the same report as the imported metric
+        # chance, permutation (relabelled lists), half-sample interval: the same report as the imported metric
         assert calibrate(fn, a, b, k=4, permutations=3, bootstrap=5, seed=0) == \
             calibrate(imported, a, b, k=4, permutations=3, bootstrap=5, seed=0), name
         with pytest.raises(ValueError, match="k must be >= 1"):

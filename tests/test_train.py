@@ -421,9 +421,10 @@ def test_bad_input_gives_one_clear_error_and_no_checkpoint(tmp_path, capsys, ext
 def test_shards_without_usable_samples_fail_before_training(tmp_path, capsys):
     shard = tmp_path / "broken.tar"
     _write_tar(shard, [("a.jpg", b"garbage bytes"), ("a.txt", b"a caption"), ("b.txt", b"no image here")])
-    test_shard = tmp_path / "broken-test.tar"
+    val, test_shard = tmp_path / "broken-val.tar", tmp_path / "broken-test.tar"
+    val.write_bytes(shard.read_bytes())  # the same shard twice is refused before anything is read
     test_shard.write_bytes(shard.read_bytes())
-    assert main(tiny_args(tmp_path / "run", "--data.train", str(shard), "--data.val", str(shard),
+    assert main(tiny_args(tmp_path / "run", "--data.train", str(shard), "--data.val", str(val),
                           "--data.test", str(test_shard))) == 2
     assert "no usable samples" in capsys.readouterr().err
     assert checkpoints(tmp_path) == []

@@ -1,7 +1,7 @@
 """Representational alignment between models: scoring, calibration of the best layer pair, reports, the study.
 
 - :func:`align`: every layer pair of every model pair on a dataset, the best pair (max over layer pairs, as the
-  paper reports it) and the last-layer pair, each against chance, a permutation null and a bootstrap interval.
+  paper reports it) and the last-layer pair, each against chance, a permutation null and a half-sample interval.
 - :func:`run_study`: alignment against competence over models and datasets (a config file or mapping).
 - :mod:`~prh_stitch.alignment.competence`: bits per byte of causal LMs (two named definitions); correlations.
 - :mod:`~prh_stitch.alignment.protocol`: ``prh_stitch`` (default) or ``paper`` (the paper's clamp, layer sets,

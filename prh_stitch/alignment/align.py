@@ -22,8 +22,10 @@ from prh_stitch import reports
 from prh_stitch.alignment import protocol as protocols
 from prh_stitch.alignment.features import Extraction, encoder_record, load_features
 from prh_stitch.alignment.report import TABLE_FIELDS, alignment_outputs, long_table
-from prh_stitch.alignment.scoring import ScoreCache, score_pair
+from prh_stitch.alignment.score_cache import ScoreCache
+from prh_stitch.alignment.scoring import score_pair
 from prh_stitch.alignment.settings import DEFAULT_METRICS, Inputs, ScoreSettings
+from prh_stitch.atomic import atomic_folder
 from prh_stitch.errors import UserError
 
 MODALITIES = ("vision", "text")
@@ -133,7 +135,8 @@ class AlignResult:
 
     def write(self, out: Union[str, Path], title: str = "Alignment between models") -> Dict[str, Any]:
         """alignment.json/.csv/.md and the figures under ``out``; the JSON (written last) is returned."""
-        return alignment_outputs(Path(out), self.models, self.records, self.header, title)
+        with atomic_folder(out) as folder:  # the folder is replaced as a whole: its files always agree
+            return alignment_outputs(folder, self.models, self.records, self.header, title)
 
 
 def align(models: Mapping[str, Sequence[Any]], data: Union[str, Sequence[str]],

@@ -123,13 +123,14 @@ def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: s
     protocol = header.get("protocol") or {"name": settings.get("protocol", "prh_stitch"), "description": ""}
     return (f"# {title}\n\n**Protocol: {protocol['name']}** ({protocol['description']}).\n\n"
             f"N = {records[0]['n'] if records else '–'} paired samples, k = {settings.get('k')}, "
-            f"{settings.get('permutations')} permutations, {settings.get('bootstrap')} bootstrap resamples, "
+            f"{settings.get('permutations')} permutations, {settings.get('bootstrap')} half-samples per interval, "
             f"seed {settings.get('seed')}, {clamp_note(settings.get('outlier_quantile'), protocol['name'])}, "
             f"device {header.get('device')}.\n\n"
             "**best** is the maximum over all layer pairs (the paper's headline number); because it is a maximum "
             "it sits above chance even for unrelated models, so compare it with *null of max* (the same maximum "
             "with the pairing shuffled). **last** is the last-layer pair, with its chance level, permutation null, "
-            "calibrated score (s − null)/(1 − null) and 95% bootstrap interval. **contextual best** is the "
+            "calibrated score (s − null)/(1 − null) and 95% interval "
+            f"({records[0]['last'].get('interval_method') if records else '–'}). **contextual best** is the "
             f"best pair with {RULE} (a mean-pooled input embedding is a bag of words, not a contextual "
             "representation).\n\n"
             + reports.markdown_table(["model A", "model B", "metric", "best (layers)", "null of max",

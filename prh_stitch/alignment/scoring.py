@@ -1,45 +1,20 @@
-"""Scoring one model pair: layer × layer scores, the calibrated best and last pairs, and the score cache."""
+"""Scoring one model pair: layer × layer scores, the calibrated best and last pairs (cached by ``score_cache.py``)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from prh_stitch import reports
 from prh_stitch.alignment.features import encoder_record, layer_names, paired
+from prh_stitch.alignment.score_cache import ScoreCache, score_key
 from prh_stitch.alignment.settings import ScoreSettings, check_n, clamp_layers, metric_options
+from prh_stitch.metrics.intervals import best_pair_interval, draw_halves, estimand_of
 
-SCORE_CACHE_FORMAT = 1
-CALIBRATION_FIELDS = ("score", "chance", "null_mean", "null_std", "z", "p_value", "calibrated", "ci_low", "ci_high")
-
-
-class ScoreCache:
-    """Per-pair scores on disk, keyed by both feature fingerprints and every setting that changes them."""
-
-    def __init__(self, root: Optional[Path]) -> None:
-        self.root = root
-
-    def key(self, payload: Dict[str, Any]) -> str:
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-    def get(self, key: str) -> Optional[Dict[str, Any]]:
-        if self.root is None:
-            return None
-        path = self.root / f"{key}.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def put(self, key: str, record: Dict[str, Any]) -> None:
-        if self.root is not None:
-            reports.write_json(self.root / f"{key}.json", record)
+CALIBRATION_FIELDS = ("score", "chance", "null_mean", "null_std", "z", "p_value", "p_resolution", "calibrated",
+                      "ci_low", "ci_high", "interval_method")
 
 
 def calibration_fields(result: Dict[str, Any]) -> Dict[str, Any]:
@@ -49,21 +24,10 @@ def calibration_fields(result: Dict[str, Any]) -> Dict[str, Any]:
 def half_sample_subsets(n: int, draws: int, seed: int) -> List[Tensor]:
     """Random halves of the rows, without replacement; the same for every model pair with the same N.
 
-    A half-sample's spread matches the full-sample bootstrap's for mean-type scores, and unlike a bootstrap
-    with replacement it never makes a duplicated row its own nearest neighbour.
+    The study rescoring and the best pair's interval share them; see :mod:`prh_stitch.metrics.intervals` for why
+    halves (no duplicated rows, spread of the full-sample score without rescaling).
     """
-    gen = torch.Generator().manual_seed(seed + 1)
-    return [torch.randperm(n, generator=gen)[: n // 2].sort().values for _ in range(draws)]
-
-
-def score_key(cache: ScoreCache, fa, fb, metric: str, opts: Dict[str, Any], settings: ScoreSettings) -> str:
-    key_settings = asdict(settings) | {"metrics": None}
-    if settings.outlier_quantile in (None, 1.0):
-        # No clamp (1 clamps nothing): the key is the one written before the option existed, so those scores stay
-        # valid; with a clamp the quantile is part of the key and an unclamped score is never returned for it.
-        del key_settings["outlier_quantile"]
-    return cache.key({"format": SCORE_CACHE_FORMAT, "a": encoder_record(fa), "b": encoder_record(fb),
-                      "metric": metric, "opts": opts, "settings": key_settings})
+    return draw_halves(n, draws, torch.Generator().manual_seed(seed + 1))
 
 
 def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreSettings, device: torch.device,
@@ -85,8 +49,11 @@ def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreS
     b = clamp_layers(b, names_b, label_b, settings.outlier_quantile)
     table = layer_alignment(a, b, metric, **opts)
     bi, bj = table["best_index"]
+    too_few = halves_too_small(metric, opts, n)
+    if too_few:  # no intervals rather than no report: the scores and nulls are still valid
+        settings = replace(settings, bootstrap=0, half_samples=0)
     cal = dict(permutations=settings.permutations, bootstrap=settings.bootstrap, seed=settings.seed, **opts)
-    best = calibrate(metric, a[bi], b[bj], **cal)
+    best = calibrate(metric, a[bi], b[bj], **{**cal, "bootstrap": 0})  # its interval: selection-aware, below
     last = calibrate(metric, a[-1], b[-1], **cal)
     record: Dict[str, Any] = {
         "model_a": label_a, "model_b": label_b, "metric": metric, "n": n, "options": opts,
@@ -100,8 +67,9 @@ def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreS
         "fingerprint_a": encoder_record(fa), "fingerprint_b": encoder_record(fb),
     }
     record.update(max_null(a, b, metric, opts, settings, record["score"], device))
-    if settings.half_samples and n // 2 > settings.k + 1:
-        record["half_samples"] = half_sample_scores(a, b, (bi, bj), metric, opts, settings, device)
+    record.update(selection_aware(a, b, table["scores"], metric, opts, settings, device))
+    if too_few:
+        record["interval_method"] = record["last"]["interval_method"] = too_few
     cache.put(key, record)
     return record
 
@@ -128,13 +96,45 @@ def max_null(a: List[Tensor], b: List[Tensor], metric: str, opts: Dict[str, Any]
             "max_calibrated": (score - mean) / (1 - mean) if mean < 1 else None}
 
 
-def half_sample_scores(a: List[Tensor], b: List[Tensor], best: tuple, metric: str, opts: Dict[str, Any],
-                       settings: ScoreSettings, device: torch.device) -> Dict[str, List[float]]:
-    """The best and last pairs rescored on the same random halves (the study's correlation intervals)."""
+def halves_too_small(metric: str, opts: Dict[str, Any], n: int) -> Optional[str]:
+    """Why half-samples of N//2 rows cannot be scored with this metric (e.g. N//2 ≤ k), or None when they can."""
     from prh_stitch.metrics import METRICS
 
-    fn = METRICS.get(metric)
-    bi, bj = best
-    subsets = [s.to(device) for s in half_sample_subsets(a[0].shape[0], settings.half_samples, settings.seed)]
-    return {"best": [fn(a[bi][s], b[bj][s], **opts) for s in subsets],
-            "last": [fn(a[-1][s], b[-1][s], **opts) for s in subsets]}
+    try:
+        METRICS.get(metric).spec.check(n // 2, {**METRICS.get(metric).spec.defaults, **opts})
+    except ValueError as exc:
+        return f"none: half-samples of N//2 = {n // 2} rows are too few ({exc})"
+    return None
+
+
+def selection_aware(a: List[Tensor], b: List[Tensor], full: Tensor, metric: str, opts: Dict[str, Any],
+                    settings: ScoreSettings, device: torch.device) -> Dict[str, Any]:
+    """The best pair's interval with the pair re-selected in every half, its stability, and the study's halves.
+
+    The headline is "the best layer pair's score", and which pair is best is itself estimated from the data: a
+    pair picked once on all rows and then given its own interval ignores that (the winner changes between halves
+    of real data, and the max of several close pairs is inflated more at smaller N). So every half rescores all
+    La × Lb pairs and takes its own maximum (:func:`prh_stitch.metrics.intervals.best_pair_interval`).
+    ``selection_stability`` is the share of these halves won by the full-sample winner (named apart from the
+    study's ``best_pair_stability``, which also covers the contextual selection); ``selection_winners`` lists
+    [layer_a, layer_b, halves won] for every pair that won a half. The first ``half_samples`` halves' maxima and
+    last-pair scores are kept for the study's correlation intervals (the same halves for every model pair).
+    """
+    from prh_stitch.metrics import METRICS, layer_alignment
+
+    n = a[0].shape[0]
+    draws = max(settings.bootstrap, settings.half_samples)
+    out: Dict[str, Any] = {"selection_stability": None, "selection_winners": None}
+    if not draws:
+        return out
+    halves = [s.to(device) for s in half_sample_subsets(n, draws, settings.seed)]
+    tables = [layer_alignment([x[s] for x in a], [x[s] for x in b], metric, **opts)["scores"] for s in halves]
+    estimand = estimand_of(tuple(METRICS.get(metric).spec.defaults))
+    if settings.bootstrap:
+        sel = best_pair_interval(full, tables[: settings.bootstrap], n, 0.95, estimand)
+        out.update(ci_low=sel["ci_low"], ci_high=sel["ci_high"], interval_method=sel["interval_method"],
+                   selection_stability=sel["stability"], selection_winners=sel["winners"])
+    if settings.half_samples:
+        used = tables[: settings.half_samples]
+        out["half_samples"] = {"best": [float(t.max()) for t in used], "last": [float(t[-1, -1]) for t in used]}
+    return out

@@ -26,7 +26,8 @@ class ScoreSettings:
         metrics: alignment metrics (prh_stitch.metrics.METRICS), a list or a comma list
         k: neighbours for the kNN metrics and CKNNA (the paper: 10)
         permutations: permutation-null draws per headline score
-        bootstrap: bootstrap resamples per headline score (95% percentile interval)
+        bootstrap: half-samples per headline score's 95% interval (the name is kept for old configs; see
+            prh_stitch.metrics.intervals)
         max_null: permutation draws of the max over layer pairs (the selection's own null; 0 = off)
         half_samples: study only: half-sample rescoring draws for intervals of correlations
         seed: seed of every resampling

@@ -25,10 +25,11 @@ from prh_stitch.alignment import study_power
 from prh_stitch.alignment.align import Model, extract_models, parse_pairs, score_models
 from prh_stitch.alignment.features import Extraction, encoder_record
 from prh_stitch.alignment.report import alignment_outputs
-from prh_stitch.alignment.scoring import ScoreCache
+from prh_stitch.alignment.score_cache import ScoreCache
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, pick_device
 from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
+from prh_stitch.atomic import atomic_folder
 from prh_stitch.errors import UserError
 
 
@@ -146,7 +147,7 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
                                              if all(r.get("contextual") for r in mine) else []),
                  "partners": [r["model_b"] if r["model_a"] == m.label else r["model_a"] for r in mine],
                  "layers": [[r["layer_a_name"], r["layer_b_name"]] for r in mine]}
-        if len(mine) == 1:  # the interval of the score itself: calibrate()'s bootstrap
+        if len(mine) == 1:  # the interval of the score itself: the selection-aware half-sample one
             point.update(ci_low=mine[0]["ci_low"], ci_high=mine[0]["ci_high"])
         if all("half_samples" in r for r in mine):
             reps_best.append(_average([r["half_samples"]["best"] for r in mine]))
@@ -185,7 +186,7 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
             if len(with_ctx) == len(points) else "no contextual layer on one side: not computed",
             "sentence": sentence,
             "figure": figure,
-            "interval_method": "half-sample rescoring at each model's best layer pair (same halves for every model)"}
+            "interval_method": "half-samples, the best layer pair re-selected in each half (same halves for every model)"}
 
 
 def _mean_or_none(values: List[Optional[float]]) -> Optional[float]:
@@ -228,7 +229,14 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     power = study_power_of(cfg, models)
     for statement in power:
         (notify or (lambda _: None))(f"power: {statement['sentence']}")
-    ex = inputs.extraction()
+    with atomic_folder(out_dir) as folder:  # every dataset's report and study.md/.json replace the folder at once
+        return _run_datasets(cfg, config_file, settings, kinds, models, inputs.extraction(), root, dev, folder,
+                             started, power)
+
+
+def _run_datasets(cfg: StudyConfig, config_file: Optional[str], settings: ScoreSettings, kinds, models: List[Model],
+                  ex: Extraction, root: Path, dev, out_dir: Path, started: float,
+                  power: List[Dict[str, Any]]) -> Dict[str, Any]:
     run = StudyRun(cfg, settings, kinds, models, ex, ScoreCache(root / "scores"), out_dir)
     datasets, notes = [], []
     for block in cfg.data:

@@ -90,7 +90,7 @@ class StudyConfig:
         metrics: alignment metrics
         k: neighbours for the kNN metrics and CKNNA
         permutations: permutation-null draws per headline score
-        bootstrap: bootstrap resamples per headline score
+        bootstrap: half-samples per headline score's 95% interval (name kept for old configs)
         max_null: permutation draws of the max over layer pairs
         half_samples: half-sample rescoring draws for intervals of correlations
         seed: seed of every resampling

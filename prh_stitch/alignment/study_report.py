@@ -38,8 +38,8 @@ def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
     protocol = summary.get("protocol") or {"name": s.get("protocol", "prh_stitch"), "description": ""}
     text = (f"# Convergence study\n\n**Protocol: {protocol['name']}** ({protocol['description']}).\n\n"
             f"prh_stitch {summary['version']}, device {summary['device']}, k = {s['k']}, "
-            f"{s['permutations']} permutations, {s['bootstrap']} bootstrap resamples, {s['half_samples']} "
-            f"half-samples, seed {s['seed']}, {clamp_note(s.get('outlier_quantile'), protocol['name'])}; "
+            f"{s['permutations']} permutations, {s['bootstrap']} half-samples per interval, {s['half_samples']} "
+            f"half-samples for the correlations, seed {s['seed']}, {clamp_note(s.get('outlier_quantile'), protocol['name'])}; "
             f"{summary['seconds']:.1f} s in all.\n")
     if summary.get("power"):
         text += "\n## What this study can detect (stated before computing)\n\n"

@@ -13,11 +13,14 @@ import typing
 from typing import Callable, Dict, List, Optional, Sequence
 
 from prh_stitch.configs import shipped_config
-from prh_stitch.errors import USER_ERRORS, parser_error_line
+from prh_stitch.errors import USER_ERRORS, parser_error_line, user_message
 
 
 def run_command(prog: str, body: Callable[[], int], parser_exits: bool = False) -> int:
     """Run a command's body; an error meant for the user is one line ``PROG: error: ...`` and exit status 2.
+
+    Meant for the user: ``USER_ERRORS`` (prh_stitch's own checks) and what :func:`~prh_stitch.errors.user_message`
+    recognises (a read-only cache, an unsafe checkpoint, weights that do not fit, a float32 overflow).
 
     ``PRH_STITCH_DEBUG=1`` keeps the traceback instead. A parser's own exit (``--help``, ``--print_config``, a
     rejected option) returns its status, or, with ``parser_exits`` (LightningCLI's way), exits.
@@ -39,6 +42,20 @@ def run_command(prog: str, body: Callable[[], int], parser_exits: bool = False) 
             exc = exc.__cause__
         text = str(exc).strip()
         return user_error(prog, text.splitlines()[0] if text else type(exc).__name__)
+    except Exception as exc:  # the platform's or torch's errors that are the user's setup, not a bug: one line too
+        message = next((m for m in map(user_message, _chain(exc)) if m), None)
+        if message is None or os.environ.get("PRH_STITCH_DEBUG"):
+            raise
+        return user_error(prog, message)
+
+
+def _chain(exc: BaseException) -> List[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (a wrapper's original error)."""
+    chain: List[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 def user_error(prog: str, message: str) -> int:

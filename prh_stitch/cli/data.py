@@ -6,13 +6,16 @@
     python -m prh_stitch.data check "data/scenes/train-{000000..000009}.tar"
     python -m prh_stitch.data extract --encoder efficientnet_lite0 --layers -1 3 \
         --data "data/scenes/train-{000000..000009}.tar" --out ~/.cache/prh_stitch/features --workers 2
+    python -m prh_stitch.data verify --repair
 
 Each subcommand prints one JSON object: the written series (:func:`~prh_stitch.data.commands.write_shards`),
-the scan report (:func:`~prh_stitch.data.commands.check_shards`) or the feature-store entry
-(:func:`~prh_stitch.data.commands.extract_features`); ``SUBCOMMAND --help`` lists the options, ``--config FILE``
+the scan report (:func:`~prh_stitch.data.commands.check_shards`), the feature-store entry
+(:func:`~prh_stitch.data.commands.extract_features`) or the store check
+(:func:`~prh_stitch.data.commands.verify_store`); ``SUBCOMMAND --help`` lists the options, ``--config FILE``
 reads them from YAML and ``--print_config`` prints one. Exit status: 0 success (``check``: some good samples,
-skips allowed), 1 ``check`` found no good sample, 2 bad input, printed as one line
-``python -m prh_stitch.data: error: ...``, never a traceback.
+skips allowed; ``verify``: no damaged entry left), 1 a finding (``check``: no good sample or repeated keys;
+``verify``: damaged entries, not repaired), 2 bad input, printed as one line ``python -m prh_stitch.data: error:
+...``, never a traceback.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def build_parser():
     """The parser of every subcommand; write's and extract's options are the library functions' signatures."""
     from jsonargparse import ArgumentParser
 
-    from prh_stitch.data.commands import extract_features, write_shards
+    from prh_stitch.data.commands import extract_features, verify_store, write_shards
     from prh_stitch.data.sources import SOURCES
 
     parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=False)
@@ -54,15 +57,18 @@ def build_parser():
     extract.add_function_arguments(extract_features, None)
     commands.add_subcommand("extract", extract,
                             help="extract an encoder's features of some shards into the feature store")
+    verify = _subparser("Check every entry of the feature store against its recorded hashes.")
+    verify.add_function_arguments(verify_store, None)
+    commands.add_subcommand("verify", verify, help="check every feature store entry against its recorded hashes")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m prh_stitch.data`` / ``prh-data``; returns the exit status."""
-    from prh_stitch.data.commands import extract_features, write_shards
+    from prh_stitch.data.commands import extract_features, verify_store, write_shards
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
-    kinds = option_kinds(write_shards, extract_features)
+    kinds = option_kinds(write_shards, extract_features, verify_store)
     args = [_listed(arg) for arg in argv_of(argv)]
     return run_command(PROG, lambda: _run(with_shipped_configs(standard_spelling(args, kinds))))
 
@@ -74,7 +80,7 @@ def _listed(arg: str) -> str:
 
 
 def _run(args: List[str]) -> int:
-    from prh_stitch.data.commands import check_shards, extract_features, no_good_samples_line, write_shards
+    from prh_stitch.data.commands import check_failure_line, check_shards, extract_features, verify_store, write_shards
 
     namespace = build_parser().parse_args(args)
     command = namespace.command
@@ -84,9 +90,19 @@ def _run(args: List[str]) -> int:
         if command == "check":
             report = check_shards(options["pattern"])
             print(json.dumps(report, sort_keys=True))
-            failure = no_good_samples_line(options["pattern"], report)
+            failure = check_failure_line(options["pattern"], report)
             if failure:
                 print(f"error: {failure}", file=sys.stderr)  # a finding, not bad input: exit status 1
+                return 1
+            return 0
+        if command == "verify":
+            report = verify_store(**options)
+            print(json.dumps(report))
+            left = [d for d in report["damaged"] if d["entry"] not in report["repaired"]]
+            if left:
+                print(f"error: {len(left)} damaged feature store entr{'y' if len(left) == 1 else 'ies'} in "
+                      f"{report['root']} (e.g. {left[0]['entry']}: {left[0]['problem']}); delete them with: "
+                      f"{PROG} verify --repair --out {report['root']}", file=sys.stderr)
                 return 1
             return 0
         run = write_shards if command == "write" else extract_features

@@ -9,7 +9,7 @@ and ``--print_config`` prints one):
   objective's loss, alignment of stitched and of raw features, zero-shot classification.
 - ``align``: the paper's measurement: every layer pair of every model pair, the best pair (max over layer
   pairs, as the paper reports it) and the last-layer pair, each against chance, a permutation null and a
-  bootstrap interval; figures and tables. ``--protocol prh_stitch`` (default) is this project's protocol;
+  half-sample interval; figures and tables. ``--protocol prh_stitch`` (default) is this project's protocol;
   ``--protocol paper`` applies the paper's outlier clamp, layer sets and normalisation (see
   :mod:`prh_stitch.alignment.protocol`); every report names the protocol that produced it.
 - ``study``: the convergence study from a YAML config (see :mod:`prh_stitch.alignment.study`).

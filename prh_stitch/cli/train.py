@@ -79,6 +79,28 @@ def find_last_checkpoint(root: str | os.PathLike) -> str:
     return str(candidates[-1])
 
 
+def continue_checkpoint_folder(trainer, ckpt_path: str) -> Optional[str]:
+    """Point the checkpoint callbacks of a resumed run at the folder the interrupted run saved into.
+
+    A resumed run gets a new logger version, hence by default a new checkpoint folder, and ModelCheckpoint restores
+    its best score and top-k only when the folder is unchanged: "best" would restart from the first resumed epoch.
+    Callbacks whose folder the user set are left alone. Reading the checkpoint here (tensors and plain data only)
+    also refuses a file that is not a checkpoint with one clear line, before Lightning loads it.
+    Returns the folder continued, or None.
+    """
+    from prh_stitch.checkpoint import read_checkpoint
+
+    states = read_checkpoint(ckpt_path).get("callbacks") or {}
+    continued = None
+    for callback in (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)):
+        state = states.get(callback.state_key)
+        folder = state.get("dirpath") if isinstance(state, dict) else None
+        if callback.dirpath is None and isinstance(folder, str) and os.path.isdir(folder):
+            callback.dirpath = folder
+            continued = continued or folder
+    return continued
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``train.py``; returns the exit status (2 for bad input, with one line on stderr)."""
     from prh_stitch.encoders.base import keep_large_allocations_in_heap
@@ -115,9 +137,11 @@ def fit(cli: StitchCLI) -> None:
     if ckpt_path == "last":
         ckpt_path = find_last_checkpoint(trainer.default_root_dir)
     log_dir = trainer.log_dir or trainer.default_root_dir
-    rank_zero_info(f"prh_stitch: logs and checkpoints go to {log_dir}")
+    checkpoint_dir = continue_checkpoint_folder(trainer, ckpt_path) if ckpt_path else None
+    checkpoint_dir = checkpoint_dir or os.path.join(log_dir, "checkpoints")
+    rank_zero_info(f"prh_stitch: logs go to {log_dir}, checkpoints to {checkpoint_dir}")
     rank_zero_info(f"prh_stitch: if interrupted, resume with --ckpt_path last "
-                   f"(or --ckpt_path {os.path.join(log_dir, 'checkpoints', 'last.ckpt')})")
+                   f"(or --ckpt_path {os.path.join(checkpoint_dir, 'last.ckpt')})")
     if ckpt_path:
         rank_zero_info(f"prh_stitch: resuming from {ckpt_path}")
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

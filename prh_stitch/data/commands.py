@@ -162,12 +162,31 @@ def check_shards(pattern: str) -> Dict[str, Any]:
     return scan(pattern)
 
 
-def no_good_samples_line(pattern: str, report: Dict[str, Any]) -> Optional[str]:
-    """The one line saying a scan found no good sample, or None when it found some."""
-    if report["good"] > 0:
-        return None
-    skipped = ", ".join(f"{reason}: {count}" for reason, count in report["skipped"].items()) or "no samples at all"
-    return f"no good samples in {pattern!r} ({skipped})"
+def check_failure_line(pattern: str, report: Dict[str, Any]) -> Optional[str]:
+    """The one line saying a scan found shards training refuses (no good sample, repeated keys), or None."""
+    if report["good"] == 0:
+        skipped = ", ".join(f"{reason}: {count}" for reason, count in report["skipped"].items()) or "no samples at all"
+        return f"no good samples in {pattern!r} ({skipped})"
+    if report["duplicate_keys"]:
+        return (f"{report['duplicate_keys']} sample key(s) of {pattern!r} repeat; keys must be unique to join image "
+                "and text features (training refuses these shards): rewrite them with unique keys")
+    return None
+
+
+def verify_store(out: Optional[str] = None, repair: bool = False) -> Dict[str, Any]:
+    """Check every complete entry of a feature store against the hashes in its index.
+
+    Args:
+        out: feature store folder (default $PRH_STITCH_CACHE/features, the one training uses)
+        repair: delete damaged entries, so that the next use extracts them again
+
+    Returns:
+        root, entries checked, entries ok, damaged entries with their problem, entries deleted.
+    """
+    from prh_stitch.data.store_entry import default_cache_dir
+    from prh_stitch.data.store_safety import verify_store as verify
+
+    return verify(out if out is not None else default_cache_dir() / "features", repair=repair)
 
 
 def _layer(value: Union[int, str]) -> Union[int, str]:

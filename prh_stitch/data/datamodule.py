@@ -36,6 +36,7 @@ process's workers skipped, per split.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,9 @@ class StitchingDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = int(batch_size)
         self.extract_batch_size = int(extract_batch_size)
+        if self.batch_size < 1 or self.extract_batch_size < 1:  # now, not after minutes of extraction
+            raise ValueError("data.batch_size and data.extract_batch_size must be >= 1, "
+                             f"got {batch_size} and {extract_batch_size}")
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.store = FeatureStore(self.cache_dir / "features", dtype=feature_dtype)
@@ -201,9 +205,14 @@ class StitchingDataModule(pl.LightningDataModule):
 
     # ---- shards -------------------------------------------------------------------------------
     def shard_urls(self, split: str) -> List[str]:
-        from prh_stitch.data.shards import ensure_scene_shards, expand_urls
+        from prh_stitch.data.shards import expand_urls
 
-        return expand_urls(self.split_patterns()[split])
+        urls = expand_urls(self.split_patterns()[split])
+        if split != "train" and self.train_pattern is not None:
+            if {os.path.realpath(u) for u in urls} == {os.path.realpath(u) for u in expand_urls(self.train_pattern)}:
+                raise ValueError(f"data.train and data.{split} are the same shards ({urls[0]} ...); evaluating on the "
+                                 f"training data measures nothing: give {split} shards of their own")
+        return urls
 
     def split_patterns(self) -> Dict[str, str]:
         """``{split: shard pattern}`` of train, val and test (the built-in scenes written first when used)."""

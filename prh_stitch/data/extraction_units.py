@@ -14,9 +14,10 @@ from torch.utils.data import IterableDataset
 
 from prh_stitch.data.batches import Prepare, collate
 from prh_stitch.data.split import current_consumer, owner, split_mode
-from prh_stitch.data.store_entry import BadFeatures, EntryMismatch
+from prh_stitch.data.store_entry import BadFeatures, EntryMismatch, IncompleteShards
 from prh_stitch.data.stream import PROBLEM, SkipStats, count_problem, decoded, read_shard
 from prh_stitch.encoders.base import FrozenEncoder
+from prh_stitch.errors import UserError
 
 # -- the processes that extract one entry together -----------------------------------------------------
 
@@ -66,7 +67,8 @@ class Ranks:
             if error is not None:
                 raise error
             rank, (kind, message) = failed[0]
-            cls = {"BadFeatures": BadFeatures, "EntryMismatch": EntryMismatch, "ValueError": ValueError}.get(kind, RuntimeError)
+            known = (BadFeatures, EntryMismatch, IncompleteShards, UserError, ValueError)  # user errors stay user errors
+            cls = {k.__name__: k for k in known}.get(kind, RuntimeError)
             raise cls(f"feature extraction failed on rank {rank}: {message}")
         return everyone
 

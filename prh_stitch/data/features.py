@@ -15,11 +15,18 @@ batches -- and hence the features, bit for bit for a given machine and thread co
 many ranks or workers did the work.
 
 Reading. ``layer-*.npy`` are opened with ``np.load(mmap_mode="c")``: training and evaluation read rows
-straight from the page cache, nothing is loaded up front, and writes stay private to the process.
+straight from the page cache, nothing is loaded up front, and writes stay private to the process. The first
+open of an entry in a process checks every file against the hashes in its index (one sequential read, which
+also warms the page cache); a damaged entry is an error naming it and the repair command, never used.
+
+Processes. ``get`` holds the entry's file lock (``store_safety.py``) from its first look at the entry to the
+end of the commit: a second extractor of the same entry waits, then finds it complete and reads it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -46,27 +53,36 @@ from prh_stitch.data.store_entry import (
     INDEX,
     STORE_FORMAT,
     BadFeatures,
+    CorruptEntry,
     EntryMismatch,
+    IncompleteShards,
     check_identity,
     commit_entry,
     data_fingerprint,
     default_cache_dir,
+    disk_full,
     entry_name,
     finished_shards,
     open_entry,
     part_name,
+    read_index,
     units_on_disk,
+    verify_entry,
     write_part,
 )
+from prh_stitch.data.store_safety import entry_lock, remove_dead_temp_files, unwritable_store
 from prh_stitch.encoders.base import FrozenEncoder, Layer
 
 log = logging.getLogger("prh_stitch.data")
 
+# Entries whose files this process has checked against their hashes: {folder: (index inode, index mtime)}.
+_VERIFIED: Dict[str, Tuple[int, int]] = {}
+
 # The entry-format names live in store_entry.py but stay importable from here, the store's public home.
 __all__ = [
-    "BadFeatures", "DEFAULT_CHUNK_SIZE", "DTYPES", "EntryMismatch", "ExtractionReport", "FeatureSet", "FeatureStore",
-    "IDENTITY", "INDEX", "Ranks", "STORE_FORMAT", "UnitDone", "UnitReader", "align_by_key", "data_fingerprint",
-    "default_cache_dir", "part_name", "unit_batches",
+    "BadFeatures", "CorruptEntry", "DEFAULT_CHUNK_SIZE", "DTYPES", "EntryMismatch", "ExtractionReport", "FeatureSet",
+    "FeatureStore", "IDENTITY", "INDEX", "IncompleteShards", "Ranks", "STORE_FORMAT", "UnitDone", "UnitReader",
+    "align_by_key", "data_fingerprint", "default_cache_dir", "part_name", "unit_batches",
 ]
 
 
@@ -179,11 +195,29 @@ class FeatureStore:
         that name made from anything else (other weights, layers, data, dtype) is an error, never reused.
         ``device``: where the encoder runs if extraction is needed (it is moved back afterwards).
         """
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
         urls = list(urls)
         ranks = ranks or Ranks()
-        started = time.perf_counter()
         identity = self.identity(encoder, layers, pooling, urls)
         entry = self.root / (name or self._entry_name(identity))
+        # Rank 0 holds the lock for the whole call; the other ranks of a DDP run follow it through the collectives.
+        with entry_lock(entry, needed=ranks.rank == 0):
+            try:
+                return self._get_locked(encoder, urls, layers, pooling, batch_size, num_workers, progress, ranks,
+                                        entry, identity, device)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise disk_full(entry) from exc
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise unwritable_store(self.root, exc) from exc
+                raise
+
+    def _get_locked(self, encoder, urls, layers, pooling, batch_size, num_workers, progress, ranks, entry,
+                    identity, device) -> FeatureSet:
+        started = time.perf_counter()
+        if ranks.rank == 0 and entry.is_dir():  # before the first collective: no rank of ours is writing yet
+            remove_dead_temp_files(entry)
         complete = (entry / INDEX).is_file()
         if ranks.world > 1:  # one decision for all ranks, or their collectives would not match
             complete = ranks.exchange(complete)[0]
@@ -217,7 +251,7 @@ class FeatureStore:
         except EntryMismatch:
             raise
         except Exception:
-            if ranks.rank == 0 and not (entry / INDEX).exists() and not self.units_on_disk(entry):
+            if ranks.rank == 0 and not (entry / INDEX).exists() and not units_on_disk(entry):
                 shutil.rmtree(entry, ignore_errors=True)  # failed before any unit was done: nothing to resume
             raise
         feature_set = self.read(entry, identity)
@@ -228,22 +262,7 @@ class FeatureStore:
     # ---- extraction ---------------------------------------------------------------------------
     def _open_entry(self, entry: Path, identity: Dict[str, Any], chunk_size: Optional[int] = None) -> int:
         """Create the entry (or check an existing one is the same); return its chunk size."""
-        """Create the entry (or check an existing one is the same); return its chunk size."""
         return open_entry(entry, identity, chunk_size or self.chunk_size)
-
-    @staticmethod
-    def _check_identity(entry: Path, stored: Dict[str, Any], wanted: Dict[str, Any]) -> None:
-        check_identity(entry, stored, wanted)
-
-    @staticmethod
-    def units_on_disk(entry: Path) -> Dict[Tuple[int, int], Tuple[Path, bool]]:
-        """Finished units: ``{(shard, block): (path, ends_its_shard)}``; incomplete files are removed."""
-        return units_on_disk(entry)
-
-    @staticmethod
-    def finished_shards(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Dict[int, int]:
-        """``{shard: its number of units}`` of shards whose last unit and every unit before it are on disk."""
-        return finished_shards(units)
 
     def extract(
         self,
@@ -280,12 +299,13 @@ class FeatureStore:
         counts = samples_per_shard(urls)
         chunk_size = self._open_entry(entry, identity, unit_size(self.chunk_size, counts, consumers))
         (entry / "parts").mkdir(exist_ok=True)
-        units = self.units_on_disk(entry)
+        units = units_on_disk(entry)
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
-        reader = UnitReader(urls, chunk_size, set(units), self.finished_shards(units), ranks.rank, ranks.world)
+        reader = UnitReader(urls, chunk_size, set(units), finished_shards(units), ranks.rank, ranks.world)
         loader = DataLoader(wds.DataPipeline(reader, lambda items: unit_batches(items, batch_size, encoder)),
                             batch_size=None, num_workers=num_workers, collate_fn=_as_is)
         names = identity["layers"]
+        cut: Dict[str, str] = {}  # shards not read to their end: url -> why
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         # A total (hence an ETA) where the manifests give it and this process encodes everything from scratch.
         total = sum(counts) if counts and ranks.world == 1 and not units else None
@@ -303,13 +323,22 @@ class FeatureStore:
                     bar.update(len(item["key"]))
                 else:
                     rows = pending.pop((item.shard, item.block), {"samples": [], "outputs": []})
-                    self._write_part(entry, item, rows["samples"], rows["outputs"], names, encoder.name)
-                    report.chunks_computed += 1
+                    problem = self._write_part(entry, item, rows["samples"], rows["outputs"], names, encoder.name)
+                    if problem is None:
+                        report.chunks_computed += 1
+                    else:
+                        cut[item.url] = problem
+        if cut:
+            url, why = next(iter(cut.items()))
+            raise IncompleteShards(
+                f"{len(cut)} shard(s) were not read to their end, e.g. {url!r} ({why}); nothing was committed to "
+                f"{entry}: repair or remove the shard(s) and run again (finished shards are not read again)"
+            )
         return report
 
     def _write_part(self, entry: Path, done: UnitDone, samples: List[dict], outputs: List[List[Tensor]],
-                    names: List[str], encoder_name: str) -> None:
-        write_part(entry, done, samples, outputs, names, encoder_name, self.dtype)
+                    names: List[str], encoder_name: str) -> Optional[str]:
+        return write_part(entry, done, samples, outputs, names, encoder_name, self.dtype)
 
     # ---- completion ---------------------------------------------------------------------------
     def commit(self, entry: Path, seconds: float = 0.0) -> None:
@@ -322,17 +351,26 @@ class FeatureStore:
         entry = Path(entry)
         if not (entry / INDEX).is_file():
             raise ValueError(f"{entry} is not a complete feature store entry (no {INDEX}); extract it first")
-        index = json.loads((entry / INDEX).read_text())
+        index = read_index(entry)
         if identity is not None:
-            self._check_identity(entry, index["identity"], identity)
+            check_identity(entry, index["identity"], identity)
+        stamp = (entry / INDEX).stat()
+        if _VERIFIED.get(str(entry.resolve())) != (stamp.st_ino, stamp.st_mtime_ns):
+            verify_entry(entry, index)  # once per process and entry: every byte against its recorded hash
+            _VERIFIED[str(entry.resolve())] = (stamp.st_ino, stamp.st_mtime_ns)
         features = {}
         n = len(index["keys"])
         for layer in index["layers"]:
-            array = np.load(entry / layer["file"], mmap_mode="c")  # copy-on-write: writable, never written back
+            try:
+                array = np.load(entry / layer["file"], mmap_mode="c")  # copy-on-write: writable, never written back
+            except (OSError, ValueError) as exc:
+                raise CorruptEntry(entry, f"{layer['file']} cannot be read: {exc}") from None
             if array.shape != (n, layer["dim"]):
-                raise ValueError(f"{entry / layer['file']} holds {array.shape}, expected {(n, layer['dim'])}; delete the entry")
+                raise CorruptEntry(entry, f"{layer['file']} holds {array.shape}, expected {(n, layer['dim'])}")
             tensor = torch.from_numpy(array)
             features[layer["name"]] = tensor.view(torch.bfloat16) if index["identity"]["dtype"] == "bfloat16" else tensor
-        info = dict(index["info"], entry=str(entry))
+        # The content digest: scores computed from these features are cached under it (score_cache.py).
+        content = hashlib.sha256(json.dumps(index["sha256"], sort_keys=True).encode()).hexdigest()
+        info = dict(index["info"], entry=str(entry), content_sha256=content)
         return FeatureSet(keys=index["keys"], captions=index["captions"], labels=index["labels"],
                           features=features, info=info)

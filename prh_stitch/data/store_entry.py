@@ -9,16 +9,26 @@ preprocessing, layers, pooling, the shards read, the storage dtype) and is a fol
     parts/s000003-b000002-last.safetensors   "-last": the unit that ends its shard (it also counts the
                                      shard-level problems)
     layer-0.npy, layer-1.npy, ...    when complete: one (N, D) array per layer, rows in key order
-    index.json                       keys, captions, labels, layer files, info; its presence marks completion
+    index.json                       keys, captions, labels, layer files, info, content hashes; its presence
+                                     marks completion
 
-Resuming. Every unit file is written under a temporary name, flushed to disk and renamed, so a file with a
-final name is whole; an extraction killed mid-way resumes from the units on disk (units already done are not
-decoded again, shards already done are not even read). Only when every unit of every shard is present are
-they merged into the layer arrays and ``index.json`` written, last and atomically; the parts are then removed.
+Verification. ``index.json`` records a SHA-256 of every layer file and one of the rows (keys, captions, labels
+in their order), so flipped bytes, a cut file or shuffled keys are found rather than trained on:
+``read_index`` checks the rows on every read, ``verify_entry`` every file (the store does it on an entry's first
+open in a process; ``python -m prh_stitch.data verify`` for the whole store). Damage is ``CorruptEntry``, one
+line that names the entry and the fix.
+
+Resuming. Every unit file is written under a temporary name, flushed to disk and renamed, so a file with a final
+name is whole; an extraction killed mid-way resumes from the units on disk (units already done are not decoded
+again, shards already done are not even read). A shard's last unit is written only when the shard was read to its
+end marker (and its ``pipe:`` command exited 0), so a cut stream is never committed. Only when every unit of every
+shard is present are they merged into the layer arrays and ``index.json`` written, last and atomically; the parts
+are then removed.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -38,6 +48,7 @@ from torch import Tensor
 
 from prh_stitch.atomic import atomic_write_bytes
 from prh_stitch.data.stream import SkipStats
+from prh_stitch.errors import UserError
 
 if TYPE_CHECKING:
     from prh_stitch.data.extraction_units import UnitDone
@@ -47,11 +58,13 @@ log = logging.getLogger("prh_stitch.data")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # NumPy has no bfloat16: its rows are stored as their raw 16-bit patterns and viewed back on reading.
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}
-STORE_FORMAT = "prh_stitch-features-v2"
+STORE_FORMAT = "prh_stitch-features-v3"  # v3: content hashes in index.json
 DEFAULT_CHUNK_SIZE = 1024  # samples per unit: a few MB of features, a few seconds to a minute of encoder time
 INDEX = "index.json"
 IDENTITY = "identity.json"
 _PART = re.compile(r"^s(\d{6,})-b(\d{6,})(-last)?\.safetensors$")
+# A shard with one of these problems was not read to its end: its last unit is never written (see write_part).
+SHARD_PROBLEMS = ("pipe_failed", "truncated_shard", "unreadable_shard")
 
 
 def default_cache_dir() -> Path:
@@ -60,15 +73,34 @@ def default_cache_dir() -> Path:
 
 
 def data_fingerprint(urls: Sequence[str]) -> str:
-    """Identity of a list of shards: local files by path, size and modification time; ``pipe:`` and remote by URL."""
+    """Identity of a list of shards: ``pipe:`` and remote by URL; local files by content where their manifest
+    records it (name, size, modification time and the writer's SHA-256: moving the folder, e.g. the cache with the
+    built-in scenes, changes nothing), else by absolute path, size and modification time."""
+    recorded = _manifest_digests([u for u in urls if not (u.startswith("pipe:") or "://" in u)])
     parts = []
     for url in urls:
         if url.startswith("pipe:") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", url):
             parts.append(url)
+            continue
+        st = os.stat(url)
+        shard = recorded.get(url)
+        if shard is not None and shard.get("bytes") == st.st_size:
+            parts.append(f"{os.path.basename(url)}:{st.st_size}:{st.st_mtime_ns}:{shard.get('sha256')}")
         else:
-            st = os.stat(url)
             parts.append(f"{os.path.abspath(url)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def _manifest_digests(urls: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``{url: its manifest record}`` of local shards listed by a manifest next to them."""
+    from prh_stitch.data.shards import _read_manifest
+
+    records: Dict[str, Dict[str, Any]] = {}
+    for folder in {os.path.dirname(url) for url in urls}:
+        for path in Path(folder or ".").glob("*-manifest.json"):
+            for shard in (_read_manifest(path) or {}).get("shards", []):
+                records[os.path.join(folder, shard["name"])] = shard
+    return records
 
 
 class BadFeatures(ValueError):
@@ -85,6 +117,26 @@ class BadFeatures(ValueError):
 
 class EntryMismatch(ValueError):
     """An entry of that name holds features of something else: it is left exactly as it is."""
+
+
+class CorruptEntry(UserError):
+    """A complete entry whose files do not match their recorded hashes (or cannot be read): never used."""
+
+    def __init__(self, entry: Path, problem: str) -> None:
+        super().__init__(
+            f"feature store entry {entry} is damaged ({problem}); delete it so that it is extracted again: "
+            f"python -m prh_stitch.data verify --repair --out {entry.parent}"
+        )
+        self.entry, self.problem = entry, problem
+
+
+class IncompleteShards(UserError):
+    """Shards that were not read to their end: the entry is not committed (their good units stay for a rerun)."""
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary sibling of ``path`` whose name carries this process's id (so a dead writer's can be found)."""
+    return path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
 def part_name(shard: int, block: int, last: bool) -> str:
@@ -171,8 +223,15 @@ def finished_shards(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Dict[int
 
 
 def write_part(entry: Path, done: "UnitDone", samples: List[dict], outputs: List[List[Tensor]],
-               names: List[str], encoder_name: str, dtype_name: str) -> None:
-    """Write one finished unit (its rows per layer, keys, captions, labels, counts) as a part, atomically."""
+               names: List[str], encoder_name: str, dtype_name: str) -> Optional[str]:
+    """Write one finished unit (its rows per layer, keys, captions, labels, counts) as a part, atomically.
+
+    Returns the shard-level problem (``SHARD_PROBLEMS``) that keeps the unit ending a shard from being written,
+    else None: without that unit the shard never counts as finished, so the entry cannot be committed.
+    """
+    problem = next((reason for reason in SHARD_PROBLEMS if done.skipped.get(reason)), None)
+    if problem is not None:
+        return problem
     if len(samples) != done.good:
         raise RuntimeError(f"unit {done.shard}/{done.block}: {len(samples)} encoded rows for {done.good} good samples")
     dtype = DTYPES[dtype_name]
@@ -197,6 +256,7 @@ def write_part(entry: Path, done: "UnitDone", samples: List[dict], outputs: List
     }
     tensors["meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
     atomic_write_bytes(entry / "parts" / part_name(done.shard, done.block, done.last), save_safetensors(tensors))
+    return None
 
 
 # -- completion ----------------------------------------------------------------------------------------
@@ -205,7 +265,10 @@ Loaded = List[Tuple[Dict[str, Tensor], Dict[str, Any]]]  # per unit in order: (l
 
 
 def commit_entry(entry: Path, seconds: float = 0.0) -> None:
-    """Merge the parts of a fully extracted entry into per-layer arrays in key order; write the index."""
+    """Merge the parts of a fully extracted entry into per-layer arrays in key order; write the index.
+
+    A failure (a full disk included) removes the layer arrays written so far; the parts stay, for a rerun.
+    """
     stored = json.loads((entry / IDENTITY).read_text())
     identity = stored["identity"]
     units = units_on_disk(entry)
@@ -214,18 +277,37 @@ def commit_entry(entry: Path, seconds: float = 0.0) -> None:
     sorted_keys = _key_order(keys, stats, identity["shards"])
     position = {key: i for i, key in enumerate(sorted_keys)}
     captions, labels = _captions_and_labels(loaded, position)
-    layer_files, dims = [], {}
-    for i, name in enumerate(identity["layers"]):
-        dim = next(t[f"layer:{name}"].shape[1] for t, m in loaded if m["keys"])
-        dims[name] = dim
-        path = entry / f"layer-{i}.npy"
-        _write_layer_array(path, loaded, position, f"layer:{name}", _NUMPY_DTYPES[identity["dtype"]], dim)
-        layer_files.append({"name": name, "file": path.name, "dim": dim})
-    info = _entry_info(entry, stored, dims, len(keys), stats, len(units), seconds)
-    index = {"keys": sorted_keys, "captions": captions, "labels": labels, "layers": layer_files,
-             "identity": identity, "info": info}
-    atomic_write_bytes(entry / INDEX, json.dumps(index).encode())  # last: its presence marks the entry complete
+    layer_files, dims, hashes = [], {}, {"rows": rows_digest(sorted_keys, captions, labels)}
+    try:
+        for i, name in enumerate(identity["layers"]):
+            dim = next(t[f"layer:{name}"].shape[1] for t, m in loaded if m["keys"])
+            dims[name] = dim
+            path = entry / f"layer-{i}.npy"
+            hashes[path.name] = _write_layer_array(path, loaded, position, f"layer:{name}",
+                                                   _NUMPY_DTYPES[identity["dtype"]], dim)
+            layer_files.append({"name": name, "file": path.name, "dim": dim})
+        info = _entry_info(stored, dims, len(keys), stats, len(units), seconds)
+        index = {"keys": sorted_keys, "captions": captions, "labels": labels, "layers": layer_files,
+                 "identity": identity, "info": info, "sha256": hashes}
+        atomic_write_bytes(entry / INDEX, json.dumps(index).encode())  # last: its presence marks the entry complete
+    except BaseException as exc:
+        for layer in layer_files:
+            (entry / layer["file"]).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(entry) from exc
+        raise
     shutil.rmtree(entry / "parts", ignore_errors=True)
+
+
+def disk_full(entry: Path) -> UserError:
+    return UserError(f"no space left on the device while writing feature store entry {entry}; nothing was "
+                     "committed (finished parts stay, for a rerun): free space, or set PRH_STITCH_CACHE to a folder "
+                     "on a larger disk")
+
+
+def rows_digest(keys: List[str], captions: List[str], labels: List[int]) -> str:
+    """SHA-256 of the rows' identities in their order: a shuffled, edited or cut key list changes it."""
+    return hashlib.sha256(json.dumps([keys, captions, labels]).encode()).hexdigest()
 
 
 def _check_all_shards_present(entry: Path, units: Dict[Tuple[int, int], Tuple[Path, bool]], shards: int) -> None:
@@ -282,27 +364,44 @@ def _captions_and_labels(loaded: Loaded, position: Dict[str, int]) -> Tuple[List
 
 
 def _write_layer_array(path: Path, loaded: Loaded, position: Dict[str, int], tensor_name: str,
-                       numpy_dtype: Any, dim: int) -> None:
-    """One layer's (N, dim) ``.npy``, rows in key order, filled part by part and renamed into place."""
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                       numpy_dtype: Any, dim: int) -> str:
+    """One layer's (N, dim) ``.npy``, rows in key order, filled part by part and renamed into place; its SHA-256.
+
+    The file's blocks are allocated before it is mapped, so a full disk is an ``ENOSPC`` here rather than a
+    SIGBUS when a page of the mapping is first written.
+    """
+    tmp = temp_name(path)
     try:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=numpy_dtype, shape=(len(position), dim))
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(numpy_dtype)), "fortran_order": False,
+                  "shape": (len(position), dim)}
+        with open(tmp, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            offset = handle.tell()
+            size = offset + len(position) * dim * np.dtype(numpy_dtype).itemsize
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(handle.fileno(), 0, size)
+            else:  # macOS: a sparse file (a full disk may then still stop the process when a page is written)
+                handle.truncate(size)
+        array = np.memmap(tmp, dtype=numpy_dtype, mode="r+", offset=offset, shape=(len(position), dim))
         for tensors, meta in loaded:
             if meta["keys"]:
                 rows = np.fromiter((position[k] for k in meta["keys"]), dtype=np.int64, count=len(meta["keys"]))
                 array[rows] = _to_numpy(tensors[tensor_name])
         array.flush()
         del array
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
         os.replace(tmp, path)
+        return digest
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _entry_info(entry: Path, stored: Dict[str, Any], dims: Dict[str, int], num_samples: int, stats: SkipStats,
+def _entry_info(stored: Dict[str, Any], dims: Dict[str, int], num_samples: int, stats: SkipStats,
                 chunks: int, seconds: float) -> Dict[str, Any]:
     identity = stored["identity"]
-    return {
-        "entry": str(entry),
+    return {  # no absolute path: the store can move (the reader adds where it found the entry)
         "encoder": identity["encoder"],
         "encoder_fingerprint": identity["fingerprint"],
         "weights": identity["weights"],
@@ -317,3 +416,51 @@ def _entry_info(entry: Path, stored: Dict[str, Any], dims: Dict[str, int], num_s
         "chunk_size": stored["chunk_size"],
         "seconds": round(seconds, 3),
     }
+
+
+# -- reading and verifying -----------------------------------------------------------------------------
+
+
+def read_index(entry: Path) -> Dict[str, Any]:
+    """A complete entry's index, its rows checked against their hash; ``CorruptEntry`` when it cannot be trusted."""
+    try:
+        index = json.loads((entry / INDEX).read_text())
+        old_version = isinstance(index, dict) and "keys" in index and "sha256" not in index
+        hashes = {} if old_version else index["sha256"]
+        layers = [(layer["name"], layer["file"], int(layer["dim"])) for layer in index["layers"]]
+        rows = (index["keys"], index["captions"], index["labels"])
+        index["identity"]["dtype"], index["info"]  # noqa: B018 - present, or the entry is damaged
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CorruptEntry(entry, f"{INDEX} cannot be read: {type(exc).__name__}: {exc}") from None
+    if old_version:
+        raise CorruptEntry(entry, f"{INDEX} has no content hashes: an entry of an older version")
+    if len(set(map(len, rows))) != 1 or any(file not in hashes for _, file, _ in layers):
+        raise CorruptEntry(entry, f"{INDEX} is inconsistent")
+    if rows_digest(*rows) != hashes.get("rows"):
+        raise CorruptEntry(entry, f"the keys, captions or labels in {INDEX} do not match their recorded hash")
+    return index
+
+
+def verify_entry(entry: Path, index: Dict[str, Any]) -> None:
+    """Every layer file of a complete entry: its size as its shape says, its bytes as their recorded hash."""
+    n = len(index["keys"])
+    itemsize = np.dtype(_NUMPY_DTYPES[index["identity"]["dtype"]]).itemsize
+    for layer in index["layers"]:
+        path = entry / layer["file"]
+        try:
+            with open(path, "rb") as handle:
+                version = np.lib.format.read_magic(handle)
+                fmt = np.lib.format
+                read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                shape, _, _ = read_header(handle)
+                expected = handle.tell() + n * layer["dim"] * itemsize
+                size = os.fstat(handle.fileno()).st_size
+                handle.seek(0)
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        except (OSError, ValueError) as exc:
+            raise CorruptEntry(entry, f"{layer['file']} cannot be read: {exc}") from None
+        if tuple(shape) != (n, layer["dim"]) or size != expected:
+            raise CorruptEntry(entry, f"{layer['file']} holds {size} bytes of shape {tuple(shape)}, expected "
+                                      f"{expected} bytes of shape {(n, layer['dim'])} (cut or overwritten)")
+        if digest != index["sha256"][layer["file"]]:
+            raise CorruptEntry(entry, f"{layer['file']} does not match its recorded SHA-256")

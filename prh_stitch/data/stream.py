@@ -160,12 +160,17 @@ def tar_samples(url: str, stream) -> Iterator[Dict[str, Any]]:
     """webdataset-style raw samples (``__key__``, ``__url__``, one bytes value per extension) of an open tar.
 
     Members group by webdataset's rule (``base_plus_ext``); ``__meta__`` members are skipped; a repeated extension
-    keeps its first member. A sample with a cut member gets ``__truncated__``; a shard problem comes last.
+    keeps its first member. A sample with a cut member gets ``__truncated__``, and so does the last one before a
+    cut when it lacks a member the sample before it had (the cut took that member, e.g. inside its header); a shard
+    problem comes last.
     """
     sample: Optional[Dict[str, Any]] = None
+    before: Optional[set] = None  # the member extensions of the sample before this one
     for item in _members(url, stream):
         if isinstance(item, dict):
             if sample is not None:
+                if item[PROBLEM] == "truncated_shard" and (before is None or not before <= sample.keys()):
+                    sample[TRUNCATED] = True  # lacks a member its predecessor had: the cut took it (e.g. its header)
                 yield sample
             yield item
             return
@@ -174,6 +179,7 @@ def tar_samples(url: str, stream) -> Iterator[Dict[str, Any]]:
             continue
         if sample is None or sample["__key__"] != key:
             if sample is not None:
+                before = {k for k in sample if not k.startswith("__")}
                 yield sample
             sample = {"__key__": key, "__url__": url}
         if item[1] is None:

@@ -42,7 +42,10 @@ def stitch_markdown(report: Dict[str, Any]) -> str:
                          c["score"], c["chance"], c["null_mean"], c["calibrated"],
                          reports.interval(c["ci_low"], c["ci_high"])])
     settings = report.get("settings", {})
-    text += (f"\n## Alignment\n\nk = {settings.get('k')}, {clamp_note(settings.get('outlier_quantile'))}.\n\n"
+    methods = sorted({both[w].get("interval_method") or "none" for both in report["alignment"].values()
+                      for w in ("stitched", "raw")})
+    text += (f"\n## Alignment\n\nk = {settings.get('k')}, {clamp_note(settings.get('outlier_quantile'))}, "
+             f"{settings.get('permutations')} permutations; 95% intervals: {'; '.join(methods)}.\n\n"
              + reports.markdown_table(["metric", "features", "score", "chance", "null mean", "calibrated", "95% CI"],
                                       rows))
     zs = report.get("zero_shot")

@@ -19,6 +19,7 @@ from prh_stitch import reports
 from prh_stitch.alignment.features import Extraction, encoder_record, extraction_layers, load_features
 from prh_stitch.alignment.scoring import calibration_fields
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, check_n, metric_options
+from prh_stitch.atomic import atomic_folder
 from prh_stitch.errors import UserError
 from prh_stitch.evaluation.report import log_tensorboard, stitch_markdown
 from prh_stitch.evaluation.zero_shot import ZeroShotInputs, zero_shot, zero_shot_inputs
@@ -89,11 +90,15 @@ class StitchResult:
         """stitch.md and stitch.json under ``out`` (and TensorBoard scalars when given a folder); the JSON's path."""
         out = Path(out)
         markdown = self.markdown
-        if tensorboard is not None:
-            log_tensorboard(tensorboard, self.report, markdown, self.report["config"]["method"].get("global_step") or 0)
-            self.report["tensorboard"] = str(tensorboard)
-        reports.write_text(out / "stitch.md", markdown)
-        return reports.write_json(out / "stitch.json", self.report)
+        with atomic_folder(out) as folder:  # the folder is replaced as a whole: markdown and JSON always agree
+            if tensorboard is not None:
+                inside = Path(tensorboard).resolve().is_relative_to(out.resolve())
+                log_dir = folder / Path(tensorboard).resolve().relative_to(out.resolve()) if inside else tensorboard
+                log_tensorboard(log_dir, self.report, markdown, self.report["config"]["method"].get("global_step") or 0)
+                self.report["tensorboard"] = str(tensorboard)
+            reports.write_text(folder / "stitch.md", markdown)
+            reports.write_json(folder / "stitch.json", self.report)
+        return out / "stitch.json"
 
 
 @dataclass

@@ -158,19 +158,22 @@ def layer_sweep(
 
 
 def write_sweep_report(report: SweepReport, out: str | Path) -> Dict[str, Path]:
-    """``penalty.json``, ``penalty.csv`` (long form: one row per cut) and ``penalty.png``/``.pdf`` in ``out``, each
-    written atomically; the penalty matrix and every cut's penalty also in ``out/tensorboard``."""
+    """``penalty.json``, ``penalty.csv`` (long form: one row per cut) and ``penalty.png``/``.pdf`` in ``out``, the
+    penalty matrix and every cut's penalty also in ``out/tensorboard``; ``out`` is replaced as a whole at the end."""
+    from prh_stitch.atomic import atomic_folder
     from prh_stitch.report_board import report_board, tag_part
     from prh_stitch.reports import save_figure, write_csv, write_json
 
     out = Path(out)
-    with report_board(out) as board:
-        png = save_figure(penalty_figure(report), out / "penalty.png", board, "layer_sweep/penalty")
-        for row in report.records:
-            board.scalar(f"penalty/{tag_part(row['layer_a'])}__{tag_part(row['layer_b'])}", row["penalty"])
-    return {"json": write_json(out / "penalty.json", report.to_dict()),
-            "csv": write_csv(out / "penalty.csv", report.records, CSV_FIELDS),
-            "png": png, "pdf": png.with_suffix(".pdf"), "tensorboard": board.folder}
+    with atomic_folder(out) as folder:
+        with report_board(folder) as board:
+            save_figure(penalty_figure(report), folder / "penalty.png", board, "layer_sweep/penalty")
+            for row in report.records:
+                board.scalar(f"penalty/{tag_part(row['layer_a'])}__{tag_part(row['layer_b'])}", row["penalty"])
+        write_json(folder / "penalty.json", report.to_dict())
+        write_csv(folder / "penalty.csv", report.records, CSV_FIELDS)
+    return {"json": out / "penalty.json", "csv": out / "penalty.csv", "png": out / "penalty.png",
+            "pdf": out / "penalty.pdf", "tensorboard": out / "tensorboard"}
 
 
 def penalty_figure(report: SweepReport):

@@ -8,7 +8,7 @@ L2-normalised first, as the paper does before every metric. Bad input raises ``V
   N × N matrix; self excluded; ties broken by lower index.
 - Kernel family (``cka``, ``unbiased_cka``, ``cknna``) and ``svcca`` (deterministic).
 - ``retrieval``: recall@k both ways, ranks, mean cosine; ``groups`` counts same-caption items as correct.
-- ``layer_alignment``: every layer pair, best/last pair; ``calibrate``: chance, permutation null, bootstrap.
+- ``layer_alignment``: every layer pair, best/last pair; ``calibrate``: chance, permutation null, half-sample interval.
 - ``METRICS``: registry name → functional metric (each registered where it is defined, with its spec);
   torchmetrics wrappers (``MutualKNN`` … ``Retrieval``).
 - ``clamp_outliers``: the paper's outlier clamp (each element to ±the q quantile of |x|), applied per layer before

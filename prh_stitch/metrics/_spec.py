@@ -3,7 +3,7 @@
 A metric is ``pair(prepare(a), prepare(b))``: ``prepare`` does the per-side work (normalisation, neighbour
 search, Gram norms, SVD) and ``pair`` combines two prepared sides. ``layer_alignment`` prepares each layer once
 and pairs every combination; ``calibrate`` prepares once and pairs against permuted copies of side b
-(``permute``), and bootstraps either per-item scores (``per_item``) or resampled rows.
+(``permute``), and recomputes the metric on half-samples of the rows for its interval.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
 
-import torch
 from torch import Tensor
 
 from prh_stitch.registry import Registry

@@ -1,4 +1,4 @@
-"""Honest scores: chance level, permutation null, calibrated score and bootstrap interval."""
+"""Honest scores: chance level, permutation null (z, p and its resolution), calibrated score and interval."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor
 
 from ._checks import check_pair
 from ._spec import options, spec_of
+from .intervals import draw_halves, estimand_of, half_size, method_name, subsample_interval
 
 
 def calibrate(metric: Union[str, Callable], a: Tensor, b: Tensor, permutations: int = 20, bootstrap: int = 0,
@@ -23,10 +24,17 @@ def calibrate(metric: Union[str, Callable], a: Tensor, b: Tensor, permutations: 
       Reports ``null_mean``, ``null_std``, ``z`` = (score − null_mean)/null_std and the one-sided
       ``p_value`` = (1 + #{null ≥ score}) / (1 + permutations).
     - ``calibrated`` = (score − null_mean) / (1 − null_mean): 0 at chance, 1 for a perfect score.
-    - Bootstrap ``ci_low``/``ci_high`` (percentile interval, level ``ci``) when ``bootstrap > 0``. For the kNN
-      metrics (means of per-sample scores) the per-sample scores are resampled, conditional on the neighbour
-      graph. For the others rows are resampled with replacement and the metric recomputed; copies of one
-      sample are never each other's neighbours in CKNNA's search.
+    - ``p_resolution`` = 1/(1 + permutations): the smallest p-value the permutation test can give; a p-value at
+      it means "at most this", not "this".
+    - ``ci_low``/``ci_high`` (basic interval, level ``ci``) from ``bootstrap`` half-samples when ``bootstrap > 0``:
+      subsets of ⌊N/2⌋ distinct rows (drawn after the permutations, from the same generator), on each of which the
+      metric is recomputed from scratch — a new neighbour search for the kNN metrics and CKNNA, no duplicated rows
+      for the kernel metrics. Deviations are rescaled by √(m/(N − m)) (1 for even N); the estimand is the
+      population value for CKA, unbiased CKA and SVCCA and the expected N-sample score (same k) for metrics with
+      neighbours: see :mod:`prh_stitch.metrics.intervals`, which also says why not the bootstrap with
+      replacement. ``interval_method`` names the method (None when no interval was asked for; "none: …" with
+      the reason when N//2 rows are too few for the metric, e.g. N//2 ≤ k); ``ci_draws`` holds the half-sample
+      scores, so that callers can combine them.
 
     Everything is seeded by ``seed`` (a CPU ``torch.Generator``), so the report is reproducible.
     """
@@ -56,19 +64,18 @@ def calibrate(metric: Union[str, Callable], a: Tensor, b: Tensor, permutations: 
                    calibrated=(score - mean) / (1 - mean) if mean < 1 else None)
     else:
         out.update(null_mean=None, null_std=None, z=None, p_value=None, calibrated=None)
-    out.update(ci_low=None, ci_high=None, ci=ci)
+    out.update(p_resolution=1 / (1 + permutations) if permutations else None)
+    out.update(ci_low=None, ci_high=None, ci=ci, interval_method=None, ci_draws=None)
     if bootstrap:
-        boots = []
-        items = spec.per_item(sa, sb, opts) if spec.per_item is not None else None
-        for _ in range(bootstrap):
-            idx = torch.randint(n, (n,), generator=gen).to(a.device)
-            if items is not None:
-                boots.append(float(items[idx].mean()))
-            else:
-                boots.append(float(spec.pair(spec.prepare(a[idx], "a", opts, origin=idx),
-                                             spec.prepare(b[idx], "b", opts, origin=idx), opts)))
-        t = torch.tensor(boots, dtype=torch.float64)
-        q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
-        lo, hi = torch.quantile(t, q).tolist()
-        out.update(ci_low=lo, ci_high=hi)
+        m = half_size(n)
+        try:
+            spec.check(m, opts)
+        except ValueError as exc:  # the score and its null stand; say why there is no interval instead of failing
+            out["interval_method"] = f"none: half-samples of N//2 = {m} rows are too few ({exc})"
+            return out
+        draws = [float(spec.pair(spec.prepare(a[rows], "a", opts), spec.prepare(b[rows], "b", opts), opts))
+                 for rows in (r.to(a.device) for r in draw_halves(n, bootstrap, gen))]
+        estimand = estimand_of(tuple(spec.defaults))
+        lo, hi = subsample_interval(score, draws, n, m, ci, estimand)
+        out.update(ci_low=lo, ci_high=hi, interval_method=method_name(bootstrap, estimand), ci_draws=draws)
     return out

@@ -18,7 +18,8 @@ Notation: K = kernel of A, L = kernel of B (linear: K = A Aᵀ), n = N samples, 
 Intentional differences from the paper's code (platonic-rep ``metrics.py``):
 - No ``+ 1e-6`` in the CKA/CKNNA denominators; a non-positive denominator raises ``ValueError`` instead.
 - CKNNA requires k (the paper's code crashes on its own default ``topk=None``); ties in the neighbour search
-  are broken by lower index.
+  are broken by lower index. Like the paper's, its value is not clipped: with different masks in numerator and
+  denominators it can exceed 1 (CKA and unbiased CKA cannot, up to rounding, which is clipped).
 - The RBF bandwidth defaults to ``bandwidth ×`` the median pairwise distance (pass ``sigma`` for a fixed
   bandwidth, which is what the paper's ``rbf_sigma`` is).
 """
@@ -60,12 +61,15 @@ def hsic_b_terms(n: int, tr_kl: float, sum_k: float, sum_l: float, cross: float)
     return (tr_kl - 2.0 / n * cross + sum_k * sum_l / n**2) / (n - 1) ** 2
 
 
-def _ratio(num: float, den_a: float, den_b: float, what: str) -> float:
+def _ratio(num: float, den_a: float, den_b: float, what: str, bounded: bool = True) -> float:
+    """num / sqrt(den_a · den_b); ``bounded``: the three terms are one inner product, so |ratio| ≤ 1 holds
+    (Cauchy–Schwarz) and only float rounding past ±1 is clipped."""
     den = den_a * den_b
     if not den > 0 or not math.isfinite(den):
         raise ValueError(f"{what} is undefined here: a self-similarity term is not positive "
                          f"({den_a:.3g}, {den_b:.3g}); the features have (almost) no variance at this N/k")
-    return max(-1.0, min(1.0, num / math.sqrt(den)))  # Cauchy–Schwarz bound; clip float rounding only
+    ratio = num / math.sqrt(den)
+    return max(-1.0, min(1.0, ratio)) if bounded else ratio
 
 
 def _upper_distances(x: Tensor, sq: Tensor, i0: int, i1: int) -> Tensor:
@@ -285,7 +289,9 @@ def _cknna_pair(sa: KnnSide, sb: KnnSide, opts: Dict[str, Any]) -> float:
     rb, cb, vb = rows_all.flatten(), sb.indices.flatten(), sb.values.flatten()
     kk = hsic_u_coo(n, ra, ca, va, va)
     ll = hsic_u_coo(n, rb, cb, vb, vb)
-    return _ratio(kl, kk, ll, "CKNNA")
+    # Not bounded by 1: the numerator's mask (mutual neighbours) differs from each denominator's (one side's
+    # neighbours), so Cauchy–Schwarz does not apply and small N can give slightly more than 1; not clipped.
+    return _ratio(kl, kk, ll, "CKNNA", bounded=False)
 
 
 def _check_cknna(n: int, opts: Dict[str, Any]) -> None:

@@ -16,13 +16,13 @@ Otherwise the definitions are the paper's, and on tie-free data the numbers agre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from torch import Tensor
 
 from ._checks import check_block_size, check_k, to_float32
-from ._spec import attach, options, run
+from ._spec import attach, run
 from .neighbors import knn, permute_lists
 
 
@@ -95,10 +95,31 @@ def edit_items(sa: KnnSide, sb: KnnSide) -> Tensor:
     return 1.0 - prev[:, -1].double() / k
 
 
-def _parts(items, chance=None) -> Dict[str, Any]:
-    return dict(prepare=_prepare, permute=_permute, check=_check, chance=chance,
-                pair=lambda sa, sb, opts: float(items(sa, sb).double().mean()),
-                per_item=lambda sa, sb, opts: items(sa, sb))
+@dataclass(frozen=True)
+class _ItemScores:
+    """``pair`` and ``per_item`` of a metric whose score is the mean of per-sample scores ``items(sa, sb)``.
+
+    Methods of a class rather than closures built at import, so that each call runs the current code (a mutation
+    tester swaps function bodies at call time; a closure made once at import would keep the original).
+    """
+
+    items: Callable[[KnnSide, KnnSide], Tensor]
+
+    def pair(self, sa: KnnSide, sb: KnnSide, opts: Dict[str, Any]) -> float:
+        return float(self.items(sa, sb).double().mean())
+
+    def per_item(self, sa: KnnSide, sb: KnnSide, opts: Dict[str, Any]) -> Tensor:
+        return self.items(sa, sb)
+
+
+def _mutual_chance(n: int, opts: Dict[str, Any]) -> float:
+    """E|N_A(i) ∩ N_B(i)| / k = k / (N − 1) when B's list is a uniform random k-subset of the N − 1 others."""
+    return opts["k"] / (n - 1)
+
+
+def _cycle_chance(n: int, opts: Dict[str, Any]) -> float:
+    """1 − (1 − k/(N − 1))^k: each of i's k B-neighbours has i among its A-neighbours with chance k/(N − 1)."""
+    return 1.0 - (1.0 - opts["k"] / (n - 1)) ** opts["k"]
 
 
 def mutual_knn(a: Tensor, b: Tensor, k: int = 10, normalize: bool = True, block_size: Optional[int] = None) -> float:
@@ -131,7 +152,9 @@ def edit_distance_knn(a: Tensor, b: Tensor, k: int = 10, normalize: bool = True,
     return run(edit_distance_knn.spec, a, b, dict(k=k, normalize=normalize, block_size=block_size))
 
 
-attach(mutual_knn, **_parts(mutual_items, chance=lambda n, o: o["k"] / (n - 1)))
-attach(cycle_knn, **_parts(cycle_items, chance=lambda n, o: 1.0 - (1.0 - o["k"] / (n - 1)) ** o["k"]))
-attach(lcs_knn, **_parts(lcs_items))
-attach(edit_distance_knn, **_parts(edit_items))
+_SIDES = dict(prepare=_prepare, permute=_permute, check=_check)  # every kNN metric prepares its sides alike
+_MUTUAL, _CYCLE, _LCS, _EDIT = (_ItemScores(f) for f in (mutual_items, cycle_items, lcs_items, edit_items))
+attach(mutual_knn, **_SIDES, chance=_mutual_chance, pair=_MUTUAL.pair, per_item=_MUTUAL.per_item)
+attach(cycle_knn, **_SIDES, chance=_cycle_chance, pair=_CYCLE.pair, per_item=_CYCLE.per_item)
+attach(lcs_knn, **_SIDES, pair=_LCS.pair, per_item=_LCS.per_item)
+attach(edit_distance_knn, **_SIDES, pair=_EDIT.pair, per_item=_EDIT.per_item)

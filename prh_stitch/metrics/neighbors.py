@@ -81,7 +81,7 @@ def knn(x: Tensor, k: int, block_size: Optional[int] = None, exclude: Optional[T
         k: neighbours per row, 1 ≤ k < N.
         block_size: rows per similarity block (default: :func:`auto_block_size`). Does not change the result.
         exclude: optional integer id per row; rows sharing an id are never each other's neighbours (used for
-            bootstrap resamples, where copies of one sample must not count as neighbours).
+            resamples with replacement, where copies of one sample must not count as neighbours).
 
     Returns:
         ``(values, indices)``, both N × k: similarities (float32) and neighbour indices (int64), sorted by
