@@ -1,9 +1,9 @@
-"""Loading trained stitchers from Lightning checkpoints without unpickling arbitrary objects."""
+"""Loading trained stitchers from Lightning checkpoints, stitcher folders or Hub ids, never unpickling arbitrary objects."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -32,19 +32,37 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     return checkpoint
 
 
-def load_stitcher(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Stitcher:
-    """The trained stitcher of a checkpoint, ready to map source features to the target space.
-
-    The returned module (in eval mode) includes the fitted input/output normalisation and carries what it
-    expects as attributes: ``source_spec`` / ``target_spec`` (:class:`EncoderSpec`: encoder name, layer,
-    pooling, weights) and ``source_layer`` / ``target_layer`` (resolved layer names).
-    """
+def read_stitcher_checkpoint(path: str | os.PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """``(metadata, stitcher state dict)`` of a prh_stitch training checkpoint, read without unpickling."""
     checkpoint = read_checkpoint(path)
     meta = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(meta, dict) or "stitcher" not in meta or "state_dict" not in checkpoint:
         raise ValueError(f"{os.fspath(path)!r} is not a prh_stitch checkpoint (no {CHECKPOINT_KEY!r} section)")
     prefix = "stitcher."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    return meta, state
+
+
+def load_stitcher(path: str | os.PathLike, map_location: str | torch.device = "cpu", **hub_options: Any) -> Stitcher:
+    """The trained stitcher of a checkpoint, a stitcher folder or a Hugging Face Hub id, ready to map source
+    features to the target space.
+
+    ``path`` is a Lightning ``.ckpt`` file (``torch.load(weights_only=True)``), a folder written by
+    ``HubStitcher.save_pretrained`` (``train.py`` leaves one next to ``last.ckpt``) or a Hub repository id
+    (``owner/name``; ``hub_options`` such as ``revision`` or ``cache_dir`` go to huggingface_hub). None of them
+    unpickles anything. The returned module (in eval mode) includes the fitted input/output normalisation and
+    carries what it expects as attributes: ``source_spec`` / ``target_spec`` (:class:`EncoderSpec`: encoder
+    name, layer, pooling, weights) and ``source_layer`` / ``target_layer`` (resolved layer names).
+    """
+    if not os.path.isfile(path):
+        from prh_stitch.model_folder import load_stitcher_folder
+
+        if os.path.isdir(path) or _looks_like_hub_id(os.fspath(path)):
+            return load_stitcher_folder(path, map_location=map_location, **hub_options)
+    if hub_options:
+        raise TypeError(f"options {sorted(hub_options)} apply to stitcher folders and Hub ids, not to the checkpoint "
+                        f"file {os.fspath(path)!r}")
+    meta, state = read_stitcher_checkpoint(path)
     try:
         stitcher = Stitcher(**meta["stitcher"])
         stitcher.load_state_dict(state, strict=True)
@@ -60,3 +78,10 @@ def load_stitcher(path: str | os.PathLike, map_location: str | torch.device = "c
     stitcher.source_layer = meta.get("source_layer")
     stitcher.target_layer = meta.get("target_layer")
     return stitcher.to(map_location).eval()
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    """``owner/name`` with no file suffix and no leading ``.``/``/``: what a missing local path rarely looks like."""
+    parts = text.split("/")
+    return (len(parts) == 2 and all(parts) and not text.startswith((".", "~"))
+            and not text.endswith((".ckpt", ".pt", ".pth", ".safetensors")))

@@ -384,6 +384,9 @@ class StitchingModule(pl.LightningModule):
             "target": self.target_spec.to_dict(),
             "source_layer": self.encoders.source.layer_names[self.encoders.source.resolve_layer(self.source_spec.layer)],
             "target_layer": self.encoders.target.layer_names[self.encoders.target.resolve_layer(self.target_spec.layer)],
+            # Which features the stitcher expects, exactly (weights, preprocessing, layer, pooling): the model folder's.
+            "source_fingerprint": self.encoders.source.fingerprint([self.source_spec.layer], self.source_spec.pooling),
+            "target_fingerprint": self.encoders.target.fingerprint([self.target_spec.layer], self.target_spec.pooling),
             "objective": asdict(self.objective_spec),
             "fit": {"method": self.stitcher_spec.fit, "init": self.stitcher_spec.init,
                     "closed_form": self.closed_form_result.as_dict() if self.closed_form_result else None},

@@ -3,7 +3,7 @@
 Every file goes to a temporary sibling first and is renamed into place, so an interrupted or failed run never
 leaves a half-written report that looks finished. Figures are ``matplotlib.figure.Figure`` objects built without
 pyplot, so drawing one never switches the process's backend (a notebook keeps its own); ``save_figure`` writes
-one as PNG.
+one as PNG and PDF (and to a report's TensorBoard folder when given its board).
 """
 
 from __future__ import annotations
@@ -110,11 +110,16 @@ def new_figure(figsize: Sequence[float]):
     return fig, fig.subplots()
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike, board=None, tag: Optional[str] = None) -> Path:
+    """``path`` (PNG, for reading) and its ``.pdf`` sibling (vector, for a paper); with a
+    :class:`~prh_stitch.report_board.ReportBoard`, the same figure also goes to TensorBoard under ``tag``."""
     path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
+    for suffix, options in ((".png", {"dpi": 120}), (".pdf", {})):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=suffix[1:], bbox_inches="tight", **options)
+        atomic_write_bytes(path.with_suffix(suffix), buffer.getvalue())
+    if board is not None:
+        board.figure(tag or path.stem, fig)
     return path
 
 

@@ -1,5 +1,6 @@
 """evaluate.py end to end with tiny random encoders and shards written here: stitch, align, study, bad input."""
 
+import csv
 import json
 import math
 import os
@@ -314,6 +315,19 @@ device: cpu
     assert "no clear trend" in vision_side["sentence"] and "n = 2" in vision_side["sentence"]
     assert (out / "mine" / "competence_mutual_knn_vision.png").is_file()
     assert (out / "mine" / "alignment.json").is_file() and (out / "study.md").is_file()
+    # The same figures in the dataset's TensorBoard folder, as PDF too, and every layer pair in the long table.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    images = set()
+    for events in (out / "mine" / "tensorboard").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        images |= set(accumulator.Tags()["images"])
+    assert {"competence/mutual_knn/vision", "competence/mutual_knn/text", "models/mutual_knn"} <= images
+    assert (out / "mine" / "competence_mutual_knn_vision.pdf").read_bytes()[:5] == b"%PDF-"
+    records = json.loads((out / "mine" / "alignment.json").read_text())["records"]
+    with open(out / "mine" / "alignment_layers.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == sum(len(r["layers_a"]) * len(r["layers_b"]) for r in records)
 
 
 class _Crash(RuntimeError):

@@ -449,7 +449,9 @@ def test_layer_sweep_reports_independently_computed_scores(tmp_path, encoders):
     assert [float(r["score"]) for r in rows] == [v for row in expected for v in row]
     assert {float(r["b_score"]) for r in rows} == {1.0}
     assert (out / "penalty.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in out.iterdir()) == [".prh_stitch_report", "penalty.csv", "penalty.json", "penalty.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".prh_stitch_report", "penalty.csv", "penalty.json",
+                                                     "penalty.pdf", "penalty.png", "tensorboard"]
+    assert (out / "penalty.pdf").read_bytes()[:5] == b"%PDF-"
 
 
 def test_layer_sweep_trains_every_cell_and_refuses_empty_layer_lists(tmp_path):

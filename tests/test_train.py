@@ -210,6 +210,8 @@ def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_los
         "format": 1, "version": prh_stitch.__version__, "stitcher": model.stitcher.config(),
         "source": model.source_spec.to_dict(), "target": model.target_spec.to_dict(),
         "source_layer": "pre_logits", "target_layer": "layers.1",
+        "source_fingerprint": model.source_encoder.fingerprint([model.source_spec.layer], model.source_spec.pooling),
+        "target_fingerprint": model.target_encoder.fingerprint([model.target_spec.layer], model.target_spec.pooling),
         "objective": {"name": "contrastive", "options": {}},
         "fit": {"method": "gradient", "init": None, "closed_form": None},
         "data": {"choices_made_on": "val"},  # planted features: no shard patterns to record
@@ -265,6 +267,11 @@ def test_checkpoint_holds_the_stitcher_but_no_encoder_weights(trained):
         "stitcher": {"name": "linear", "in_dim": 64, "out_dim": 32, "input_norm": "standard", "output_norm": "none"},
         "source": cli.model.source_spec.to_dict(), "target": cli.model.target_spec.to_dict(),
         "source_layer": "pre_logits", "target_layer": "layers.1",
+        # Which features it was trained on (weights, preprocessing, layer, pooling).
+        "source_fingerprint": cli.model.source_encoder.fingerprint([cli.model.source_spec.layer],
+                                                                   cli.model.source_spec.pooling),
+        "target_fingerprint": cli.model.target_encoder.fingerprint([cli.model.target_spec.layer],
+                                                                   cli.model.target_spec.pooling),
         "objective": {"name": "contrastive", "options": {}},
         "fit": {"method": "gradient", "init": None, "closed_form": None},
         "data": {**cli.datamodule.split_patterns(), "choices_made_on": "val"},  # what evaluate.py stitch reads

@@ -55,12 +55,15 @@ def _encode(tokenizer: Any, texts: Sequence[str], definition: str) -> List[List[
 
 @torch.inference_mode()
 def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32,
-                  device: Optional[str | torch.device] = None, definition: str = "pooled") -> Dict[str, Any]:
+                  device: Optional[str | torch.device] = None, definition: str = "pooled",
+                  progress: Optional[bool] = None) -> Dict[str, Any]:
     """Bits per byte of a causal LM (``model(input_ids, attention_mask).logits``) on ``texts``.
 
     ``definition``: ``pooled`` (prh_stitch's) or ``per_caption`` (the paper's); see the module docstring.
     Returns ``bits_per_byte``, ``definition``, ``nats`` (total NLL), ``bytes``, ``tokens`` (scored) and ``texts``.
     Texts longer than the model's context are an error: truncating them would drop bytes from the score.
+    ``progress``: a bar over the batches with an ETA (None: only when stderr is a terminal; a 7B model's pass over
+    thousands of captions takes minutes).
     """
     if definition not in BITS_PER_BYTE_DEFINITIONS:
         raise ValueError(f"bits per byte definition {definition!r}: use one of {sorted(BITS_PER_BYTE_DEFINITIONS)}")
@@ -80,7 +83,11 @@ def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
     text_nats: List[float] = []
     tokens = 0
     model.eval()
-    for i0 in range(0, len(encoded), batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(encoded), batch_size)
+    for i0 in tqdm(starts, total=len(starts), desc="bits per byte", unit="batch", disable=None if progress is None
+                   else not progress, leave=False):
         chunk = encoded[i0:i0 + batch_size]
         width = max(len(ids) for ids in chunk)
         # Right padding: with causal attention, real tokens never see the padding after them.

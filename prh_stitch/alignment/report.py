@@ -1,4 +1,5 @@
-"""The align report: a long-form table, markdown, model × model and layer × layer figures, one JSON index."""
+"""The align report: long-form tables, markdown, model × model and layer × layer figures (PNG and PDF), the same in
+TensorBoard (``tensorboard/``), one JSON index."""
 
 from __future__ import annotations
 
@@ -32,23 +33,61 @@ def long_table(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [{k: row.get(k) for k in TABLE_FIELDS} for row in rows]
 
 
+LAYER_TABLE_FIELDS = ("model_a", "model_b", "metric", "layer_a", "layer_b", "layer_a_name", "layer_b_name", "score",
+                      "role", "chance", "null_mean", "null_std", "calibrated", "ci_low", "ci_high", "n", "protocol")
+
+
+def layer_table(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (model pair, metric, layer_a, layer_b): every cell of every layer × layer matrix.
+
+    Chance, permutation null and bootstrap interval were computed for two cells of a matrix only, the best pair
+    (``role`` best) and the last layers (``role`` last); the other cells carry their score and leave them empty
+    rather than copy numbers that were not computed for them.
+    """
+    rows = []
+    for r in records:
+        # Best after last: when they are the same cell, the best pair's calibration is the one reported.
+        calibrated = {(r["last"]["layer_a"], r["last"]["layer_b"]): ("last", r["last"]),
+                      (r["layer_a"], r["layer_b"]): ("best", r)}
+        both = (r["layer_a"], r["layer_b"]) == (r["last"]["layer_a"], r["last"]["layer_b"])
+        for i, row in enumerate(r["matrix"]):
+            for j, score in enumerate(row):
+                role, cal = calibrated.get((i, j), ("", {}))
+                rows.append({"model_a": r["model_a"], "model_b": r["model_b"], "metric": r["metric"], "layer_a": i,
+                             "layer_b": j, "layer_a_name": r["layers_a"][i], "layer_b_name": r["layers_b"][j],
+                             "score": score, "role": "best, last" if both and role else role, "n": r["n"],
+                             "protocol": r.get("protocol"),
+                             **{k: cal.get(k) for k in ("chance", "null_mean", "null_std", "calibrated", "ci_low",
+                                                        "ci_high")}})
+    return rows
+
+
 def alignment_outputs(out: Path, models: Sequence[Any], records: Sequence[Dict], header: Dict[str, Any],
                       title: str) -> Dict[str, Any]:
     """Render alignment.json/.csv/.md and the figures into atomic files under ``out``.
 
     The JSON (the report's index) is written last, so its presence means the report is complete.
     """
+    from prh_stitch.report_board import report_board, tag_part
+
     labels = [m.label for m in models]
     figures = []
-    for metric, recs in _by_metric(records).items():
-        figures.append(_model_figure(out, labels, metric, recs))
-        for r in recs:
-            name = f"layers_{metric}_{_slug(r['model_a'])}__{_slug(r['model_b'])}.png"
-            figure = reports.layer_heatmap(torch.tensor(r["matrix"]), r["layers_a"], r["layers_b"], r["model_a"],
-                                           r["model_b"], metric, (r["layer_a"], r["layer_b"]), r.get("chance"))
-            figures.append(reports.save_figure(figure, out / name).name)
+    markdown = alignment_markdown(records, header, title)
+    with report_board(out) as board:  # the same figures, the table and the headline scores in TensorBoard
+        for metric, recs in _by_metric(records).items():
+            figures.append(_model_figure(out, labels, metric, recs, board))
+            for r in recs:
+                pair = f"{tag_part(r['model_a'])}__{tag_part(r['model_b'])}"
+                figure = reports.layer_heatmap(torch.tensor(r["matrix"]), r["layers_a"], r["layers_b"], r["model_a"],
+                                               r["model_b"], metric, (r["layer_a"], r["layer_b"]), r.get("chance"))
+                figures.append(reports.save_figure(figure, out / f"layers_{metric}_{_slug(r['model_a'])}__"
+                               f"{_slug(r['model_b'])}.png", board, f"layers/{metric}/{pair}").name)
+                board.scalar(f"{metric}/best/{pair}", r["score"])
+                board.scalar(f"{metric}/last/{pair}", r["last"]["score"])
+        board.text("alignment", markdown)
     reports.write_csv(out / "alignment.csv", long_table(records), TABLE_FIELDS)
-    reports.write_text(out / "alignment.md", alignment_markdown(records, header, title))
+    reports.write_csv(out / "alignment_layers.csv", layer_table(records), LAYER_TABLE_FIELDS)
+    reports.write_text(out / "alignment.md", markdown)
     payload = {**header, "records": list(records), "figures": figures}
     reports.write_json(out / "alignment.json", payload)
     return payload
@@ -61,13 +100,13 @@ def _by_metric(records: Sequence[Dict]) -> Dict[str, List[Dict]]:
     return by_metric
 
 
-def _model_figure(out: Path, labels: List[str], metric: str, recs: List[Dict]) -> str:
+def _model_figure(out: Path, labels: List[str], metric: str, recs: List[Dict], board=None) -> str:
     matrix: List[List[Optional[float]]] = [[None] * len(labels) for _ in labels]
     for r in recs:
         i, j = labels.index(r["model_a"]), labels.index(r["model_b"])
         matrix[i][j] = matrix[j][i] = r["score"]
     figure = reports.model_heatmap(labels, matrix, metric, "best layer pair", recs[0].get("chance"))
-    return reports.save_figure(figure, out / f"models_{metric}.png").name
+    return reports.save_figure(figure, out / f"models_{metric}.png", board, f"models/{metric}").name
 
 
 def alignment_markdown(records: Sequence[Dict], header: Dict[str, Any], title: str) -> str:

@@ -174,7 +174,11 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
             points, block.label, metric, chance,
             f"{dataset}: {metric} (best layer pair, the paper's max) vs {block.label}",
             _wrap(sentence))
-        figure = reports.save_figure(figure, out / f"competence_{metric}_{side}.png").name
+        from prh_stitch.report_board import report_board
+
+        with report_board(out) as board:  # beside the align report's figures of this dataset
+            figure = reports.save_figure(figure, out / f"competence_{metric}_{side}.png", board,
+                                         f"competence/{metric}/{side}").name
     return {"side": side, "metric": metric, "competence": block.label, "higher_is_better": block.higher_is_better,
             "points": points, "correlation_best": best, "correlation_last": last,
             "correlation_contextual": contextual,

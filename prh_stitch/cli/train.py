@@ -10,6 +10,7 @@ same values as configs/default.yaml). ``--config NAME`` finds a shipped config b
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -21,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from prh_stitch.cli.common import argv_of, run_command, with_shipped_configs
 from prh_stitch.module import StitchingModule
+from prh_stitch.training_board import TrainingBoard
 
 PROG = "train.py"
 # The classes a config without ``class_path`` trains: the feature stitcher.
@@ -54,6 +56,7 @@ class StitchCLI(LightningCLI):
         })
         parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(TrainingBoard, "board")  # figures, projector and hp_metric in TensorBoard
         parser.add_argument(
             "--ckpt_path", type=Optional[str], default=None,
             help="Resume training: a checkpoint path, or 'last' for the newest last.ckpt under trainer.default_root_dir.",
@@ -147,9 +150,17 @@ def fit(cli: StitchCLI) -> None:
     # Read before testing: loading the selected checkpoint for the test restores the callbacks' state as saved then.
     best_path, best_score, last_path = callback.best_model_path, callback.best_model_score, latest.best_model_path
     tested = test_selected(cli, best_path) if isinstance(cli.model, StitchingModule) else None
+    folder = None
+    if isinstance(cli.model, StitchingModule) and trainer.is_global_zero:
+        from prh_stitch.model_folder import save_stitcher_folder
+
+        # The selected checkpoint (what test.json scored) as a shareable model folder next to last.ckpt.
+        test_json = test_json_path(trainer, best_path)
+        test = json.loads(test_json.read_text()) if test_json.is_file() else None
+        folder = save_stitcher_folder(best_path or last_path, Path(last_path).parent / "stitcher", test=test)
     if trainer.is_global_zero:
-        hint = (f"\n  load in Python:  prh_stitch.load_stitcher({last_path!r})"
-                if isinstance(cli.model, StitchingModule) else "")
+        hint = (f"\n  stitcher folder: {folder} (prh_stitch.load_stitcher(folder); push with "
+                f"HubStitcher.from_pretrained(folder).push_to_hub(repo_id))" if folder is not None else "")
         print(
             "\nDone.\n"
             f"  best checkpoint: {best_path} ({callback.monitor} = {float(best_score or 0):.4f})\n"
@@ -160,6 +171,11 @@ def fit(cli: StitchCLI) -> None:
         )
         if tested is not None:
             print(f"  {tested}")
+
+
+def test_json_path(trainer, selected: Optional[str]) -> Path:
+    """Where ``test.json`` goes: next to the selected checkpoint, or in the log folder when none was selected."""
+    return (Path(selected).parent if selected else Path(trainer.log_dir or trainer.default_root_dir)) / "test.json"
 
 
 def test_selected(cli: StitchCLI, selected: Optional[str]) -> Optional[str]:
@@ -183,8 +199,7 @@ def test_selected(cli: StitchCLI, selected: Optional[str]) -> Optional[str]:
     scores = model.test_scores
     if scores is None or not trainer.is_global_zero:
         return None
-    folder = Path(selected).parent if selected else Path(trainer.log_dir or trainer.default_root_dir)
-    path = reports.write_json(folder / "test.json", {
+    path = reports.write_json(test_json_path(trainer, selected), {
         "split": "test",
         "checkpoint": selected or "weights at the end of training (no selected checkpoint)",
         "selected_by": {"monitor": callback.monitor if callback is not None else None, "split": "val"},

@@ -95,6 +95,7 @@ def layer_sweep(
     seed: int = 0,
     cache_dir: Optional[str] = None,
     accelerator: str = "cpu",
+    progress: bool = True,
 ) -> SweepReport:
     """Stitching penalty of every cut: A's layer i into B's layer j, a stitching layer trained for each.
 
@@ -111,11 +112,13 @@ def layer_sweep(
         batch_size: stitch-layer training batch size.
         epochs: training epochs per cut.
         lr: AdamW learning rate of the stitching layer.
-        out: folder for ``penalty.json``, ``penalty.csv`` and ``penalty.png``; None writes nothing.
+        out: folder for ``penalty.json``, ``penalty.csv``, ``penalty.png``/``.pdf`` and ``tensorboard/``; None writes
+            nothing.
         init: stitching-layer init: ``lstsq``, ``identity`` (equal widths) or ``default``.
         seed: seed of the scenes, the training order and every cut's initialisation.
         cache_dir: cache of the frozen networks' outputs (default ``$PRH_STITCH_CACHE`` or ``~/.cache/prh_stitch``).
         accelerator: Lightning accelerator of each cut's training (``cpu``, ``gpu``, ``auto``).
+        progress: a progress bar over the cuts (total ``len(layers_a) * len(layers_b)``, with an ETA) on stderr.
 
     Returns:
         The :class:`SweepReport`. A's activations at each cut are computed once and shared by every j.
@@ -126,8 +129,11 @@ def layer_sweep(
                                batch_size=batch_size, cache_dir=cache_dir)
     report = SweepReport(model_a, model_b, target, "accuracy" if target == "labels" else "agreement with B",
                          epochs=epochs)
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
-    with _quiet_lightning():
+    bar = tqdm(total=len(layers_a) * len(layers_b), desc="layer sweep: cuts trained", unit="cut", disable=not progress)
+    with _quiet_lightning(), bar:
         for la in layers_a:
             rows: Dict[str, List[float]] = {"score": [], "penalty": [], "agreement": []}
             for lb in layers_b:
@@ -141,6 +147,7 @@ def layer_sweep(
                     report.layers_b.append(module.layer_b)
                 log.info("%s %s -> %s %s: score %.4f, penalty %+.4f", model_a, module.layer_a, model_b,
                          module.layer_b, result["score"], result["penalty"])
+                bar.update(1)
             report.layers_a.append(module.layer_a)
             for key, row in rows.items():
                 getattr(report, key).append(row)
@@ -151,16 +158,22 @@ def layer_sweep(
 
 
 def write_sweep_report(report: SweepReport, out: str | Path) -> Dict[str, Path]:
-    """``penalty.json``, ``penalty.csv`` and ``penalty.png`` in ``out``, which is replaced as a whole at the end."""
+    """``penalty.json``, ``penalty.csv`` (long form: one row per cut) and ``penalty.png``/``.pdf`` in ``out``, the
+    penalty matrix and every cut's penalty also in ``out/tensorboard``; ``out`` is replaced as a whole at the end."""
     from prh_stitch.atomic import atomic_folder
+    from prh_stitch.report_board import report_board, tag_part
     from prh_stitch.reports import save_figure, write_csv, write_json
 
     out = Path(out)
     with atomic_folder(out) as folder:
+        with report_board(folder) as board:
+            save_figure(penalty_figure(report), folder / "penalty.png", board, "layer_sweep/penalty")
+            for row in report.records:
+                board.scalar(f"penalty/{tag_part(row['layer_a'])}__{tag_part(row['layer_b'])}", row["penalty"])
         write_json(folder / "penalty.json", report.to_dict())
         write_csv(folder / "penalty.csv", report.records, CSV_FIELDS)
-        save_figure(penalty_figure(report), folder / "penalty.png")
-    return {"json": out / "penalty.json", "csv": out / "penalty.csv", "png": out / "penalty.png"}
+    return {"json": out / "penalty.json", "csv": out / "penalty.csv", "png": out / "penalty.png",
+            "pdf": out / "penalty.pdf", "tensorboard": out / "tensorboard"}
 
 
 def penalty_figure(report: SweepReport):
