@@ -87,7 +87,7 @@ def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
 
     starts = range(0, len(encoded), batch_size)
     for i0 in tqdm(starts, total=len(starts), desc="bits per byte", unit="batch", disable=None if progress is None
-                   else not progress, leave=False):
+                   else not progress, leave=True):
         chunk = encoded[i0:i0 + batch_size]
         width = max(len(ids) for ids in chunk)
         # Right padding: with causal attention, real tokens never see the padding after them.
