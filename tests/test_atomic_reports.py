@@ -127,8 +127,8 @@ def test_sigint_while_an_align_report_is_written_keeps_the_previous_report(data,
     # A real SIGINT, delivered after the rerun (k = 5) has written its second figure.
     save_figure, written = reports.save_figure, []
 
-    def save_then_interrupt(figure, path):
-        written.append(save_figure(figure, path))
+    def save_then_interrupt(figure, path, *board_and_tag):
+        written.append(save_figure(figure, path, *board_and_tag))
         if len(written) == 2:
             os.kill(os.getpid(), signal.SIGINT)
         return written[-1]
