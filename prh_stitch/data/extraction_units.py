@@ -55,9 +55,6 @@ class Ranks:
             return cls()
         return cls.from_torch()
 
-    def barrier(self) -> None:
-        self.exchange(None)
-
     def agree(self, error: Optional[BaseException]) -> List[Optional[Tuple[str, str]]]:
         """Share whether each rank failed; raise on every rank if any did (no rank is left waiting)."""
         mine = None if error is None else (type(error).__name__, str(error))

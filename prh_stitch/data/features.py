@@ -43,32 +43,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from prh_stitch.data.batches import _as_is
-from prh_stitch.data.extraction_units import Ranks, UnitDone, UnitReader, unit_batches
+# BadFeatures, CorruptEntry, DEFAULT_CHUNK_SIZE, Ranks, UnitDone, UnitReader and data_fingerprint are imported from
+# here by other modules: this is the store's public home.
+from prh_stitch.data.extraction_units import Ranks, UnitDone, UnitReader, unit_batches  # noqa: F401
 from prh_stitch.data.shards import samples_per_shard
 from prh_stitch.data.split import unit_size
-from prh_stitch.data.store_entry import (
-    DEFAULT_CHUNK_SIZE,
-    DTYPES,
-    IDENTITY,
-    INDEX,
-    STORE_FORMAT,
-    BadFeatures,
-    CorruptEntry,
-    EntryMismatch,
-    IncompleteShards,
-    check_identity,
-    commit_entry,
-    data_fingerprint,
-    default_cache_dir,
-    disk_full,
-    entry_name,
-    finished_shards,
-    open_entry,
-    part_name,
-    read_index,
-    units_on_disk,
-    verify_entry,
-    write_part,
+from prh_stitch.data.store_entry import (  # noqa: F401
+    DEFAULT_CHUNK_SIZE, DTYPES, INDEX, STORE_FORMAT, BadFeatures, CorruptEntry, EntryMismatch, IncompleteShards,
+    check_identity, commit_entry, data_fingerprint, default_cache_dir, disk_full, entry_name, finished_shards,
+    open_entry, read_index, units_on_disk, verify_entry, write_part,
 )
 from prh_stitch.data.store_safety import entry_lock, remove_dead_temp_files, unwritable_store
 from prh_stitch.encoders.base import FrozenEncoder, Layer
@@ -77,14 +60,6 @@ log = logging.getLogger("prh_stitch.data")
 
 # Entries whose files this process has checked against their hashes: {folder: (index inode, index mtime)}.
 _VERIFIED: Dict[str, Tuple[int, int]] = {}
-
-# The entry-format names live in store_entry.py but stay importable from here, the store's public home.
-__all__ = [
-    "BadFeatures", "CorruptEntry", "DEFAULT_CHUNK_SIZE", "DTYPES", "EntryMismatch", "ExtractionReport", "FeatureSet",
-    "FeatureStore", "IDENTITY", "INDEX", "IncompleteShards", "Ranks", "STORE_FORMAT", "UnitDone", "UnitReader",
-    "align_by_key", "data_fingerprint", "default_cache_dir", "part_name", "unit_batches",
-]
-
 
 @dataclass
 class FeatureSet:
@@ -169,10 +144,6 @@ class FeatureStore:
             "shards": len(urls),
             "dtype": self.dtype,
         }
-    @staticmethod
-    def _entry_name(identity: Dict[str, Any]) -> str:
-        return entry_name(identity)
-
 
     # ---- the one entry point ------------------------------------------------------------------
     def get(
@@ -200,7 +171,7 @@ class FeatureStore:
         urls = list(urls)
         ranks = ranks or Ranks()
         identity = self.identity(encoder, layers, pooling, urls)
-        entry = self.root / (name or self._entry_name(identity))
+        entry = self.root / (name or entry_name(identity))
         # Rank 0 holds the lock for the whole call; the other ranks of a DDP run follow it through the collectives.
         with entry_lock(entry, needed=ranks.rank == 0):
             try:
@@ -221,26 +192,36 @@ class FeatureStore:
         complete = (entry / INDEX).is_file()
         if ranks.world > 1:  # one decision for all ranks, or their collectives would not match
             complete = ranks.exchange(complete)[0]
+        report, error = ExtractionReport(), None
         if complete:
             self.hits += 1
             log.info("features of %s: store hit (%s)", encoder.name, entry)
-            feature_set = self.read(entry, identity)
-            feature_set.info["extraction"] = asdict(ExtractionReport(seconds=round(time.perf_counter() - started, 3)))
-            return feature_set
+        else:
+            self.extractions += 1
+            original = encoder.device
+            try:
+                if device is not None:
+                    encoder.to(device)
+                report = self._extract(encoder, urls, layers, pooling, batch_size, num_workers, progress, entry,
+                                       identity, ranks)
+            except Exception as exc:  # noqa: BLE001 - shared with the other ranks below, then re-raised
+                error = exc
+            finally:
+                encoder.to(original)
+            self._commit(entry, ranks, error, started)
+        feature_set = self.read(entry, identity)
+        report.seconds = round(time.perf_counter() - started, 3)
+        feature_set.info["extraction"] = asdict(report)
+        return feature_set
 
-        self.extractions += 1
-        report, error = ExtractionReport(), None
-        try:
-            report = self.extract(encoder, urls, layers, pooling, batch_size, num_workers, progress,
-                                  entry=entry, identity=identity, ranks=ranks, device=device)
-        except Exception as exc:  # noqa: BLE001 - shared with the other ranks below, then re-raised
-            error = exc
+    def _commit(self, entry: Path, ranks: Ranks, error: Optional[Exception], started: float) -> None:
+        """Every rank learns whether any failed; rank 0 commits; what is kept on failure depends on the cause."""
         try:
             ranks.agree(error)
             error = None
             if ranks.rank == 0:
                 try:
-                    self.commit(entry, seconds=time.perf_counter() - started)
+                    commit_entry(entry, time.perf_counter() - started)
                 except Exception as exc:  # noqa: BLE001 - as above
                     error = exc
             ranks.agree(error)
@@ -254,57 +235,22 @@ class FeatureStore:
             if ranks.rank == 0 and not (entry / INDEX).exists() and not units_on_disk(entry):
                 shutil.rmtree(entry, ignore_errors=True)  # failed before any unit was done: nothing to resume
             raise
-        feature_set = self.read(entry, identity)
-        report.seconds = round(time.perf_counter() - started, 3)
-        feature_set.info["extraction"] = asdict(report)
-        return feature_set
 
     # ---- extraction ---------------------------------------------------------------------------
-    def _open_entry(self, entry: Path, identity: Dict[str, Any], chunk_size: Optional[int] = None) -> int:
-        """Create the entry (or check an existing one is the same); return its chunk size."""
-        return open_entry(entry, identity, chunk_size or self.chunk_size)
-
-    def extract(
-        self,
-        encoder: FrozenEncoder,
-        urls: Sequence[str],
-        layers: Sequence[Layer] = (-1,),
-        pooling: Optional[str] = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        progress: bool = True,
-        entry: Optional[Path] = None,
-        identity: Optional[Dict[str, Any]] = None,
-        ranks: Optional[Ranks] = None,
-        device: Optional[torch.device | str] = None,
-    ) -> ExtractionReport:
-        """Encode this process's units that are not on disk yet and write each as a part of ``entry``."""
-        original = encoder.device
-        if device is not None:
-            encoder.to(device)
-        try:
-            return self._extract(encoder, urls, layers, pooling, batch_size, num_workers, progress, entry, identity, ranks)
-        finally:
-            encoder.to(original)
-
     def _extract(self, encoder, urls, layers, pooling, batch_size, num_workers, progress, entry, identity, ranks):
+        """Encode this process's units that are not on disk yet and write each as a part of ``entry``."""
         from tqdm.auto import tqdm
 
-        ranks = ranks or Ranks()
-        identity = identity or self.identity(encoder, layers, pooling, urls)
-        entry = entry or self.root / self._entry_name(identity)
         # Units small enough that every rank x worker gets one (fixed when the entry is created; batches never
         # span units, so the features depend on the unit size, not on how many consumers share the work).
-        consumers = ranks.world * max(1, num_workers)
         counts = samples_per_shard(urls)
-        chunk_size = self._open_entry(entry, identity, unit_size(self.chunk_size, counts, consumers))
+        chunk_size = open_entry(entry, identity, unit_size(self.chunk_size, counts, ranks.world * max(1, num_workers)))
         (entry / "parts").mkdir(exist_ok=True)
         units = units_on_disk(entry)
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
         reader = UnitReader(urls, chunk_size, set(units), finished_shards(units), ranks.rank, ranks.world)
         loader = DataLoader(wds.DataPipeline(reader, lambda items: unit_batches(items, batch_size, encoder)),
                             batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-        names = identity["layers"]
         cut: Dict[str, str] = {}  # shards not read to their end: url -> why
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         # A total (hence an ETA) where the manifests give it and this process encodes everything from scratch.
@@ -323,7 +269,8 @@ class FeatureStore:
                     bar.update(len(item["key"]))
                 else:
                     rows = pending.pop((item.shard, item.block), {"samples": [], "outputs": []})
-                    problem = self._write_part(entry, item, rows["samples"], rows["outputs"], names, encoder.name)
+                    problem = write_part(entry, item, rows["samples"], rows["outputs"], identity["layers"],
+                                         encoder.name, self.dtype)
                     if problem is None:
                         report.chunks_computed += 1
                     else:
@@ -335,15 +282,6 @@ class FeatureStore:
                 f"{entry}: repair or remove the shard(s) and run again (finished shards are not read again)"
             )
         return report
-
-    def _write_part(self, entry: Path, done: UnitDone, samples: List[dict], outputs: List[List[Tensor]],
-                    names: List[str], encoder_name: str) -> Optional[str]:
-        return write_part(entry, done, samples, outputs, names, encoder_name, self.dtype)
-
-    # ---- completion ---------------------------------------------------------------------------
-    def commit(self, entry: Path, seconds: float = 0.0) -> None:
-        """Merge the parts of a fully extracted entry into per-layer arrays in key order; write the index."""
-        commit_entry(entry, seconds)
 
     # ---- reading ------------------------------------------------------------------------------
     def read(self, entry: str | os.PathLike, identity: Optional[Dict[str, Any]] = None) -> FeatureSet:

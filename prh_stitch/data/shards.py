@@ -392,16 +392,20 @@ def expand_urls(pattern: str | Sequence[str]) -> List[str]:
     return unique
 
 
-def samples_per_shard(urls: Sequence[str]) -> Optional[List[int]]:
-    """Samples in each shard, from the manifests next to them; None unless every shard is in one."""
-    counts: dict = {}
+def manifest_records(urls: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``{url: its shard record}`` (samples, bytes, SHA-256) of the local shards a manifest next to them lists."""
+    records: Dict[str, Dict[str, Any]] = {}
     for folder in {os.path.dirname(url) for url in urls if "://" not in url and not url.startswith("pipe:")}:
         for path in glob.glob(os.path.join(glob.escape(folder or "."), "*-manifest.json")):
-            manifest = _read_manifest(Path(path)) or {}
-            for shard in manifest.get("shards", []):
-                counts[os.path.join(folder, shard["name"])] = shard["num_samples"]
-    found = [counts.get(url) for url in urls]
-    return None if None in found else found
+            for shard in (_read_manifest(Path(path)) or {}).get("shards", []):
+                records[os.path.join(folder, shard["name"])] = shard
+    return records
+
+
+def samples_per_shard(urls: Sequence[str]) -> Optional[List[int]]:
+    """Samples in each shard, from the manifests next to them; None unless every shard is in one."""
+    records = manifest_records(urls)
+    return [records[url]["num_samples"] for url in urls] if all(url in records for url in urls) else None
 
 
 # -- the cached built-in scene dataset ----------------------------------------------------------------
