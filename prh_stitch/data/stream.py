@@ -1,6 +1,6 @@
 """Reading paired image-caption shards: a ``webdataset`` pipeline with a few stages of our own.
 
-The pipeline (``paired_pipeline``): shard list (``webdataset.SimpleShardList``, or ``webdataset.ResampledShards``
+The pipeline (``PairedShards``): shard list (``webdataset.SimpleShardList``, or ``webdataset.ResampledShards``
 for resampled epochs) -> per-epoch shard shuffle (``webdataset.shuffle``) -> our split stage (``split.py``'s one
 rule) -> our shard reader -> sample shuffle buffer (``webdataset.shuffle``) -> our decoder -> transforms. Shards
 open through ``webdataset.gopen`` (local paths, ``file:``, ``http(s)://`` via curl, and every scheme gopen knows),
@@ -48,7 +48,7 @@ from torch.utils.data import get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from prh_stitch.data.shards import expand_urls, keys_digest
-from prh_stitch.data.split import SPLIT_MODES, current_consumer, owner, split_mode
+from prh_stitch.data.split import current_consumer, owner, split_mode
 
 logger = logging.getLogger("prh_stitch.data")
 
@@ -66,19 +66,17 @@ class SkipStats:
     skipped: Counter = field(default_factory=Counter)
     shards: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
-    def _shard(self, url: str) -> Dict[str, Any]:
+    def opened(self, url: str) -> Dict[str, Any]:
+        """The counts of shard ``url`` (created at zero: a shard read counts even when it gives nothing)."""
         return self.shards.setdefault(url, {"good": 0, "skipped": Counter()})
-
-    def opened(self, url: str) -> None:
-        self._shard(url)
 
     def add_good(self, url: str) -> None:
         self.good += 1
-        self._shard(url)["good"] += 1
+        self.opened(url)["good"] += 1
 
     def add_skip(self, url: str, reason: str) -> None:
         self.skipped[reason] += 1
-        self._shard(url)["skipped"][reason] += 1
+        self.opened(url)["skipped"][reason] += 1
 
     @property
     def shards_read(self) -> int:
@@ -88,7 +86,7 @@ class SkipStats:
         self.good += other.good
         self.skipped.update(other.skipped)
         for url, counts in other.shards.items():
-            mine = self._shard(url)
+            mine = self.opened(url)
             mine["good"] += counts["good"]
             mine["skipped"].update(counts["skipped"])
         return self
@@ -369,14 +367,10 @@ class PairedShards(wds.DataPipeline):
         resampled: bool = False,
         epoch_length: Optional[int] = None,
     ) -> None:
-        if split not in SPLIT_MODES:
-            raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+        split_mode(split, 0, 1)  # checks the name now, not in the first pass
+        current_consumer(True, False, rank, world_size)  # checks rank and world_size likewise
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        if (rank is None) != (world_size is None):
-            raise ValueError("pass rank and world_size together (or neither, to use torch.distributed)")
-        if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if resampled and (epoch_length is None or epoch_length < 1):
             raise ValueError(f"resampled streams need epoch_length >= 1 (samples per epoch), got {epoch_length}")
         self.urls: List[str] = expand_urls(urls)
@@ -424,15 +418,13 @@ class PairedShards(wds.DataPipeline):
         index, count = self.consumer()
         info = get_worker_info() if self.split_by_worker else None
         workers = info.num_workers if info is not None else 1
-        per_rank = self.epoch_length // (count // workers)
-        worker = index % workers
-        return per_rank // workers + (1 if worker < per_rank % workers else 0)
+        return _share(self.epoch_length // (count // workers), workers, index % workers)
 
     def batches_per_rank(self, batch_size: int, num_workers: int) -> int:
         """Resampled: batches one rank yields per epoch when each worker batches its own quota."""
         _, world = current_consumer(self.split_by_node, False, self.rank, self.world_size)
-        workers, per_rank = max(1, num_workers), self.epoch_length // world
-        return sum(-(-(per_rank // workers + (w < per_rank % workers)) // batch_size) for w in range(workers))
+        workers = max(1, num_workers)
+        return sum(-(-_share(self.epoch_length // world, workers, w) // batch_size) for w in range(workers))
 
     def _read_split(self, shards: Iterable[Dict[str, str]]) -> Iterator[Dict[str, Any]]:
         """Reads this consumer's share by the one split rule; counts shard problems the shard's owner sees."""
@@ -473,6 +465,11 @@ class PairedShards(wds.DataPipeline):
 
 def _same(x):
     return x
+
+
+def _share(total: int, parts: int, part: int) -> int:
+    """Part ``part`` of ``total`` spread over ``parts`` as evenly as possible (the first ones get one more)."""
+    return total // parts + (part < total % parts)
 
 
 def scan(urls: str | Sequence[str]) -> Dict[str, Any]:
