@@ -35,11 +35,13 @@ from prh_stitch.atomic import atomic_write_text
 logger = logging.getLogger("prh_stitch.data")
 
 MANIFEST_FORMAT = "prh_stitch-shards-v1"
-IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+JPEG_QUALITY = 95  # high enough that re-encoding artefacts do not dominate small synthetic shapes
+# PIL save options per format, fixed so that the same pixels always give the same bytes.
+IMAGE_FORMATS = {"jpg": {"format": "JPEG", "quality": JPEG_QUALITY}, "png": {"format": "PNG"},
+                 "webp": {"format": "WEBP", "lossless": True}}
 # Keys become file names inside the tar and are split from the extension at the first dot (the
 # webdataset grouping rule), so they must not contain dots or slashes.
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
-JPEG_QUALITY = 95  # high enough that re-encoding artefacts do not dominate small synthetic shapes
 _TAR_BLOCK = 512
 _TAR_RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
 _TAR_END = 2 * _TAR_BLOCK  # two zero blocks mark the end of an archive
@@ -88,12 +90,7 @@ def encode_image(image: Image.Image, image_format: str) -> bytes:
     if image_format == "jpg" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # JPEG has no alpha or palette
     buffer = io.BytesIO()
-    if image_format == "jpg":
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    elif image_format == "webp":
-        image.save(buffer, format="WEBP", lossless=True)
-    else:
-        image.save(buffer, format="PNG")
+    image.save(buffer, **IMAGE_FORMATS[image_format])
     return buffer.getvalue()
 
 
@@ -318,33 +315,22 @@ def write_shards(
 
 # -- reading side: which shards does a pattern name ---------------------------------------------------
 
-def _split_top_level(text: str, separator: str) -> List[str]:
-    """Split on ``separator`` outside braces, so "a-{0,1}.tar,b.tar" is two patterns, not three."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth = max(0, depth - 1)
-        if char == separator and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
+def _split_top_level(text: str) -> List[str]:
+    """Split on commas outside braces, so "a-{0,1}.tar,b.tar" is two patterns, not three."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth = depth + 1 if char == "{" else max(0, depth - 1) if char == "}" else depth
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 def _split_patterns(pattern: str | Sequence[str]) -> List[str]:
-    if isinstance(pattern, (str, os.PathLike)):
-        pieces = []
-        for chunk in str(pattern).split("::"):
-            pieces.extend(_split_top_level(chunk, ","))
-    else:
-        pieces = []
-        for item in pattern:
-            pieces.extend(_split_patterns(item))
-    return [p.strip() for p in pieces if p.strip()]
+    if not isinstance(pattern, (str, os.PathLike)):
+        return [piece for item in pattern for piece in _split_patterns(item)]
+    pieces = [piece.strip() for chunk in str(pattern).split("::") for piece in _split_top_level(chunk)]
+    return [piece for piece in pieces if piece]
 
 
 def expand_urls(pattern: str | Sequence[str]) -> List[str]:
