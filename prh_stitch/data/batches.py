@@ -23,11 +23,6 @@ from prh_stitch.data.stream import SkipStats
 STATS = "stats"  # the batch entry holding the worker's skip counts since its previous batch
 
 
-def model_input(sample: Mapping[str, Any], encoder) -> Any:
-    """The raw side of a sample an encoder reads: the image for image encoders, the caption for text ones."""
-    return sample["image"] if encoder.modality == "image" else sample["caption"]
-
-
 class Prepare:
     """Per-sample work, done in the worker while the decoded pixels are in the CPU's cache: every encoder's own
     transform, and the pixels as a uint8 array when images are kept."""
@@ -41,7 +36,7 @@ class Prepare:
         image = sample.pop("image")
         if self.image_size is not None and image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        sample["inputs"] = {name: encoder.transform(model_input(dict(sample, image=image), encoder))
+        sample["inputs"] = {name: encoder.transform(image if encoder.modality == "image" else sample["caption"])
                             for name, encoder in self.encoders.items()}
         if self.keep_images:
             pixels = np.asarray(image)  # (H, W, C) in a batch; channels first by a view, never by a copy
