@@ -2,9 +2,10 @@
 
 The pipeline (``PairedShards``): shard list (``webdataset.SimpleShardList``, or ``webdataset.ResampledShards``
 for resampled epochs) -> per-epoch shard shuffle (``webdataset.shuffle``) -> our split stage (``split.py``'s one
-rule) -> our shard reader -> sample shuffle buffer (``webdataset.shuffle``) -> our decoder -> transforms. Shards
-open through ``webdataset.gopen`` (local paths, ``file:``, ``http(s)://`` via curl, and every scheme gopen knows),
-except ``pipe:`` commands, which we start ourselves (see ``_Source``).
+rule) -> our shard reader -> sample shuffle buffer (``webdataset.shuffle``) -> our decoder; transforms are
+webdataset stages appended to it (``.compose(wds.map_dict(image=...))``). Shards open through ``webdataset.gopen``
+(local paths, ``file:``, ``http(s)://`` via curl, every scheme gopen knows), except ``pipe:`` commands, which we
+start ourselves (see ``_Source``).
 
 Ours, because webdataset cannot do it:
 
@@ -353,8 +354,6 @@ class PairedShards(wds.DataPipeline):
     def __init__(
         self,
         urls: str | Sequence[str],
-        image_transform: Optional[Callable[[Image.Image], Any]] = None,
-        caption_transform: Optional[Callable[[str], Any]] = None,
         shuffle_buffer: int = 0,
         seed: int = 0,
         split_by_node: bool = False,
@@ -391,9 +390,6 @@ class PairedShards(wds.DataPipeline):
                       self._read_split]
         stages.append(_Stage(lambda: wds.shuffle(shuffle_buffer, shuffle_buffer, rng=self._rng(True)) if shuffle else _same))
         stages.append(lambda raw: decoded(raw, self.stats, image_mode))
-        if image_transform is not None or caption_transform is not None:
-            stages.append(wds.map(lambda s: dict(s, image=(image_transform or _same)(s["image"]),
-                                                 caption=(caption_transform or _same)(s["caption"]))))
         if resampled:
             stages.append(lambda samples: itertools.islice(samples, self.quota()))
         super().__init__(*stages)
