@@ -13,6 +13,7 @@ samples give byte-identical shards and manifests.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -269,6 +270,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Remove the shard in progress and every shard this writer completed; write no manifest."""
         if self._tar is not None:
+            with contextlib.suppress(Exception):  # else tarfile's __del__ writes into the closed file later
+                self._tar.close()
             self._file.close()
         if self._tmp_path is not None:
             self._tmp_path.unlink(missing_ok=True)
@@ -287,27 +290,15 @@ class ShardWriter:
             self.close()
 
 
-def write_shards(
-    samples: Iterable[Tuple[str, Image.Image, str, Mapping[str, Any]]],
-    out_dir: str | Path,
-    prefix: str = "shard",
-    samples_per_shard: int = 1000,
-    max_shard_bytes: Optional[int] = None,
-    source: str = "unknown",
-    seed: Optional[int] = None,
-    image_format: str = "jpg",
-    overwrite: bool = False,
-    info: Optional[Mapping[str, Any]] = None,
-) -> dict:
+def write_shards(samples: Iterable[Tuple[str, Image.Image, str, Mapping[str, Any]]], out_dir: str | Path,
+                 **options: Any) -> dict:
     """Write ``(key, image, caption, meta)`` samples as shards under ``out_dir``; return the manifest.
 
-    Raises ValueError on a duplicate or malformed key, an empty caption, an existing series with the
-    same prefix (unless ``overwrite``), or no samples; on any error nothing of this call remains on disk.
+    ``options`` are ``ShardWriter``'s (prefix, samples_per_shard, max_shard_bytes, source, seed, image_format,
+    overwrite, info). Raises ValueError on a duplicate or malformed key, an empty caption, an existing series with
+    the same prefix (unless ``overwrite``), or no samples; on any error nothing of this call remains on disk.
     """
-    with ShardWriter(
-        out_dir, prefix=prefix, samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes,
-        source=source, seed=seed, image_format=image_format, overwrite=overwrite, info=info,
-    ) as writer:
+    with ShardWriter(out_dir, **options) as writer:
         for key, image, caption, meta in samples:
             writer.add(key, image, caption, meta)
         return writer.close()
