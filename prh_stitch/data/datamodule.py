@@ -269,7 +269,6 @@ class StitchingDataModule(pl.LightningDataModule):
         self.streaming = StreamingDataModule(
             train=self.shard_urls("train"), batch_size=self.batch_size, num_workers=self.num_workers,
             shuffle_buffer=self.stream.shuffle_buffer, seed=self.seed, resampled=True, epoch_length=epoch_length,
-            keep_images=False,
         )
         self.streaming.trainer = self.trainer  # its shuffle and draws follow the trainer's epoch
         self.streaming.set_encoders(augmented({"source": source.encoder, "target": target.encoder},
@@ -379,9 +378,7 @@ class StreamingDataModule(pl.LightningDataModule):
         seed: int = 0,
         resampled: bool = False,
         epoch_length: Optional[int] = None,
-        split: str = "auto",
         image_mode: Optional[str] = "RGB",
-        keep_images: Optional[bool] = None,
         image_size: Optional[int] = None,
     ) -> None:
         """
@@ -395,10 +392,7 @@ class StreamingDataModule(pl.LightningDataModule):
             resampled: draw training shards with replacement, without end, cut to ``epoch_length`` per epoch
                 (all ranks together; every rank gets the same number of batches).
             epoch_length: samples per training epoch in resampled mode.
-            split: how exactly-once streams split over consumers (``auto``, ``shard``, ``sample``; see split.py).
             image_mode: convert decoded images to this PIL mode (None keeps the stored one).
-            keep_images: put the decoded images in batches, as uint8 (C, H, W) tensors (default: only when no
-                encoder preprocesses them).
             image_size: resize every decoded image to this square side, before any preprocessing (None: as stored).
         """
         super().__init__()
@@ -413,9 +407,7 @@ class StreamingDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.resampled = bool(resampled)
         self.epoch_length = epoch_length
-        self.split = split
         self.image_mode = image_mode
-        self.keep_images = keep_images
         self.image_size = image_size
         self.encoders: Dict[str, FrozenEncoder] = {}
         self.stats: Dict[str, SkipStats] = {"train": SkipStats(), "val": SkipStats()}
@@ -439,7 +431,7 @@ class StreamingDataModule(pl.LightningDataModule):
             raise ValueError(f"no {split!r} shard pattern was given to the StreamingDataModule")
         train = split == "train"
         return PairedShards(pattern, shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed,
-                            split_by_node=True, split=self.split, image_mode=self.image_mode,
+                            split_by_node=True, image_mode=self.image_mode,
                             resampled=train and self.resampled, epoch_length=self.epoch_length)
 
     def _epoch_source(self, split: str) -> Callable[[], int]:
@@ -454,7 +446,7 @@ class StreamingDataModule(pl.LightningDataModule):
 
     def dataloader(self, split: str) -> BatchLoader:
         reader = self.reader(split)
-        for stage in batch_stages(self.batch_size, self.encoders, self.keep_images, self.image_size, reader.stats):
+        for stage in batch_stages(self.batch_size, self.encoders, self.image_size, reader.stats):
             reader.append(stage)
         length = None
         if split == "train" and self.resampled:
