@@ -1,26 +1,19 @@
 """The feature store: frozen-encoder outputs computed once, kept on disk, read memory-mapped by every run.
 
 Encoders are frozen and the default inputs are not augmented, so an encoder's pooled features for a sample
-are a pure function of (encoder weights, preprocessing, layers, pooling, sample). Each entry of the store is
-keyed by a fingerprint of all of those plus the shards read and the storage dtype; its on-disk format (identity,
-parts, the merge into layer arrays, resuming) is ``store_entry.py``'s; the units of work and the ranks sharing
-them are ``extraction_units.py``'s. This module extracts and reads entries.
+are a pure function of (encoder weights, preprocessing, layers, pooling, sample): an entry is keyed by a
+fingerprint of those, the shards and the storage dtype. Its on-disk format is ``store_entry.py``'s, the units of
+work and the ranks sharing them ``extraction_units.py``'s, locks and dead writers' files ``store_safety.py``'s.
 
-Splitting the work. Units go to consumers (rank x DataLoader worker) by ``split.py``'s one rule: whole shards
-round robin when there are at least as many shards as consumers, else units round robin (every consumer then
-reads every shard but decodes only its units). With fewer units than consumers the unit size shrinks, from the
-manifests' per-shard sample counts, until each consumer has one; it is fixed when the entry is created. Under
-DDP each rank extracts its units, all ranks meet, and rank 0 commits. A batch never spans two units, so the
-batches -- and hence the features, bit for bit for a given machine and thread count -- do not depend on how
-many ranks or workers did the work.
+Splitting the work: units go to consumers (rank x DataLoader worker) by ``split.py``'s one rule, shrunk (from the
+manifests' sample counts, fixed when the entry is created) until each consumer has one. Each rank extracts its
+units, all ranks meet, rank 0 commits. A batch never spans two units, so the features -- bit for bit on a given
+machine and thread count -- do not depend on how many ranks or workers did the work.
 
-Reading. ``layer-*.npy`` are opened with ``np.load(mmap_mode="c")``: training and evaluation read rows
-straight from the page cache, nothing is loaded up front, and writes stay private to the process. The first
-open of an entry in a process checks every file against the hashes in its index (one sequential read, which
-also warms the page cache); a damaged entry is an error naming it and the repair command, never used.
-
-Processes. ``get`` holds the entry's file lock (``store_safety.py``) from its first look at the entry to the
-end of the commit: a second extractor of the same entry waits, then finds it complete and reads it.
+Reading: ``np.load(mmap_mode="c")`` reads rows straight from the page cache, nothing up front, writes private to
+the process. The first open in a process checks every file against the index's hashes (one sequential read,
+which also warms the page cache); a damaged entry is an error naming it and the repair command, never used.
+``get`` holds the entry's lock from its first look to the end of the commit: a second extractor waits, then reads.
 """
 
 from __future__ import annotations

@@ -258,7 +258,13 @@ def commit_entry(entry: Path, seconds: float = 0.0) -> None:
     stored = json.loads((entry / IDENTITY).read_text())
     identity = stored["identity"]
     units = units_on_disk(entry)
-    _check_all_shards_present(entry, units, identity["shards"])
+    finished = finished_shards(units)
+    missing = [s for s in range(identity["shards"]) if s not in finished]
+    if missing:
+        raise RuntimeError(
+            f"feature store entry {entry} lacks parts of {len(missing)} shard(s) (e.g. shard {missing[0]}) after "
+            "every rank finished; when ranks run on several machines the store must be on a filesystem they all see"
+        )
     loaded, stats, keys = _load_parts(units)
     sorted_keys = _key_order(keys, stats, identity["shards"])
     position = {key: i for i, key in enumerate(sorted_keys)}
@@ -294,16 +300,6 @@ def disk_full(entry: Path) -> UserError:
 def rows_digest(keys: List[str], captions: List[str], labels: List[int]) -> str:
     """SHA-256 of the rows' identities in their order: a shuffled, edited or cut key list changes it."""
     return hashlib.sha256(json.dumps([keys, captions, labels]).encode()).hexdigest()
-
-
-def _check_all_shards_present(entry: Path, units: Dict[Tuple[int, int], Tuple[Path, bool]], shards: int) -> None:
-    finished = finished_shards(units)
-    missing = [s for s in range(shards) if s not in finished]
-    if missing:
-        raise RuntimeError(
-            f"feature store entry {entry} lacks parts of {len(missing)} shard(s) (e.g. shard {missing[0]}) after "
-            "every rank finished; when ranks run on several machines the store must be on a filesystem they all see"
-        )
 
 
 def _load_parts(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Tuple[Loaded, SkipStats, List[str]]:
