@@ -153,7 +153,6 @@ class ShardWriter:
         self._tmp_path: Optional[Path] = None
         self._count = 0
         self._payload = 0
-        self._hash = None
         self._closed = False
         self.manifest: Optional[dict] = None
 
