@@ -220,3 +220,63 @@ def test_a_bag_of_words_text_side_is_exactly_at_chance(planted_scenes):
     result = planted(bag_of_words, planted_scenes)
     assert result["ties"] == result["n"] > 150 and result["accuracy"] == 0.5 and result["p_chance"] == 1.0
     assert result["ci_low"] < 0.5 < result["ci_high"]
+
+
+# ---- the study's hook ---------------------------------------------------------------------------------------
+
+def test_the_study_writes_the_binding_table_fitted_on_train_only(tmp_path, monkeypatch):
+    import csv
+
+    from prh_stitch.alignment.binding_report import scene_split_urls
+    from prh_stitch.alignment.study import run_study
+    from prh_stitch.alignment.study_config import ScenesData
+    from prh_stitch.data.features import FeatureStore
+    from prh_stitch.encoders import build_encoder
+
+    config = {"vision": ["tiny_vit"], "text": ["tiny_bert", {"name": "random:tiny_bert", "pooling": "mean"}],
+              "data": [{"name": "scenes", "scenes": {"n": 48, "n_train": 96, "image_size": 32}}],
+              "metrics": ["mutual_knn"], "k": 5, "permutations": 3, "bootstrap": 4, "max_null": 1, "half_samples": 4,
+              "stability_halves": 0, "knn_k": [], "knn_n": [], "binding": {"n_test": 40},
+              "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
+    fits = []
+    original = bt.fit_closed_form
+    monkeypatch.setattr(bt, "fit_closed_form", lambda s, train, *a, **k: fits.append((train, k["val"])) or
+                        original(s, train, *a, **k))
+    summary = run_study(config, out=str(tmp_path / "first"), progress=False)
+    table = summary["datasets"][0]["binding"]
+    assert [(r["vision"], r["text"]) for r in table["rows"]] == [("tiny_vit", "tiny_bert"),
+                                                                 ("tiny_vit", "random:tiny_bert")]
+    urls = scene_split_urls(ScenesData(n=48, n_train=96, image_size=32), 40, tmp_path / "cache")
+    choices = bt.swap_choices(urls["test"])
+    vit = build_encoder("tiny_vit")
+    store = FeatureStore(tmp_path / "cache" / "features")
+    rows = {s: store.get(vit, urls[s], [vit.num_layers - 1], None, progress=False) for s in ("train", "val")}
+    for (x, _), (val_x, _) in fits:  # the stitcher saw exactly the training split's rows; val only for its choices
+        assert torch.equal(x, bt.split_rows(rows["train"])[1]) and torch.equal(val_x, bt.split_rows(rows["val"])[1])
+    for r in table["rows"]:
+        assert r["n"] == len(choices) > 10 and r["n_train"] == 96 and r["n_val"] == 48
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"] and r["wins"] + r["losses"] + r["ties"] == r["n"]
+        assert r["vision_layer"] == vit.layer_names[-1]
+    folder = tmp_path / "first" / "scenes"
+    with open(folder / "binding.csv", newline="") as handle:
+        assert [float(r["accuracy"]) for r in csv.DictReader(handle)] == [r["accuracy"] for r in table["rows"]]
+    markdown = (folder / "binding.md").read_text()
+    assert "Wilson" in markdown and "fitted on the train split" in markdown and "chance 0.5" in markdown
+    assert (folder / "binding.png").is_file() and json.loads((folder / "binding.json").read_text())["rows"]
+    # A rerun reads features and results back: no encoder runs, no caption is encoded again.
+    monkeypatch.setattr(FeatureStore, "extract", lambda *a, **k: pytest.fail("an encoder ran on a warm store"))
+    monkeypatch.setattr(bt, "encode_captions", lambda *a, **k: pytest.fail("captions encoded again"))
+    again = run_study(config, out=str(tmp_path / "again"), progress=False)
+    assert again["datasets"][0]["binding"]["rows"] == table["rows"]
+
+
+def test_binding_config_is_checked(tmp_path):
+    from prh_stitch.alignment.study_config import load_config
+    from prh_stitch.errors import UserError
+
+    base = {"vision": ["tiny_vit"], "text": ["tiny_bert"], "data": [{"name": "s", "scenes": {"n": 8}}]}
+    assert load_config(base).binding is None and load_config({**base, "binding": {}}).binding.n_test == 1024
+    with pytest.raises(UserError, match="binding.n_test must be >= 1"):
+        load_config({**base, "binding": {"n_test": 0}})
+    with pytest.raises(UserError, match="n_tset"):
+        load_config({**base, "binding": {"n_tset": 5}})
