@@ -55,19 +55,18 @@ def binding_table(n_test: int, scenes, models: Sequence[Any], ex, cache, root: P
         splits = SPLITS if model.modality == "vision" else ("train", "val")  # test captions are encoded below
         sets[model.label] = {s: load_features(ex, encoder, urls[s], model.spec.pooling, layers=last) for s in splits}
         if model.modality == "text":
-            identity = lambda v: {"binding": 1, "choices": digest, "stitcher": bt.STITCHER,  # noqa: E731
-                                  "tie": bt.TIE_TOLERANCE, "vision": {s: encoder_record(f) for s, f in sets[v.label].items()},
-                                  "text": {s: encoder_record(f) for s, f in sets[model.label].items()}}
-            hits = {v.label: cache.get(cache.key(identity(v))) for v in vision}
             candidates = None
             for v in vision:
-                result = hits[v.label]
+                key = cache.key({"binding": 1, "choices": digest, "stitcher": bt.STITCHER, "tie": bt.TIE_TOLERANCE,
+                                 **{side: {s: encoder_record(f) for s, f in sets[label].items()}
+                                    for side, label in (("vision", v.label), ("text", model.label))}})
+                result = cache.get(key)
                 if result is None:
                     if candidates is None:  # encoded once per text model, only when some pair is not cached
                         candidates = [bt.encode_captions(encoder, [choices[k][side] for k in keys],
                                                          model.spec.pooling, ex.device) for side in ("true", "swapped")]
                     result = _pair(sets[v.label], sets[model.label], keys, choices, candidates)
-                    cache.put(cache.key(identity(v)), result)
+                    cache.put(key, result)
                 rows.append(_row(v.label, model.label, result, layer_names(sets[v.label]["test"])[-1],
                                  layer_names(sets[model.label]["train"])[-1]))
         del encoder
@@ -120,7 +119,8 @@ def binding_markdown(summary: Dict[str, Any], vision: Sequence[str], text: Seque
 
     lines = ["# Binding test: true vs attribute-swapped caption", "",
              f"Image -> caption choice accuracy (chance {summary['chance']}); split: {summary['split']}.", "",
-             reports.markdown_table(["vision \\ text", *text], [[v, *(show(cell[v, t]) for t in text)] for v in vision]),
+             reports.markdown_table(["vision \\ text", *text],
+                                    [[v, *(show(cell[v, t]) for t in text)] for v in vision]),
              f"Protocol: {summary['protocol']}.", "", f"Interval: {summary['interval_method']}.", "",
              f"Swapped attribute per test scene: {summary['swapped_attributes']}; e.g. "
              + "; ".join(f"\"{e['true']}\" vs \"{e['swapped']}\"" for e in summary["examples"][:2]) + ".", "",
@@ -143,7 +143,8 @@ def _figure(summary: Dict[str, Any], vision: Sequence[str], text: Sequence[str])
     for i, v in enumerate(vision):
         xs = [t_i - 0.4 + width * (i + 0.5) for t_i in range(len(text))]
         acc = [cell[v, t]["accuracy"] for t in text]
-        err = [[a - cell[v, t]["ci_low"] for a, t in zip(acc, text)], [cell[v, t]["ci_high"] - a for a, t in zip(acc, text)]]
+        err = [[a - cell[v, t]["ci_low"] for a, t in zip(acc, text)],
+               [cell[v, t]["ci_high"] - a for a, t in zip(acc, text)]]
         ax.errorbar(xs, acc, yerr=err, fmt="o", capsize=2, label=v)
     ax.axhline(summary["chance"], color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(text)), text, rotation=20, ha="right")
