@@ -228,14 +228,14 @@ def test_the_study_writes_the_binding_table_fitted_on_train_only(tmp_path, monke
 
     from prh_stitch.alignment.binding_report import scene_split_urls
     from prh_stitch.alignment.study import run_study
-    from prh_stitch.alignment.study_config import ScenesData
+    from prh_stitch.alignment.study_config import BindingBlock, ScenesData
     from prh_stitch.data.features import FeatureStore
     from prh_stitch.encoders import build_encoder
 
     config = {"vision": ["tiny_vit"], "text": ["tiny_bert", {"name": "random:tiny_bert", "pooling": "mean"}],
               "data": [{"name": "scenes", "scenes": {"n": 48, "n_train": 96, "image_size": 32}}],
               "metrics": ["mutual_knn"], "k": 5, "permutations": 3, "bootstrap": 4, "max_null": 1, "half_samples": 4,
-              "stability_halves": 0, "knn_k": [], "knn_n": [], "binding": {"n_test": 40},
+              "stability_halves": 0, "knn_k": [], "knn_n": [], "binding": {"n_test": 40, "n_train": 64},
               "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
     fits = []
     original = bt.fit_closed_form
@@ -245,15 +245,16 @@ def test_the_study_writes_the_binding_table_fitted_on_train_only(tmp_path, monke
     table = summary["datasets"][0]["binding"]
     assert [(r["vision"], r["text"]) for r in table["rows"]] == [("tiny_vit", "tiny_bert"),
                                                                  ("tiny_vit", "random:tiny_bert")]
-    urls = scene_split_urls(ScenesData(n=48, n_train=96, image_size=32), 40, tmp_path / "cache")
+    urls = scene_split_urls(BindingBlock(n_test=40, n_train=64), ScenesData(n=48, n_train=96, image_size=32), tmp_path / "cache")
     choices = bt.swap_choices(urls["test"])
     vit = build_encoder("tiny_vit")
     store = FeatureStore(tmp_path / "cache" / "features")
     rows = {s: store.get(vit, urls[s], [vit.num_layers - 1], None, progress=False) for s in ("train", "val")}
+    assert len(fits) == 2 and len(rows["train"]) == 64 and len(rows["val"]) == 48  # binding's n_train, block's n
     for (x, _), (val_x, _) in fits:  # the stitcher saw exactly the training split's rows; val only for its choices
         assert torch.equal(x, bt.split_rows(rows["train"])[1]) and torch.equal(val_x, bt.split_rows(rows["val"])[1])
     for r in table["rows"]:
-        assert r["n"] == len(choices) > 10 and r["n_train"] == 96 and r["n_val"] == 48
+        assert r["n"] == len(choices) > 10 and r["n_train"] == 64 and r["n_val"] == 48
         assert r["ci_low"] <= r["accuracy"] <= r["ci_high"] and r["wins"] + r["losses"] + r["ties"] == r["n"]
         assert r["vision_layer"] == vit.layer_names[-1]
     folder = tmp_path / "first" / "scenes"
@@ -275,7 +276,8 @@ def test_binding_config_is_checked(tmp_path):
 
     base = {"vision": ["tiny_vit"], "text": ["tiny_bert"], "data": [{"name": "s", "scenes": {"n": 8}}]}
     assert load_config(base).binding is None and load_config({**base, "binding": {}}).binding.n_test == 1024
-    with pytest.raises(UserError, match="binding.n_test must be >= 1"):
-        load_config({**base, "binding": {"n_test": 0}})
+    for bad in ({"n_test": 0}, {"n_train": 0}, {"n_val": -1}):
+        with pytest.raises(UserError, match="binding.n_test, n_train and n_val must be >= 1"):
+            load_config({**base, "binding": bad})
     with pytest.raises(UserError, match="n_tset"):
         load_config({**base, "binding": {"n_tset": 5}})

@@ -24,22 +24,27 @@ FIELDS = ("vision", "text", "n", "accuracy", "ci_low", "ci_high", "wins", "losse
           "vision_layer", "text_layer", "ridge", "gain", "whiten", "n_train", "n_val")
 
 
-def scene_split_urls(scenes, n_test: int, root: Path) -> Dict[str, List[str]]:
-    """Shard URLs of the built-in scenes' train / val / test series (written into the cache once)."""
+def scene_split_urls(block, scenes, root: Path) -> Dict[str, List[str]]:
+    """Shard URLs of the built-in scenes' train / val / test series (written into the cache once) of a binding
+    block (``BindingBlock``) on a scenes dataset (``ScenesData``: seed, image size and the default counts)."""
     from prh_stitch.data.shards import ensure_scene_splits, expand_urls
 
-    patterns = ensure_scene_splits(root / "scenes", {"train": scenes.n_train, "val": scenes.n, "test": n_test},
-                                   seed=scenes.seed, size=scenes.image_size)
+    counts = {"train": block.n_train or scenes.n_train, "val": block.n_val or scenes.n, "test": block.n_test}
+    # All three splits always: the folder's name lists the counts, so a folder of other splits is never confused
+    # with this one.
+    patterns = ensure_scene_splits(root / "scenes", counts, seed=scenes.seed, size=scenes.image_size)
     return {split: expand_urls(patterns[split]) for split in SPLITS}
 
 
-def binding_table(n_test: int, scenes, models: Sequence[Any], ex, cache, root: Path, out: Path) -> Dict[str, Any]:
-    """Every vision x text pair's choice accuracy on the scenes (a ``ScenesData``); reports written under ``out``."""
+def binding_table(block, scenes, models: Sequence[Any], ex, cache, root: Path, out: Path) -> Dict[str, Any]:
+    """Every vision x text pair's choice accuracy on the scenes of a binding block (see :func:`scene_split_urls`);
+    reports written under ``out``."""
     from prh_stitch.alignment.features import encoder_record, layer_names, load_features
     from prh_stitch.encoders import encoder_from_spec
 
     started = time.perf_counter()
-    urls = scene_split_urls(scenes, n_test, root)
+    urls = scene_split_urls(block, scenes, root)
+    n_test = block.n_test
     choices = bt.swap_choices(urls["test"])
     if not choices:
         raise ValueError(f"none of the {n_test} test scenes has two or more objects: no swapped caption to test")
@@ -71,12 +76,17 @@ def binding_table(n_test: int, scenes, models: Sequence[Any], ex, cache, root: P
                                  layer_names(sets[model.label]["train"])[-1]))
         del encoder
     summary = {"split": f"test ({n_test} scenes; {len(keys)} with a swapped caption), stitcher fitted on train "
-                        f"({scenes.n_train}), chosen on val ({scenes.n})",
+                        f"({len(urls_rows(sets, 'train'))}), chosen on val ({len(urls_rows(sets, 'val'))})",
                "protocol": bt.PROTOCOL, "interval_method": bt.INTERVAL, "chance": bt.CHANCE, "layers": "final",
                "swapped_attributes": _counts(choices), "examples": [choices[k] for k in keys[:3]], "rows": rows,
                "seconds": round(time.perf_counter() - started, 2)}
     write_binding(out, summary, [m.label for m in vision], [m.label for m in text])
     return summary
+
+
+def urls_rows(sets: Dict[str, Dict[str, Any]], split: str) -> List[str]:
+    """The keys of a split's features (every model's are the same scenes)."""
+    return next(iter(sets.values()))[split].keys if sets else []
 
 
 def _pair(vision_sets, text_sets, keys, choices, candidates) -> Dict[str, Any]:

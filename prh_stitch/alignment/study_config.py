@@ -84,11 +84,14 @@ class BindingBlock:
     """The binding test on the built-in scenes: true vs attribute-swapped caption (prh_stitch.alignment.binding).
 
     Args:
-        n_test: test scenes (their own seed stream); the stitcher is fitted on the data block's n_train scenes and
-            tuned on its n validation scenes
+        n_test: test scenes (their own seed stream)
+        n_train: training scenes the stitcher is fitted on (null: the data block's n_train)
+        n_val: validation scenes its ridge strength is chosen on (null: the data block's n)
     """
 
     n_test: int = 1024
+    n_train: Optional[int] = None
+    n_val: Optional[int] = None
 
 
 @dataclass
@@ -212,8 +215,8 @@ def check_config(cfg: StudyConfig, where: str) -> StudyConfig:
         raise UserError(f"{where}: stability_halves must be >= 0, knn_k values >= 1 and knn_n values >= 4 (or null "
                         "for all items)")
     parse_pairs(cfg.pairs)
-    if cfg.binding is not None and cfg.binding.n_test < 1:
-        raise UserError(f"{where}: binding.n_test must be >= 1 test scenes, got {cfg.binding.n_test}")
+    if cfg.binding is not None and min(n for n in asdict(cfg.binding).values() if n is not None) < 1:
+        raise UserError(f"{where}: binding.n_test, n_train and n_val must be >= 1 scenes, got {asdict(cfg.binding)}")
     try:
         cfg.outlier_quantile = check_quantile(cfg.outlier_quantile, f"outlier_quantile in {where}")
     except ValueError as exc:
