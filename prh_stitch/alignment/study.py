@@ -246,6 +246,11 @@ def _run_datasets(cfg: StudyConfig, config_file: Optional[str], settings: ScoreS
             notes.append(str(missing))
             continue
         datasets.append(run.dataset(block, urls, config_file))
+        if cfg.binding is not None and block.scenes is not None:  # the binding test (alignment/binding.py)
+            from prh_stitch.alignment.binding_report import binding_table
+
+            datasets[-1]["binding"] = binding_table(cfg.binding, block.scenes, models, run.ex, run.cache, root,
+                                                    out_dir / block.name)
     if not datasets:
         raise UserError("no dataset of the study could be read: " + "; ".join(notes))
     summary = {

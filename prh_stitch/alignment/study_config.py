@@ -80,6 +80,21 @@ class CompetenceBlock:
 
 
 @dataclass
+class BindingBlock:
+    """The binding test on the built-in scenes: true vs attribute-swapped caption (prh_stitch.alignment.binding).
+
+    Args:
+        n_test: test scenes (their own seed stream)
+        n_train: training scenes the stitcher is fitted on (null: the data block's n_train)
+        n_val: validation scenes its ridge strength is chosen on (null: the data block's n)
+    """
+
+    n_test: int = 1024
+    n_train: Optional[int] = None
+    n_val: Optional[int] = None
+
+
+@dataclass
 class StudyConfig:
     """Does alignment rise with competence? Models, datasets, scoring settings and competence.
 
@@ -103,6 +118,7 @@ class StudyConfig:
         knn_n: item counts of that table (null = all items); empty lists turn the table off
         pairs: vt (vision–text), vv, tt, a comma list, or all
         competence: per modality (vision, text), how good the models are
+        binding: the binding test on every scenes dataset (true vs attribute-swapped caption); null = off
         out: report folder
         cache_dir: feature store and score cache (default $PRH_STITCH_CACHE)
         device: auto, cpu, cuda, ...
@@ -128,6 +144,7 @@ class StudyConfig:
     knn_n: List[Optional[int]] = field(default_factory=lambda: [256, 512, None])
     pairs: str = "vt"
     competence: Dict[str, CompetenceBlock] = field(default_factory=dict)
+    binding: Optional[BindingBlock] = None
     out: str = "runs/study"
     cache_dir: Optional[str] = None
     device: Optional[str] = None
@@ -198,6 +215,8 @@ def check_config(cfg: StudyConfig, where: str) -> StudyConfig:
         raise UserError(f"{where}: stability_halves must be >= 0, knn_k values >= 1 and knn_n values >= 4 (or null "
                         "for all items)")
     parse_pairs(cfg.pairs)
+    if cfg.binding is not None and min(n for n in asdict(cfg.binding).values() if n is not None) < 1:
+        raise UserError(f"{where}: binding.n_test, n_train and n_val must be >= 1 scenes, got {asdict(cfg.binding)}")
     try:
         cfg.outlier_quantile = check_quantile(cfg.outlier_quantile, f"outlier_quantile in {where}")
     except ValueError as exc:

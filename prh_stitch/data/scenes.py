@@ -22,11 +22,19 @@ Held-out combinations (``HELD_OUT_OBJECTS``, ``HELD_OUT_TEMPLATES``): the traini
 distribution. So every val/test scene that contains one has a caption never seen in training, by construction:
 a compositional test (every colour, shape, size, count and relation word still occurs in training, only these
 combinations do not). ``is_held_out(meta)`` says whether a scene contains one.
+
+Hard negatives for binding (``binding_swap(meta)``, ``swapped_caption(meta)``): a caption with the attributes
+exchanged between two of the scene's objects -- the same multiset of words, a different scene ("a red circle to
+the left of a blue square" vs "a blue circle to the left of a red square"). A text representation that only
+counts words cannot tell the two apart. They are derived from ``meta`` after the fact, so the scenes, their
+captions and the generator's random stream are exactly those of a generator without them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from itertools import combinations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -192,6 +200,21 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         raise ValueError(f"no drawing for shape {shape!r}")
 
 
+def _caption(groups: Sequence[Dict[str, object]], relation: Optional[str], background: str) -> Tuple[str, str]:
+    """``(kind, caption)`` of groups in their order of mention (the one template of each scene kind)."""
+    phrases = [_phrase(g) for g in groups]
+    if len(groups) == 1:
+        kind = "single" if int(groups[0]["count"]) == 1 else "group"  # type: ignore[arg-type]
+        body = phrases[0]
+    elif len(groups) == 2:
+        kind = "pair"
+        body = f"{phrases[0]} {relation} {phrases[1]}"
+    else:
+        kind = "three"
+        body = f"from left to right: {phrases[0]}, {phrases[1]} and {phrases[2]}"
+    return kind, f"{body} on a {background} background"
+
+
 def _held_out(groups: Sequence[Dict[str, object]], relation: Optional[str]) -> bool:
     objects = {(str(g["shape"]), str(g["colour"]), str(g["size"])) for g in groups}
     counts = tuple(int(g["count"]) for g in groups)  # type: ignore[arg-type]
@@ -274,17 +297,7 @@ def generate_scene(rng: np.random.Generator, size: int = 224, hold_out: bool = F
             # Rounded so the JSON is short and identical across platforms.
             positions.append([round(x, 4), round(y, 4)])
 
-    phrases = [_phrase(g) for g in groups]
-    if len(groups) == 1:
-        kind = "single" if int(groups[0]["count"]) == 1 else "group"  # type: ignore[arg-type]
-        body = phrases[0]
-    elif len(groups) == 2:
-        kind = "pair"
-        body = f"{phrases[0]} {relation} {phrases[1]}"
-    else:
-        kind = "three"
-        body = f"from left to right: {phrases[0]}, {phrases[1]} and {phrases[2]}"
-    caption = f"{body} on a {background} background"
+    kind, caption = _caption(groups, relation, background)
 
     # Largest size class wins; max() keeps the first of equals, i.e. the first mentioned.
     label_group = max(groups, key=lambda g: SIZE_RANK[str(g["size"])])
@@ -302,3 +315,64 @@ def generate_scene(rng: np.random.Generator, size: int = 224, hold_out: bool = F
         "label_name": label_name,
     }
     return image, caption, meta
+
+
+# ---- hard negatives for binding ---------------------------------------------------------------------------
+
+# Tried in this order; the first attribute on which two objects differ is exchanged between them. Colour and size
+# words are uninflected, so exchanging them keeps the multiset of words. Shapes move together with their number
+# word ("two circles" / "a square"), i.e. the two descriptions trade places: still the same words, and a different
+# scene because every relation the captions state is asymmetric (left/right, above/below, left-to-right order).
+SWAP_ORDER: Tuple[str, ...] = ("colour", "size", "shape")
+
+
+@dataclass(frozen=True)
+class BindingSwap:
+    """A hard-negative caption: ``attribute`` exchanged between the objects mentioned ``objects`` (0-based)."""
+
+    caption: str
+    attribute: str
+    objects: Tuple[int, int]
+
+
+def groups_from_meta(meta: Dict[str, object]) -> List[Dict[str, object]]:
+    """The scene's groups in their order of mention, rebuilt from the per-object lists of ``meta``."""
+    groups, start = [], 0
+    for count in meta["counts"]:  # type: ignore[attr-defined]
+        groups.append({"shape": meta["shapes"][start], "colour": meta["colours"][start],  # type: ignore[index]
+                       "size": meta["sizes"][start], "count": int(count)})  # type: ignore[index]
+        start += int(count)
+    return groups
+
+
+def caption_from_meta(meta: Dict[str, object]) -> str:
+    """The scene's caption, rebuilt from ``meta`` (identical to the one ``generate_scene`` returned)."""
+    return _caption(groups_from_meta(meta), meta["relation"], str(meta["background"]))[1]  # type: ignore[arg-type]
+
+
+def binding_swap(meta: Dict[str, object]) -> Optional[BindingSwap]:
+    """The hard negative of a scene with two or more groups, or None (one group: nothing to exchange).
+
+    The first attribute of ``SWAP_ORDER`` on which two groups differ is exchanged between the first such pair in
+    order of mention (for ``shape``, the whole descriptions trade places). Groups always differ in shape, colour or
+    size, so every scene with two or more groups has one; the result is deterministic in ``meta``.
+    """
+    groups = groups_from_meta(meta)
+    for attribute in SWAP_ORDER:
+        for i, j in combinations(range(len(groups)), 2):
+            if groups[i][attribute] == groups[j][attribute]:
+                continue
+            swapped = [dict(g) for g in groups]
+            if attribute == "shape":
+                swapped[i], swapped[j] = swapped[j], swapped[i]
+            else:
+                swapped[i][attribute], swapped[j][attribute] = groups[j][attribute], groups[i][attribute]
+            _, caption = _caption(swapped, meta["relation"], str(meta["background"]))  # type: ignore[arg-type]
+            return BindingSwap(caption, attribute, (i, j))
+    return None
+
+
+def swapped_caption(meta: Dict[str, object]) -> Optional[str]:
+    """The caption of :func:`binding_swap` (same words, another scene), or None for a scene of one group."""
+    swap = binding_swap(meta)
+    return None if swap is None else swap.caption
