@@ -72,3 +72,19 @@ def test_reworded_captions_state_the_same_scene_in_other_words():
     for new, (_, _, _, meta) in zip(reworded, samples):
         assert all(colour in new for colour in meta["colours"])  # every colour is still named
         assert ("backdrop" in new or "background" in new or "shown on" in new)
+
+
+def test_train_py_fit_unsupervised_writes_an_ordinary_checkpoint(tmp_path):
+    """``--model.stitcher.fit unsupervised``: one solve from the tiny config's training features, recorded in the
+    checkpoint, and the checkpoint loads like every stitcher."""
+    from prh_stitch.cli import main as train_main
+
+    root = tmp_path / "run"
+    assert train_main(["--config", "tiny", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar=false",
+                       "--model.stitcher.name", "affine", "--model.stitcher.fit", "unsupervised"]) == 0
+    ckpt = sorted(root.glob("**/last.ckpt"))[0]
+    meta = torch.load(ckpt, map_location="cpu", weights_only=True)["prh_stitch"]
+    assert meta["fit"]["method"] == "unsupervised"
+    assert meta["fit"]["closed_form"]["unsupervised"]["n_source"] == meta["fit"]["closed_form"]["n_train"] // 2
+    stitcher = load_stitcher(ckpt)
+    assert stitcher.name == "affine" and torch.isfinite(stitcher.core.weight).all()

@@ -47,6 +47,9 @@ class UnsupervisedOptions:
     Args:
         dim: common PCA width (capped at both widths and at each side's row count − 1).
         whiten: scale every principal direction to unit variance before matching.
+        coarse: width of the first stage: the structure is matched in the top ``coarse`` principal directions
+            (where the shape is clearest), then the frame doubles up to ``dim``, each stage started from the
+            matches of the previous one; ``coarse >= dim`` matches in the full frame at once.
         init: ``points`` (QAP on a random subsample of points) or ``clusters`` (QAP on k-means centroids, then points
             matched on their relative representations to the matched centroids).
         sample: points per side in the ``points`` QAP.
@@ -60,6 +63,7 @@ class UnsupervisedOptions:
 
     dim: int = 64
     whiten: bool = True
+    coarse: int = 8
     init: str = "points"
     sample: int = 400
     clusters: int = 32
@@ -72,7 +76,7 @@ class UnsupervisedOptions:
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"unsupervised option init must be one of {', '.join(INITS)}, got {self.init!r}")
-        for name in ("dim", "sample", "clusters", "restarts", "iterations", "batch"):
+        for name in ("dim", "coarse", "sample", "clusters", "restarts", "iterations", "batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"unsupervised option {name} must be an integer >= 1, got {value!r}")
@@ -299,17 +303,34 @@ def fit_unsupervised(source: Tensor, target: Tensor, options: Optional[Unsupervi
     fa, fb = principal_frame(x, dim, opts.whiten), principal_frame(y, dim, opts.whiten)
     za, zb = fa(x), fb(y)
     generator = torch.Generator().manual_seed(opts.seed)
+    widths = coarse_to_fine(dim, opts.coarse)
+    first = widths[0]
     trials = []
     for restart in range(opts.restarts):
-        rotation, qap = _initial_rotation(za, zb, opts, restart, generator)
-        rotation, score, _ = _refine(za, zb, rotation, opts, min(5, opts.iterations), generator)
+        rotation, qap = _initial_rotation(za[:, :first], zb[:, :first], opts, restart, generator)
+        rotation, score, _ = _refine(za[:, :first], zb[:, :first], rotation, opts, min(5, opts.iterations), generator)
         trials.append({"restart": restart, "qap_objective": qap, "matched_cosine": score, "rotation": rotation})
     best = max(trials, key=lambda t: t["matched_cosine"])
-    rotation, score, steps = _refine(za, zb, best["rotation"], opts, opts.iterations, generator)
-    info = {"options": asdict(opts), "dim": dim, "n_source": len(x), "n_target": len(y),
+    rotation = best["rotation"]
+    for narrow, wide in zip(widths, widths[1:]):
+        # Settle the rotation of the leading principal directions, then lift it: the pairs it matches give the
+        # first Procrustes fit of the wider frame.
+        rotation, _, _ = _refine(za[:, :narrow], zb[:, :narrow], rotation, opts, opts.iterations, generator)
+        ia, ib, _ = hungarian_pairs(za[:, :narrow] @ rotation, zb[:, :narrow], opts.batch, generator)
+        rotation = procrustes(_unit(za[ia, :wide]), _unit(zb[ib, :wide]))
+    rotation, score, steps = _refine(za, zb, rotation, opts, opts.iterations, generator)
+    info = {"options": asdict(opts), "dim": dim, "widths": widths, "n_source": len(x), "n_target": len(y),
             "chosen_restart": best["restart"], "matched_cosine": score, "refinement_steps": steps,
             "restarts": [{k: v for k, v in t.items() if k != "rotation"} for t in trials]}
     return UnsupervisedMap(fa, fb, rotation, info)
+
+
+def coarse_to_fine(dim: int, coarse: int) -> List[int]:
+    """Frame widths of the stages: ``coarse``, doubling, up to ``dim`` (just ``[dim]`` when ``coarse >= dim``)."""
+    widths = [dim]
+    while widths[0] // 2 >= coarse:
+        widths.insert(0, widths[0] // 2)
+    return widths
 
 
 def _canonical_order(x: Tensor) -> Tensor:
