@@ -20,8 +20,8 @@ CPU-robust "match structure, then refine" recipe (cf. mini-vec2vec; MUSE's Procr
    ``keep`` fraction of the matches and refit ``R``; stop when the matches no longer change.
 
 Several initialisations (``restarts``: k-means seeds and QAP starts) are each refined briefly and the one whose
-matched pairs agree best (mean cosine after matching, an unsupervised criterion: no pairing is ever read) is
-refined to the end. The result is an affine map in the caller's feature space, ``ŷ = μb + (x − μa)·W``, with
+matches best keep the two sides' within-side similarity structure (:func:`structure_agreement`, an unsupervised
+criterion: no pairing is ever read) is refined to the end. The result is an affine map in the caller's feature space, ``ŷ = μb + (x − μa)·W``, with
 ``W = Pa·diag(1/sa)·R·diag(sb)·Pbᵀ``, which a ``linear``/``affine`` stitcher holds exactly (see
 :func:`fit_unsupervised_stitcher`).
 """
@@ -247,6 +247,17 @@ def procrustes(za: Tensor, zb: Tensor) -> Tensor:
     return u @ vh
 
 
+def structure_agreement(za: Tensor, zb: Tensor, ia: Tensor, ib: Tensor) -> float:
+    """How well matched pairs keep each other's company: the correlation, over all pairs of matches, between the
+    cosine of two A points and the cosine of their two B matches. Each side's cosines are its own (no map enters),
+    so a matching that merely puts each point next to *some* near point under a wrong rotation scores low."""
+    ua, ub = _unit(za[ia]), _unit(zb[ib])
+    off = ~torch.eye(len(ia), dtype=torch.bool)
+    ka, kb = (ua @ ua.T)[off], (ub @ ub.T)[off]
+    ka, kb = ka - ka.mean(), kb - kb.mean()
+    return float((ka @ kb) / (ka.norm() * kb.norm()).clamp_min(1e-12))
+
+
 def _refine(za: Tensor, zb: Tensor, rotation: Tensor, opts: UnsupervisedOptions, iterations: int,
             generator: torch.Generator) -> Tuple[Tensor, float, int]:
     """Alternate one-to-one matching in the translated space and Procrustes on the most similar matches."""
@@ -309,8 +320,12 @@ def fit_unsupervised(source: Tensor, target: Tensor, options: Optional[Unsupervi
     for restart in range(opts.restarts):
         rotation, qap = _initial_rotation(za[:, :first], zb[:, :first], opts, restart, generator)
         rotation, score, _ = _refine(za[:, :first], zb[:, :first], rotation, opts, min(5, opts.iterations), generator)
-        trials.append({"restart": restart, "qap_objective": qap, "matched_cosine": score, "rotation": rotation})
-    best = max(trials, key=lambda t: t["matched_cosine"])
+        ia, ib, _ = hungarian_pairs(za[:, :first] @ rotation, zb[:, :first], opts.batch, generator)
+        trials.append({"restart": restart, "qap_objective": qap, "matched_cosine": score, "rotation": rotation,
+                       "structure_agreement": structure_agreement(za, zb, ia, ib)})
+    # Chosen by structure agreement, not matched cosine: on real encoders a wrong rotation can match every point to
+    # a near neighbour as well as the right one does, but not keep the neighbourhoods.
+    best = max(trials, key=lambda t: t["structure_agreement"])
     rotation = best["rotation"]
     for narrow, wide in zip(widths, widths[1:]):
         # Settle the rotation of the leading principal directions, then lift it: the pairs it matches give the
