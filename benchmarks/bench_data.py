@@ -44,6 +44,7 @@ from prh_stitch.data.features import DEFAULT_CHUNK_SIZE, FeatureStore, UnitDone
 from prh_stitch.data.shards import expand_urls, write_shards
 from prh_stitch.data.stream import PairedShards
 from prh_stitch.data.sources import scenes
+from prh_stitch.data.store_entry import commit_entry, entry_name, open_entry, write_part
 from prh_stitch.encoders import build_encoder
 
 TARGETS = {"pipeline_2_workers": 0.9, "extraction_vs_forward": 0.95, "training_samples_per_s": 20_000}
@@ -276,8 +277,8 @@ def _bench_extraction(encoder, limit: int, batch_size: int, root: Path, rounds: 
 def synthetic_entry(store: FeatureStore, encoder, layer: int, pooling, urls, n: int, dim: int, seed: int) -> None:
     """A store entry under the identity ``store.get`` looks up, holding synthetic rows of the real width."""
     identity = store.identity(encoder, [layer], pooling, urls)
-    entry = store.root / store._entry_name(identity)
-    store._open_entry(entry, identity)
+    entry = store.root / entry_name(identity)
+    open_entry(entry, identity, store.chunk_size)
     (entry / "parts").mkdir(exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     shared = torch.randn(n, 64, generator=generator)  # both sides see this signal, so the stitcher can learn
@@ -288,8 +289,8 @@ def synthetic_entry(store: FeatureStore, encoder, layer: int, pooling, urls, n: 
         stop = min(n, start + DEFAULT_CHUNK_SIZE)
         samples = [{"key": f"{i:08d}", "caption": f"pair {i}", "label": -1} for i in range(start, stop)]
         done = UnitDone(0, block, urls[0], stop - start, stop == n, stop - start, {})
-        store._write_part(entry, done, samples, [[r] for r in rows[start:stop]], [name], encoder.name)
-    store.commit(entry)
+        write_part(entry, done, samples, [[r] for r in rows[start:stop]], [name], encoder.name, store.dtype)
+    commit_entry(entry)
 
 
 def bench_training(root: Path, n_train: int, batch_size: int, epochs: int) -> dict:

@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -74,8 +75,9 @@ def test_every_sample_arrives_once_with_its_caption_and_meta(four_shards, tmp_pa
 
 
 def test_transforms_apply_to_image_and_caption(four_shards):
+    """Transforms are webdataset stages appended to the pipeline (here: to a copy of it)."""
     urls, keys = four_shards
-    samples = list(PairedShards(urls, image_transform=lambda im: im.size, caption_transform=str.upper))
+    samples = list(PairedShards(urls).compose(wds.map_dict(image=lambda im: im.size, caption=str.upper)))
     assert {s["image"] for s in samples} == {(8, 8)}
     assert samples[0]["caption"] == "SHARD 0 SAMPLE 0"
 

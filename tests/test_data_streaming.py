@@ -83,7 +83,7 @@ def test_resampled_epochs_have_a_fixed_length_and_the_same_number_of_batches_on_
     for rank in range(2):
         stream = PairedShards(pattern, resampled=True, epoch_length=11, rank=rank, world_size=2, split_by_node=True,
                               shuffle_buffer=4, seed=1)
-        for stage in batch_stages(2, {}, None, None, stream.stats):
+        for stage in batch_stages(2, {}, None, stream.stats):
             stream.append(stage)
         loader = BatchLoader(stream, SkipStats(), epoch=lambda: 0, num_workers=2,
                              length=stream.batches_per_rank(2, 2))

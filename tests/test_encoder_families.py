@@ -195,6 +195,7 @@ def test_two_tower_names_and_options_fail_with_one_clear_line(zoo):
 # ---------------------------------------------------------------------------------------------- loading options
 def test_bf16_features_enter_the_fingerprint_and_options_reach_the_library(zoo, tmp_path):
     from prh_stitch.data.features import FeatureStore
+    from prh_stitch.data.store_entry import entry_name
 
     full = build_encoder(zoo["clip_text"])
     half = build_encoder(zoo["clip_text"], options={"torch_dtype": "bfloat16", "attn_implementation": "eager"})
@@ -208,8 +209,8 @@ def test_bf16_features_enter_the_fingerprint_and_options_reach_the_library(zoo, 
     shard = tmp_path / "x.tar"
     shard.write_bytes(b"")
     store = FeatureStore(tmp_path / "store")
-    assert FeatureStore._entry_name(store.identity(half, [-1], None, [str(shard)])) != \
-        FeatureStore._entry_name(store.identity(full, [-1], None, [str(shard)]))
+    assert entry_name(store.identity(half, [-1], None, [str(shard)])) != \
+        entry_name(store.identity(full, [-1], None, [str(shard)]))
     for name in ("vit", "oc_vision"):
         assert build_encoder(zoo[name], options={"torch_dtype": "float16"}).compute_dtype() == torch.float16
 

@@ -2,7 +2,7 @@
 workers' skip counts carried to the main process with the batches (``BatchLoader``, a ``webdataset.WebLoader``).
 
 Batch format (dicts): ``key``, ``caption``, ``meta``, ``url`` (lists); ``inputs`` ({encoder name: its collated model
-input}); ``image`` (when no encoder is set, or ``keep_images=True``): the decoded pixels as uint8 ``(C, H, W)``, one
+input}); ``image`` (only when no encoder is set: encoders get their own inputs): the decoded pixels as uint8 ``(C, H, W)``, one
 ``(B, C, H, W)`` tensor when the images share a size (iterating over it gives each image), else a list of tensors;
 images that are not 8-bit (possible with ``image_mode=None``) stay PIL. ``image_size`` resizes every image to a
 square of that side first.
@@ -23,27 +23,20 @@ from prh_stitch.data.stream import SkipStats
 STATS = "stats"  # the batch entry holding the worker's skip counts since its previous batch
 
 
-def model_input(sample: Mapping[str, Any], encoder) -> Any:
-    """The raw side of a sample an encoder reads: the image for image encoders, the caption for text ones."""
-    return sample["image"] if encoder.modality == "image" else sample["caption"]
-
-
 class Prepare:
     """Per-sample work, done in the worker while the decoded pixels are in the CPU's cache: every encoder's own
-    transform, and the pixels as a uint8 array when images are kept."""
+    transform, or (without encoders) the pixels as a uint8 array."""
 
-    def __init__(self, encoders: Mapping[str, Any], keep_images: Optional[bool] = None, image_size: Optional[int] = None):
-        self.encoders = dict(encoders)
-        self.keep_images = (not self.encoders) if keep_images is None else bool(keep_images)
-        self.image_size = image_size
+    def __init__(self, encoders: Mapping[str, Any], image_size: Optional[int] = None):
+        self.encoders, self.image_size = dict(encoders), image_size
 
     def __call__(self, sample: Dict[str, Any]) -> Dict[str, Any]:
         image = sample.pop("image")
         if self.image_size is not None and image.size != (self.image_size, self.image_size):
             image = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        sample["inputs"] = {name: encoder.transform(model_input(dict(sample, image=image), encoder))
+        sample["inputs"] = {name: encoder.transform(image if encoder.modality == "image" else sample["caption"])
                             for name, encoder in self.encoders.items()}
-        if self.keep_images:
+        if not self.encoders:
             pixels = np.asarray(image)  # (H, W, C) in a batch; channels first by a view, never by a copy
             sample["image"] = pixels.reshape(*pixels.shape[:2], -1) if pixels.dtype == np.uint8 else image
         return sample
@@ -72,8 +65,8 @@ def collate(samples: List[Dict[str, Any]], encoders: Mapping[str, Any]) -> Dict[
     return batch
 
 
-def batch_stages(batch_size: int, encoders: Mapping[str, Any], keep_images: Optional[bool], image_size: Optional[int],
-                 stats: SkipStats) -> List[Callable]:
+def batch_stages(batch_size: int, encoders: Mapping[str, Any], image_size: Optional[int], stats: SkipStats,
+                 ) -> List[Callable]:
     """Stages that turn decoded samples into batches, each carrying the skip counts since the previous one; a
     final batch without samples carries the counts after the last sample."""
     if batch_size < 1:
@@ -86,7 +79,7 @@ def batch_stages(batch_size: int, encoders: Mapping[str, Any], keep_images: Opti
             yield batch
         yield {"key": [], STATS: stats.take()}
 
-    return [wds.map(Prepare(encoders, keep_images, image_size)),
+    return [wds.map(Prepare(encoders, image_size)),
             wds.batched(batch_size, collation_fn=lambda samples: collate(samples, encoders), partial=True),
             with_counts]
 

@@ -1,36 +1,23 @@
 """Lightning DataModules: frozen-encoder features of paired image–text shards, and raw streaming batches.
 
-``StitchingDataModule`` (below) serves cached features for stitcher training; ``StreamingDataModule`` (at the
-end) serves raw images and captions, preprocessed per encoder in the workers, for what needs pixels or text.
+``StitchingDataModule`` never runs the encoders in the training loop (``mode: cached``, the default): the
+module asks it to write the built-in scenes if needed (``prepare_features``, once per node), then to get both
+encoders' features from the feature store (``setup_features``, every process; what the store lacks is extracted
+there, each DDP rank encoding a disjoint part, see ``features.py``). Batches are ``(source_features,
+target_features, sample_index, caption_group)``. ``train`` fits, ``val`` makes every choice (checkpoint selection,
+early stopping, closed-form tuning), ``test`` is reported once on the selected checkpoint. Without shard patterns
+the built-in procedural scenes are written into the cache on first use, so ``python train.py`` needs no download.
+``captions[split]`` and ``train_captions()`` tell seen from unseen captions; ``skipped`` counts skips per split.
 
-Training a stitcher never runs the encoders inside the training loop: the module asks this DataModule to
-make sure the shards exist (``prepare_features``, once per node) and then to get the features of its two
-encoders from the feature store (``setup_features``, on every process). Whatever the store lacks is
-extracted there, each DDP rank encoding a disjoint part (see ``features.py``); the features are then read
-memory-mapped from the store. Batches are ``(source_features, target_features, sample_index, caption_group)``.
+``mode: stream`` trains without extracting the training split: a ``StreamingDataModule`` over the training shards,
+resampled with a fixed epoch length so that every DDP rank takes the same number of steps, yields raw batches
+(each encoder's preprocessing, and optional augmentation, done in the workers) and the ``StitchingModule`` runs
+both frozen encoders on them. Validation and test still read the feature store: every sample once, of the same
+un-augmented features, so whole-set metrics are exact and comparable between modes, and encoded once, not per epoch.
 
-Three splits: ``train`` fits, ``val`` makes every choice (checkpoint selection, early stopping, closed-form
-tuning), ``test`` is reported once, on the selected checkpoint (``train.py`` runs ``trainer.test`` after fitting).
-Without ``train``/``val``/``test`` shard patterns, the built-in procedural scenes are written into the cache on
-first use and used instead, so ``python train.py`` needs no data download. ``captions[split]`` holds every row's
-caption and ``train_captions()`` the training split's, which tell seen from unseen captions in val and test.
-
-Skipped samples and shards (by reason, per split) are in ``skipped`` after ``setup_features``, and a summary
-line is printed on rank 0.
-
-``mode: stream`` trains without extracting the training split: its raw batches (decoded uint8 images and
-tokenised captions, each encoder's preprocessing done in the workers, optionally augmented) come from a
-``StreamingDataModule`` over the training shards, resampled with a fixed epoch length so that every DDP rank
-streams its own shards and takes the same number of steps; the ``StitchingModule`` runs both frozen encoders
-on them. Validation and test still read the feature store, exactly as in cached mode: every sample once
-(the sampler's padding dropped by sample index), of the same un-augmented features, so the whole-set metrics
-are exact and comparable between modes; and val and test are encoded once, not once per epoch.
-
-``StreamingDataModule``: ``PairedShards`` (each sample exactly once per epoch across all ranks and workers,
-optional shuffle buffer) or ``ResampledShards`` (shards drawn with replacement, cut to a fixed epoch length).
-The shuffle follows the trainer's epoch (or a count of passes without a trainer), so the order is a function
-of ``seed`` and the epoch only. Batches are dicts (see ``streaming.py``); ``skipped`` counts what this
-process's workers skipped, per split.
+``StreamingDataModule``: ``PairedShards`` (each sample exactly once per epoch across ranks and workers) or
+resampled shards cut to a fixed epoch length; the shuffle follows the trainer's epoch (or a count of passes
+without a trainer), so the order is a function of ``seed`` and the epoch only. Batches: see ``batches.py``.
 """
 
 from __future__ import annotations
@@ -49,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from prh_stitch.data.augment import AugmentOptions, augmented
 from prh_stitch.data.features import FeatureSet, FeatureStore, Ranks, align_by_key, default_cache_dir
-from prh_stitch.data.batches import BatchLoader, batch_stages
+from prh_stitch.data.batches import BatchLoader, _as_is, batch_stages
 from prh_stitch.data.stream import PairedShards, SkipStats
 from prh_stitch.encoders.base import FrozenEncoder, Layer
 
@@ -116,10 +103,6 @@ class PairDataset(TensorDataset):
     def __getitems__(self, indices: Sequence[int]) -> Tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return tuple(t[index] for t in self.tensors)
-
-
-def _batch_as_is(batch):
-    return batch
 
 
 def _rows(feature_set: FeatureSet, layer: str, index: torch.Tensor) -> torch.Tensor:
@@ -244,18 +227,11 @@ class StitchingDataModule(pl.LightningDataModule):
         self._device = torch.device(device)
         self.split_patterns()
 
-    def _extraction_device(self) -> Optional[torch.device]:
-        trainer = self.trainer
-        if trainer is not None:
-            return trainer.strategy.root_device
-        return self._device
-
     def _features(self, request: FeatureRequest, split: str, ranks: Ranks) -> FeatureSet:
-        return self.store.get(
-            request.encoder, self.shard_urls(split), [request.layer], request.pooling,
-            batch_size=self.extract_batch_size, num_workers=self.num_workers,
-            progress=ranks.rank == 0, ranks=ranks, device=self._extraction_device(),
-        )
+        device = self.trainer.strategy.root_device if self.trainer is not None else self._device
+        return self.store.get(request.encoder, self.shard_urls(split), [request.layer], request.pooling,
+                              batch_size=self.extract_batch_size, num_workers=self.num_workers,
+                              progress=ranks.rank == 0, ranks=ranks, device=device)
 
     def setup_features(self, source: FeatureRequest, target: FeatureRequest) -> None:
         """Get both sides from the store (extracting what it lacks), join them by sample key, build the datasets."""
@@ -293,7 +269,6 @@ class StitchingDataModule(pl.LightningDataModule):
         self.streaming = StreamingDataModule(
             train=self.shard_urls("train"), batch_size=self.batch_size, num_workers=self.num_workers,
             shuffle_buffer=self.stream.shuffle_buffer, seed=self.seed, resampled=True, epoch_length=epoch_length,
-            keep_images=False,
         )
         self.streaming.trainer = self.trainer  # its shuffle and draws follow the trainer's epoch
         self.streaming.set_encoders(augmented({"source": source.encoder, "target": target.encoder},
@@ -348,14 +323,14 @@ class StitchingDataModule(pl.LightningDataModule):
         # Our own DistributedSampler (also for one process): its order depends only on (seed, epoch), which
         # Lightning sets each epoch, so a resumed run replays exactly the batches an uninterrupted run sees.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_as_is)
 
     def _eval_dataloader(self, split: str) -> DataLoader:
         dataset = self._require(split)
         world, rank = self._distributed()
         # Padding repeats a few samples to even out ranks; val/test metrics drop repeats by sample index.
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch_as_is)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=_as_is)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_dataloader("val")
@@ -403,9 +378,7 @@ class StreamingDataModule(pl.LightningDataModule):
         seed: int = 0,
         resampled: bool = False,
         epoch_length: Optional[int] = None,
-        split: str = "auto",
         image_mode: Optional[str] = "RGB",
-        keep_images: Optional[bool] = None,
         image_size: Optional[int] = None,
     ) -> None:
         """
@@ -419,10 +392,7 @@ class StreamingDataModule(pl.LightningDataModule):
             resampled: draw training shards with replacement, without end, cut to ``epoch_length`` per epoch
                 (all ranks together; every rank gets the same number of batches).
             epoch_length: samples per training epoch in resampled mode.
-            split: how exactly-once streams split over consumers (``auto``, ``shard``, ``sample``; see split.py).
             image_mode: convert decoded images to this PIL mode (None keeps the stored one).
-            keep_images: put the decoded images in batches, as uint8 (C, H, W) tensors (default: only when no
-                encoder preprocesses them).
             image_size: resize every decoded image to this square side, before any preprocessing (None: as stored).
         """
         super().__init__()
@@ -437,9 +407,7 @@ class StreamingDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.resampled = bool(resampled)
         self.epoch_length = epoch_length
-        self.split = split
         self.image_mode = image_mode
-        self.keep_images = keep_images
         self.image_size = image_size
         self.encoders: Dict[str, FrozenEncoder] = {}
         self.stats: Dict[str, SkipStats] = {"train": SkipStats(), "val": SkipStats()}
@@ -463,7 +431,7 @@ class StreamingDataModule(pl.LightningDataModule):
             raise ValueError(f"no {split!r} shard pattern was given to the StreamingDataModule")
         train = split == "train"
         return PairedShards(pattern, shuffle_buffer=self.shuffle_buffer if train else 0, seed=self.seed,
-                            split_by_node=True, split=self.split, image_mode=self.image_mode,
+                            split_by_node=True, image_mode=self.image_mode,
                             resampled=train and self.resampled, epoch_length=self.epoch_length)
 
     def _epoch_source(self, split: str) -> Callable[[], int]:
@@ -478,7 +446,7 @@ class StreamingDataModule(pl.LightningDataModule):
 
     def dataloader(self, split: str) -> BatchLoader:
         reader = self.reader(split)
-        for stage in batch_stages(self.batch_size, self.encoders, self.keep_images, self.image_size, reader.stats):
+        for stage in batch_stages(self.batch_size, self.encoders, self.image_size, reader.stats):
             reader.append(stage)
         length = None
         if split == "train" and self.resampled:

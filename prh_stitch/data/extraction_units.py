@@ -55,9 +55,6 @@ class Ranks:
             return cls()
         return cls.from_torch()
 
-    def barrier(self) -> None:
-        self.exchange(None)
-
     def agree(self, error: Optional[BaseException]) -> List[Optional[Tuple[str, str]]]:
         """Share whether each rank failed; raise on every rank if any did (no rank is left waiting)."""
         mine = None if error is None else (type(error).__name__, str(error))
@@ -105,10 +102,10 @@ class UnitReader(IterableDataset):
     """
 
     def __init__(self, urls: Sequence[str], chunk_size: int, done: Set[Tuple[int, int]],
-                 finished_shards: Dict[int, int], rank: int = 0, world: int = 1, image_mode: Optional[str] = "RGB") -> None:
+                 finished_shards: Dict[int, int], rank: int = 0, world: int = 1) -> None:
         super().__init__()
         self.urls, self.chunk_size, self.done, self.finished = list(urls), int(chunk_size), set(done), dict(finished_shards)
-        self.rank, self.world, self.image_mode = rank, world, image_mode
+        self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[Any]:
         index, count = current_consumer(True, True, self.rank, self.world)
@@ -140,7 +137,7 @@ class UnitReader(IterableDataset):
                 block, stats = position // self.chunk_size, SkipStats()
             position += 1
             if mine(block):  # else not decoded: someone else's unit, or one finished in an earlier run
-                for sample in decoded([item], stats, self.image_mode):
+                for sample in decoded([item], stats, "RGB"):
                     yield dict(sample, unit=(shard, block), label=_label(sample["meta"]))
         if mine(block):
             for problem in problems:
@@ -152,7 +149,7 @@ class UnitReader(IterableDataset):
 def unit_batches(items: Iterable[Any], batch_size: int, encoder: FrozenEncoder) -> Iterator[Tuple[str, Any]]:
     """The worker side of extraction: ``("batch", batch)`` of prepared samples, never spanning two units, and
     ``("done", UnitDone)`` once a unit's samples are all in batches."""
-    prepare, batch = Prepare({"encoder": encoder}, keep_images=False), []
+    prepare, batch = Prepare({"encoder": encoder}), []
     for item in items:
         if isinstance(item, UnitDone) or len(batch) == batch_size:
             if batch:

@@ -1,26 +1,19 @@
 """The feature store: frozen-encoder outputs computed once, kept on disk, read memory-mapped by every run.
 
 Encoders are frozen and the default inputs are not augmented, so an encoder's pooled features for a sample
-are a pure function of (encoder weights, preprocessing, layers, pooling, sample). Each entry of the store is
-keyed by a fingerprint of all of those plus the shards read and the storage dtype; its on-disk format (identity,
-parts, the merge into layer arrays, resuming) is ``store_entry.py``'s; the units of work and the ranks sharing
-them are ``extraction_units.py``'s. This module extracts and reads entries.
+are a pure function of (encoder weights, preprocessing, layers, pooling, sample): an entry is keyed by a
+fingerprint of those, the shards and the storage dtype. Its on-disk format is ``store_entry.py``'s, the units of
+work and the ranks sharing them ``extraction_units.py``'s, locks and dead writers' files ``store_safety.py``'s.
 
-Splitting the work. Units go to consumers (rank x DataLoader worker) by ``split.py``'s one rule: whole shards
-round robin when there are at least as many shards as consumers, else units round robin (every consumer then
-reads every shard but decodes only its units). With fewer units than consumers the unit size shrinks, from the
-manifests' per-shard sample counts, until each consumer has one; it is fixed when the entry is created. Under
-DDP each rank extracts its units, all ranks meet, and rank 0 commits. A batch never spans two units, so the
-batches -- and hence the features, bit for bit for a given machine and thread count -- do not depend on how
-many ranks or workers did the work.
+Splitting the work: units go to consumers (rank x DataLoader worker) by ``split.py``'s one rule, shrunk (from the
+manifests' sample counts, fixed when the entry is created) until each consumer has one. Each rank extracts its
+units, all ranks meet, rank 0 commits. A batch never spans two units, so the features -- bit for bit on a given
+machine and thread count -- do not depend on how many ranks or workers did the work.
 
-Reading. ``layer-*.npy`` are opened with ``np.load(mmap_mode="c")``: training and evaluation read rows
-straight from the page cache, nothing is loaded up front, and writes stay private to the process. The first
-open of an entry in a process checks every file against the hashes in its index (one sequential read, which
-also warms the page cache); a damaged entry is an error naming it and the repair command, never used.
-
-Processes. ``get`` holds the entry's file lock (``store_safety.py``) from its first look at the entry to the
-end of the commit: a second extractor of the same entry waits, then finds it complete and reads it.
+Reading: ``np.load(mmap_mode="c")`` reads rows straight from the page cache, nothing up front, writes private to
+the process. The first open in a process checks every file against the index's hashes (one sequential read,
+which also warms the page cache); a damaged entry is an error naming it and the repair command, never used.
+``get`` holds the entry's lock from its first look to the end of the commit: a second extractor waits, then reads.
 """
 
 from __future__ import annotations
@@ -43,32 +36,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from prh_stitch.data.batches import _as_is
-from prh_stitch.data.extraction_units import Ranks, UnitDone, UnitReader, unit_batches
+# BadFeatures, CorruptEntry, DEFAULT_CHUNK_SIZE, Ranks, UnitDone, UnitReader and data_fingerprint are imported from
+# here by other modules: this is the store's public home.
+from prh_stitch.data.extraction_units import Ranks, UnitDone, UnitReader, unit_batches  # noqa: F401
 from prh_stitch.data.shards import samples_per_shard
 from prh_stitch.data.split import unit_size
-from prh_stitch.data.store_entry import (
-    DEFAULT_CHUNK_SIZE,
-    DTYPES,
-    IDENTITY,
-    INDEX,
-    STORE_FORMAT,
-    BadFeatures,
-    CorruptEntry,
-    EntryMismatch,
-    IncompleteShards,
-    check_identity,
-    commit_entry,
-    data_fingerprint,
-    default_cache_dir,
-    disk_full,
-    entry_name,
-    finished_shards,
-    open_entry,
-    part_name,
-    read_index,
-    units_on_disk,
-    verify_entry,
-    write_part,
+from prh_stitch.data.store_entry import (  # noqa: F401
+    DEFAULT_CHUNK_SIZE, DTYPES, INDEX, STORE_FORMAT, BadFeatures, CorruptEntry, EntryMismatch, IncompleteShards,
+    check_identity, commit_entry, data_fingerprint, default_cache_dir, disk_full, entry_name, finished_shards,
+    open_entry, read_index, units_on_disk, verify_entry, write_part,
 )
 from prh_stitch.data.store_safety import entry_lock, remove_dead_temp_files, unwritable_store
 from prh_stitch.encoders.base import FrozenEncoder, Layer
@@ -77,14 +53,6 @@ log = logging.getLogger("prh_stitch.data")
 
 # Entries whose files this process has checked against their hashes: {folder: (index inode, index mtime)}.
 _VERIFIED: Dict[str, Tuple[int, int]] = {}
-
-# The entry-format names live in store_entry.py but stay importable from here, the store's public home.
-__all__ = [
-    "BadFeatures", "CorruptEntry", "DEFAULT_CHUNK_SIZE", "DTYPES", "EntryMismatch", "ExtractionReport", "FeatureSet",
-    "FeatureStore", "IDENTITY", "INDEX", "IncompleteShards", "Ranks", "STORE_FORMAT", "UnitDone", "UnitReader",
-    "align_by_key", "data_fingerprint", "default_cache_dir", "part_name", "unit_batches",
-]
-
 
 @dataclass
 class FeatureSet:
@@ -169,10 +137,6 @@ class FeatureStore:
             "shards": len(urls),
             "dtype": self.dtype,
         }
-    @staticmethod
-    def _entry_name(identity: Dict[str, Any]) -> str:
-        return entry_name(identity)
-
 
     # ---- the one entry point ------------------------------------------------------------------
     def get(
@@ -200,7 +164,7 @@ class FeatureStore:
         urls = list(urls)
         ranks = ranks or Ranks()
         identity = self.identity(encoder, layers, pooling, urls)
-        entry = self.root / (name or self._entry_name(identity))
+        entry = self.root / (name or entry_name(identity))
         # Rank 0 holds the lock for the whole call; the other ranks of a DDP run follow it through the collectives.
         with entry_lock(entry, needed=ranks.rank == 0):
             try:
@@ -221,26 +185,36 @@ class FeatureStore:
         complete = (entry / INDEX).is_file()
         if ranks.world > 1:  # one decision for all ranks, or their collectives would not match
             complete = ranks.exchange(complete)[0]
+        report, error = ExtractionReport(), None
         if complete:
             self.hits += 1
             log.info("features of %s: store hit (%s)", encoder.name, entry)
-            feature_set = self.read(entry, identity)
-            feature_set.info["extraction"] = asdict(ExtractionReport(seconds=round(time.perf_counter() - started, 3)))
-            return feature_set
+        else:
+            self.extractions += 1
+            original = encoder.device
+            try:
+                if device is not None:
+                    encoder.to(device)
+                report = self._extract(encoder, urls, layers, pooling, batch_size, num_workers, progress, entry,
+                                       identity, ranks)
+            except Exception as exc:  # noqa: BLE001 - shared with the other ranks below, then re-raised
+                error = exc
+            finally:
+                encoder.to(original)
+            self._commit(entry, ranks, error, started)
+        feature_set = self.read(entry, identity)
+        report.seconds = round(time.perf_counter() - started, 3)
+        feature_set.info["extraction"] = asdict(report)
+        return feature_set
 
-        self.extractions += 1
-        report, error = ExtractionReport(), None
-        try:
-            report = self.extract(encoder, urls, layers, pooling, batch_size, num_workers, progress,
-                                  entry=entry, identity=identity, ranks=ranks, device=device)
-        except Exception as exc:  # noqa: BLE001 - shared with the other ranks below, then re-raised
-            error = exc
+    def _commit(self, entry: Path, ranks: Ranks, error: Optional[Exception], started: float) -> None:
+        """Every rank learns whether any failed; rank 0 commits; what is kept on failure depends on the cause."""
         try:
             ranks.agree(error)
             error = None
             if ranks.rank == 0:
                 try:
-                    self.commit(entry, seconds=time.perf_counter() - started)
+                    commit_entry(entry, time.perf_counter() - started)
                 except Exception as exc:  # noqa: BLE001 - as above
                     error = exc
             ranks.agree(error)
@@ -254,57 +228,22 @@ class FeatureStore:
             if ranks.rank == 0 and not (entry / INDEX).exists() and not units_on_disk(entry):
                 shutil.rmtree(entry, ignore_errors=True)  # failed before any unit was done: nothing to resume
             raise
-        feature_set = self.read(entry, identity)
-        report.seconds = round(time.perf_counter() - started, 3)
-        feature_set.info["extraction"] = asdict(report)
-        return feature_set
 
     # ---- extraction ---------------------------------------------------------------------------
-    def _open_entry(self, entry: Path, identity: Dict[str, Any], chunk_size: Optional[int] = None) -> int:
-        """Create the entry (or check an existing one is the same); return its chunk size."""
-        return open_entry(entry, identity, chunk_size or self.chunk_size)
-
-    def extract(
-        self,
-        encoder: FrozenEncoder,
-        urls: Sequence[str],
-        layers: Sequence[Layer] = (-1,),
-        pooling: Optional[str] = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        progress: bool = True,
-        entry: Optional[Path] = None,
-        identity: Optional[Dict[str, Any]] = None,
-        ranks: Optional[Ranks] = None,
-        device: Optional[torch.device | str] = None,
-    ) -> ExtractionReport:
-        """Encode this process's units that are not on disk yet and write each as a part of ``entry``."""
-        original = encoder.device
-        if device is not None:
-            encoder.to(device)
-        try:
-            return self._extract(encoder, urls, layers, pooling, batch_size, num_workers, progress, entry, identity, ranks)
-        finally:
-            encoder.to(original)
-
     def _extract(self, encoder, urls, layers, pooling, batch_size, num_workers, progress, entry, identity, ranks):
+        """Encode this process's units that are not on disk yet and write each as a part of ``entry``."""
         from tqdm.auto import tqdm
 
-        ranks = ranks or Ranks()
-        identity = identity or self.identity(encoder, layers, pooling, urls)
-        entry = entry or self.root / self._entry_name(identity)
         # Units small enough that every rank x worker gets one (fixed when the entry is created; batches never
         # span units, so the features depend on the unit size, not on how many consumers share the work).
-        consumers = ranks.world * max(1, num_workers)
         counts = samples_per_shard(urls)
-        chunk_size = self._open_entry(entry, identity, unit_size(self.chunk_size, counts, consumers))
+        chunk_size = open_entry(entry, identity, unit_size(self.chunk_size, counts, ranks.world * max(1, num_workers)))
         (entry / "parts").mkdir(exist_ok=True)
         units = units_on_disk(entry)
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
         reader = UnitReader(urls, chunk_size, set(units), finished_shards(units), ranks.rank, ranks.world)
         loader = DataLoader(wds.DataPipeline(reader, lambda items: unit_batches(items, batch_size, encoder)),
                             batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-        names = identity["layers"]
         cut: Dict[str, str] = {}  # shards not read to their end: url -> why
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         # A total (hence an ETA) where the manifests give it and this process encodes everything from scratch.
@@ -323,7 +262,8 @@ class FeatureStore:
                     bar.update(len(item["key"]))
                 else:
                     rows = pending.pop((item.shard, item.block), {"samples": [], "outputs": []})
-                    problem = self._write_part(entry, item, rows["samples"], rows["outputs"], names, encoder.name)
+                    problem = write_part(entry, item, rows["samples"], rows["outputs"], identity["layers"],
+                                         encoder.name, self.dtype)
                     if problem is None:
                         report.chunks_computed += 1
                     else:
@@ -335,15 +275,6 @@ class FeatureStore:
                 f"{entry}: repair or remove the shard(s) and run again (finished shards are not read again)"
             )
         return report
-
-    def _write_part(self, entry: Path, done: UnitDone, samples: List[dict], outputs: List[List[Tensor]],
-                    names: List[str], encoder_name: str) -> Optional[str]:
-        return write_part(entry, done, samples, outputs, names, encoder_name, self.dtype)
-
-    # ---- completion ---------------------------------------------------------------------------
-    def commit(self, entry: Path, seconds: float = 0.0) -> None:
-        """Merge the parts of a fully extracted entry into per-layer arrays in key order; write the index."""
-        commit_entry(entry, seconds)
 
     # ---- reading ------------------------------------------------------------------------------
     def read(self, entry: str | os.PathLike, identity: Optional[Dict[str, Any]] = None) -> FeatureSet:

@@ -13,6 +13,7 @@ samples give byte-identical shards and manifests.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import io
@@ -35,11 +36,13 @@ from prh_stitch.atomic import atomic_write_text
 logger = logging.getLogger("prh_stitch.data")
 
 MANIFEST_FORMAT = "prh_stitch-shards-v1"
-IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+JPEG_QUALITY = 95  # high enough that re-encoding artefacts do not dominate small synthetic shapes
+# PIL save options per format, fixed so that the same pixels always give the same bytes.
+IMAGE_FORMATS = {"jpg": {"format": "JPEG", "quality": JPEG_QUALITY}, "png": {"format": "PNG"},
+                 "webp": {"format": "WEBP", "lossless": True}}
 # Keys become file names inside the tar and are split from the extension at the first dot (the
 # webdataset grouping rule), so they must not contain dots or slashes.
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
-JPEG_QUALITY = 95  # high enough that re-encoding artefacts do not dominate small synthetic shapes
 _TAR_BLOCK = 512
 _TAR_RECORD = tarfile.RECORDSIZE  # tarfile pads the archive to a multiple of this on close
 _TAR_END = 2 * _TAR_BLOCK  # two zero blocks mark the end of an archive
@@ -88,12 +91,7 @@ def encode_image(image: Image.Image, image_format: str) -> bytes:
     if image_format == "jpg" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")  # JPEG has no alpha or palette
     buffer = io.BytesIO()
-    if image_format == "jpg":
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    elif image_format == "webp":
-        image.save(buffer, format="WEBP", lossless=True)
-    else:
-        image.save(buffer, format="PNG")
+    image.save(buffer, **IMAGE_FORMATS[image_format])
     return buffer.getvalue()
 
 
@@ -155,7 +153,6 @@ class ShardWriter:
         self._tmp_path: Optional[Path] = None
         self._count = 0
         self._payload = 0
-        self._hash = None
         self._closed = False
         self.manifest: Optional[dict] = None
 
@@ -272,6 +269,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Remove the shard in progress and every shard this writer completed; write no manifest."""
         if self._tar is not None:
+            with contextlib.suppress(Exception):  # else tarfile's __del__ writes into the closed file later
+                self._tar.close()
             self._file.close()
         if self._tmp_path is not None:
             self._tmp_path.unlink(missing_ok=True)
@@ -290,27 +289,15 @@ class ShardWriter:
             self.close()
 
 
-def write_shards(
-    samples: Iterable[Tuple[str, Image.Image, str, Mapping[str, Any]]],
-    out_dir: str | Path,
-    prefix: str = "shard",
-    samples_per_shard: int = 1000,
-    max_shard_bytes: Optional[int] = None,
-    source: str = "unknown",
-    seed: Optional[int] = None,
-    image_format: str = "jpg",
-    overwrite: bool = False,
-    info: Optional[Mapping[str, Any]] = None,
-) -> dict:
+def write_shards(samples: Iterable[Tuple[str, Image.Image, str, Mapping[str, Any]]], out_dir: str | Path,
+                 **options: Any) -> dict:
     """Write ``(key, image, caption, meta)`` samples as shards under ``out_dir``; return the manifest.
 
-    Raises ValueError on a duplicate or malformed key, an empty caption, an existing series with the
-    same prefix (unless ``overwrite``), or no samples; on any error nothing of this call remains on disk.
+    ``options`` are ``ShardWriter``'s (prefix, samples_per_shard, max_shard_bytes, source, seed, image_format,
+    overwrite, info). Raises ValueError on a duplicate or malformed key, an empty caption, an existing series with
+    the same prefix (unless ``overwrite``), or no samples; on any error nothing of this call remains on disk.
     """
-    with ShardWriter(
-        out_dir, prefix=prefix, samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes,
-        source=source, seed=seed, image_format=image_format, overwrite=overwrite, info=info,
-    ) as writer:
+    with ShardWriter(out_dir, **options) as writer:
         for key, image, caption, meta in samples:
             writer.add(key, image, caption, meta)
         return writer.close()
@@ -318,33 +305,22 @@ def write_shards(
 
 # -- reading side: which shards does a pattern name ---------------------------------------------------
 
-def _split_top_level(text: str, separator: str) -> List[str]:
-    """Split on ``separator`` outside braces, so "a-{0,1}.tar,b.tar" is two patterns, not three."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth = max(0, depth - 1)
-        if char == separator and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
+def _split_top_level(text: str) -> List[str]:
+    """Split on commas outside braces, so "a-{0,1}.tar,b.tar" is two patterns, not three."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth = depth + 1 if char == "{" else max(0, depth - 1) if char == "}" else depth
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
 
 
 def _split_patterns(pattern: str | Sequence[str]) -> List[str]:
-    if isinstance(pattern, (str, os.PathLike)):
-        pieces = []
-        for chunk in str(pattern).split("::"):
-            pieces.extend(_split_top_level(chunk, ","))
-    else:
-        pieces = []
-        for item in pattern:
-            pieces.extend(_split_patterns(item))
-    return [p.strip() for p in pieces if p.strip()]
+    if not isinstance(pattern, (str, os.PathLike)):
+        return [piece for item in pattern for piece in _split_patterns(item)]
+    pieces = [piece.strip() for chunk in str(pattern).split("::") for piece in _split_top_level(chunk)]
+    return [piece for piece in pieces if piece]
 
 
 def expand_urls(pattern: str | Sequence[str]) -> List[str]:
@@ -392,16 +368,20 @@ def expand_urls(pattern: str | Sequence[str]) -> List[str]:
     return unique
 
 
-def samples_per_shard(urls: Sequence[str]) -> Optional[List[int]]:
-    """Samples in each shard, from the manifests next to them; None unless every shard is in one."""
-    counts: dict = {}
+def manifest_records(urls: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """``{url: its shard record}`` (samples, bytes, SHA-256) of the local shards a manifest next to them lists."""
+    records: Dict[str, Dict[str, Any]] = {}
     for folder in {os.path.dirname(url) for url in urls if "://" not in url and not url.startswith("pipe:")}:
         for path in glob.glob(os.path.join(glob.escape(folder or "."), "*-manifest.json")):
-            manifest = _read_manifest(Path(path)) or {}
-            for shard in manifest.get("shards", []):
-                counts[os.path.join(folder, shard["name"])] = shard["num_samples"]
-    found = [counts.get(url) for url in urls]
-    return None if None in found else found
+            for shard in (_read_manifest(Path(path)) or {}).get("shards", []):
+                records[os.path.join(folder, shard["name"])] = shard
+    return records
+
+
+def samples_per_shard(urls: Sequence[str]) -> Optional[List[int]]:
+    """Samples in each shard, from the manifests next to them; None unless every shard is in one."""
+    records = manifest_records(urls)
+    return [records[url]["num_samples"] for url in urls] if all(url in records for url in urls) else None
 
 
 # -- the cached built-in scene dataset ----------------------------------------------------------------

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
@@ -76,7 +77,9 @@ def data_fingerprint(urls: Sequence[str]) -> str:
     """Identity of a list of shards: ``pipe:`` and remote by URL; local files by content where their manifest
     records it (name, size, modification time and the writer's SHA-256: moving the folder, e.g. the cache with the
     built-in scenes, changes nothing), else by absolute path, size and modification time."""
-    recorded = _manifest_digests([u for u in urls if not (u.startswith("pipe:") or "://" in u)])
+    from prh_stitch.data.shards import manifest_records
+
+    recorded = manifest_records(urls)
     parts = []
     for url in urls:
         if url.startswith("pipe:") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]+://", url):
@@ -89,18 +92,6 @@ def data_fingerprint(urls: Sequence[str]) -> str:
         else:
             parts.append(f"{os.path.abspath(url)}:{st.st_size}:{st.st_mtime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
-
-
-def _manifest_digests(urls: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """``{url: its manifest record}`` of local shards listed by a manifest next to them."""
-    from prh_stitch.data.shards import _read_manifest
-
-    records: Dict[str, Dict[str, Any]] = {}
-    for folder in {os.path.dirname(url) for url in urls}:
-        for path in Path(folder or ".").glob("*-manifest.json"):
-            for shard in (_read_manifest(path) or {}).get("shards", []):
-                records[os.path.join(folder, shard["name"])] = shard
-    return records
 
 
 class BadFeatures(ValueError):
@@ -144,16 +135,11 @@ def part_name(shard: int, block: int, last: bool) -> str:
 
 
 def _whole_safetensors(path: Path) -> bool:
-    """Cheap check that a safetensors file is complete: header readable and file size as the header says."""
+    """Cheap check that a part is complete: safetensors checks that its header covers the file exactly."""
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) != 8:
-                return False
-            header = json.loads(handle.read(int.from_bytes(head, "little")))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        return path.stat().st_size == 8 + int.from_bytes(head, "little") + end
-    except (OSError, ValueError, KeyError, TypeError):
+        with safe_open(path, "pt"):
+            return True
+    except (OSError, SafetensorError):
         return False
 
 
@@ -272,7 +258,13 @@ def commit_entry(entry: Path, seconds: float = 0.0) -> None:
     stored = json.loads((entry / IDENTITY).read_text())
     identity = stored["identity"]
     units = units_on_disk(entry)
-    _check_all_shards_present(entry, units, identity["shards"])
+    finished = finished_shards(units)
+    missing = [s for s in range(identity["shards"]) if s not in finished]
+    if missing:
+        raise RuntimeError(
+            f"feature store entry {entry} lacks parts of {len(missing)} shard(s) (e.g. shard {missing[0]}) after "
+            "every rank finished; when ranks run on several machines the store must be on a filesystem they all see"
+        )
     loaded, stats, keys = _load_parts(units)
     sorted_keys = _key_order(keys, stats, identity["shards"])
     position = {key: i for i, key in enumerate(sorted_keys)}
@@ -308,16 +300,6 @@ def disk_full(entry: Path) -> UserError:
 def rows_digest(keys: List[str], captions: List[str], labels: List[int]) -> str:
     """SHA-256 of the rows' identities in their order: a shuffled, edited or cut key list changes it."""
     return hashlib.sha256(json.dumps([keys, captions, labels]).encode()).hexdigest()
-
-
-def _check_all_shards_present(entry: Path, units: Dict[Tuple[int, int], Tuple[Path, bool]], shards: int) -> None:
-    finished = finished_shards(units)
-    missing = [s for s in range(shards) if s not in finished]
-    if missing:
-        raise RuntimeError(
-            f"feature store entry {entry} lacks parts of {len(missing)} shard(s) (e.g. shard {missing[0]}) after "
-            "every rank finished; when ranks run on several machines the store must be on a filesystem they all see"
-        )
 
 
 def _load_parts(units: Dict[Tuple[int, int], Tuple[Path, bool]]) -> Tuple[Loaded, SkipStats, List[str]]:

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from prh_stitch.atomic import _alive  # the report folders' liveness test: the same question
 from prh_stitch.data.store_entry import INDEX, CorruptEntry, read_index, verify_entry
 from prh_stitch.errors import UserError
 
@@ -74,16 +75,6 @@ def _locked(path: Path) -> int:
         except FileNotFoundError:
             pass
         os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
 
 
 def remove_dead_temp_files(entry: Path) -> int:

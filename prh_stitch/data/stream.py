@@ -1,10 +1,11 @@
 """Reading paired image-caption shards: a ``webdataset`` pipeline with a few stages of our own.
 
-The pipeline (``paired_pipeline``): shard list (``webdataset.SimpleShardList``, or ``webdataset.ResampledShards``
+The pipeline (``PairedShards``): shard list (``webdataset.SimpleShardList``, or ``webdataset.ResampledShards``
 for resampled epochs) -> per-epoch shard shuffle (``webdataset.shuffle``) -> our split stage (``split.py``'s one
-rule) -> our shard reader -> sample shuffle buffer (``webdataset.shuffle``) -> our decoder -> transforms. Shards
-open through ``webdataset.gopen`` (local paths, ``file:``, ``http(s)://`` via curl, and every scheme gopen knows),
-except ``pipe:`` commands, which we start ourselves (see ``_Source``).
+rule) -> our shard reader -> sample shuffle buffer (``webdataset.shuffle``) -> our decoder; transforms are
+webdataset stages appended to it (``.compose(wds.map_dict(image=...))``). Shards open through ``webdataset.gopen``
+(local paths, ``file:``, ``http(s)://`` via curl, every scheme gopen knows), except ``pipe:`` commands, which we
+start ourselves (see ``_Source``).
 
 Ours, because webdataset cannot do it:
 
@@ -48,7 +49,7 @@ from torch.utils.data import get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from prh_stitch.data.shards import expand_urls, keys_digest
-from prh_stitch.data.split import SPLIT_MODES, current_consumer, owner, split_mode
+from prh_stitch.data.split import current_consumer, owner, split_mode
 
 logger = logging.getLogger("prh_stitch.data")
 
@@ -66,19 +67,17 @@ class SkipStats:
     skipped: Counter = field(default_factory=Counter)
     shards: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
-    def _shard(self, url: str) -> Dict[str, Any]:
+    def opened(self, url: str) -> Dict[str, Any]:
+        """The counts of shard ``url`` (created at zero: a shard read counts even when it gives nothing)."""
         return self.shards.setdefault(url, {"good": 0, "skipped": Counter()})
-
-    def opened(self, url: str) -> None:
-        self._shard(url)
 
     def add_good(self, url: str) -> None:
         self.good += 1
-        self._shard(url)["good"] += 1
+        self.opened(url)["good"] += 1
 
     def add_skip(self, url: str, reason: str) -> None:
         self.skipped[reason] += 1
-        self._shard(url)["skipped"][reason] += 1
+        self.opened(url)["skipped"][reason] += 1
 
     @property
     def shards_read(self) -> int:
@@ -88,7 +87,7 @@ class SkipStats:
         self.good += other.good
         self.skipped.update(other.skipped)
         for url, counts in other.shards.items():
-            mine = self._shard(url)
+            mine = self.opened(url)
             mine["good"] += counts["good"]
             mine["skipped"].update(counts["skipped"])
         return self
@@ -355,8 +354,6 @@ class PairedShards(wds.DataPipeline):
     def __init__(
         self,
         urls: str | Sequence[str],
-        image_transform: Optional[Callable[[Image.Image], Any]] = None,
-        caption_transform: Optional[Callable[[str], Any]] = None,
         shuffle_buffer: int = 0,
         seed: int = 0,
         split_by_node: bool = False,
@@ -369,14 +366,10 @@ class PairedShards(wds.DataPipeline):
         resampled: bool = False,
         epoch_length: Optional[int] = None,
     ) -> None:
-        if split not in SPLIT_MODES:
-            raise ValueError(f"split must be one of {SPLIT_MODES}, got {split!r}")
+        split_mode(split, 0, 1)  # checks the name now, not in the first pass
+        current_consumer(True, False, rank, world_size)  # checks rank and world_size likewise
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        if (rank is None) != (world_size is None):
-            raise ValueError("pass rank and world_size together (or neither, to use torch.distributed)")
-        if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         if resampled and (epoch_length is None or epoch_length < 1):
             raise ValueError(f"resampled streams need epoch_length >= 1 (samples per epoch), got {epoch_length}")
         self.urls: List[str] = expand_urls(urls)
@@ -397,9 +390,6 @@ class PairedShards(wds.DataPipeline):
                       self._read_split]
         stages.append(_Stage(lambda: wds.shuffle(shuffle_buffer, shuffle_buffer, rng=self._rng(True)) if shuffle else _same))
         stages.append(lambda raw: decoded(raw, self.stats, image_mode))
-        if image_transform is not None or caption_transform is not None:
-            stages.append(wds.map(lambda s: dict(s, image=(image_transform or _same)(s["image"]),
-                                                 caption=(caption_transform or _same)(s["caption"]))))
         if resampled:
             stages.append(lambda samples: itertools.islice(samples, self.quota()))
         super().__init__(*stages)
@@ -424,15 +414,13 @@ class PairedShards(wds.DataPipeline):
         index, count = self.consumer()
         info = get_worker_info() if self.split_by_worker else None
         workers = info.num_workers if info is not None else 1
-        per_rank = self.epoch_length // (count // workers)
-        worker = index % workers
-        return per_rank // workers + (1 if worker < per_rank % workers else 0)
+        return _share(self.epoch_length // (count // workers), workers, index % workers)
 
     def batches_per_rank(self, batch_size: int, num_workers: int) -> int:
         """Resampled: batches one rank yields per epoch when each worker batches its own quota."""
         _, world = current_consumer(self.split_by_node, False, self.rank, self.world_size)
-        workers, per_rank = max(1, num_workers), self.epoch_length // world
-        return sum(-(-(per_rank // workers + (w < per_rank % workers)) // batch_size) for w in range(workers))
+        workers = max(1, num_workers)
+        return sum(-(-_share(self.epoch_length // world, workers, w) // batch_size) for w in range(workers))
 
     def _read_split(self, shards: Iterable[Dict[str, str]]) -> Iterator[Dict[str, Any]]:
         """Reads this consumer's share by the one split rule; counts shard problems the shard's owner sees."""
@@ -473,6 +461,11 @@ class PairedShards(wds.DataPipeline):
 
 def _same(x):
     return x
+
+
+def _share(total: int, parts: int, part: int) -> int:
+    """Part ``part`` of ``total`` spread over ``parts`` as evenly as possible (the first ones get one more)."""
+    return total // parts + (part < total % parts)
 
 
 def scan(urls: str | Sequence[str]) -> Dict[str, Any]:
