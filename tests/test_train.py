@@ -527,9 +527,9 @@ def test_stitcher_spec_says_which_closed_form_runs_and_refuses_bad_combinations(
     StitcherSpec(name="affine", fit="procrustes", closed_form={"scaling": "isotropic"}).check()
     StitcherSpec(init="ridge", closed_form={"ridge_grid": [0.1, 1.0]}).check()
     bad = [
-        (dict(fit="cholesky"), r"^unknown stitcher fit 'cholesky'; choose one of gradient, lstsq, ridge, procrustes$"),
+        (dict(fit="cholesky"), r"^unknown stitcher fit 'cholesky'; choose one of gradient, lstsq, ridge, procrustes, unsupervised$"),
         (dict(fit="ridge", init="ridge"), r"^stitcher init 'ridge' applies to fit 'gradient' only; fit 'ridge' is"),
-        (dict(init="svd"), r"^unknown stitcher init 'svd'; choose one of lstsq, ridge, procrustes or null"),
+        (dict(init="svd"), r"^unknown stitcher init 'svd'; choose one of lstsq, ridge, procrustes, unsupervised or null"),
         (dict(fit="ridge", closed_form={"rigde": 1}), r"^unknown closed_form option\(s\) \['rigde'\]; valid: \["),
         (dict(closed_form={"ridge": 1.0}), r"^closed_form options are set but neither fit nor init is a closed form"),
         (dict(name="mlp", fit="ridge"), r"^closed-form fits \(ridge\) need stitcher 'linear' or 'affine', not 'mlp'$"),

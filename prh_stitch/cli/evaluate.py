@@ -14,6 +14,8 @@ and ``--print_config`` prints one):
   :mod:`prh_stitch.alignment.protocol`); every report names the protocol that produced it.
 - ``study``: the convergence study from a YAML config (see :mod:`prh_stitch.alignment.study`).
 - ``layer-sweep``: the stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.
+- ``translate``: a map between two encoders learned without pairs, scored on held-out pairs against the supervised
+  ridge and chance (see :mod:`prh_stitch.translation`).
 
 Options map onto the library's signatures: :class:`~prh_stitch.alignment.ScoreSettings` and
 :class:`~prh_stitch.alignment.Inputs` (shared), :func:`~prh_stitch.evaluation.evaluate_stitcher`,
@@ -102,6 +104,11 @@ def build_parser():
     sweep = _subparser("Stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.")
     sweep.add_function_arguments(layer_sweep, None)
     commands.add_subcommand("layer-sweep", sweep, help="stitching penalty of every cut, with a heatmap")
+    from prh_stitch.translation.run import translate
+
+    translation = _subparser("Translation without pairs: an unsupervised map between two encoders, scored on held-out pairs.")
+    translation.add_function_arguments(translate, None)
+    commands.add_subcommand("translate", translation, help="translation without pairs, against ridge and chance")
     return parser
 
 
@@ -110,9 +117,10 @@ def option_spellings() -> Dict[str, str]:
     from prh_stitch.evaluation import evaluate_stitcher
 
     from prh_stitch.layer_stitch import layer_sweep
+    from prh_stitch.translation.run import translate
 
     return option_kinds(ScoreSettings, Inputs, evaluate_stitcher, align_models, stitch_outputs,
-                        layer_sweep) | {"progress": "bool"}
+                        layer_sweep, translate) | {"progress": "bool"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -130,7 +138,8 @@ def _run(args: List[str]) -> int:
     options = namespace[command].as_dict()
     config = options.pop("config", None)  # the YAML files read, when any
     config_file = str(config[-1]) if config else None
-    commands = {"stitch": cmd_stitch, "align": cmd_align, "study": cmd_study, "layer-sweep": cmd_layer_sweep}
+    commands = {"stitch": cmd_stitch, "align": cmd_align, "study": cmd_study, "layer-sweep": cmd_layer_sweep,
+                "translate": cmd_translate}
     return commands[command](options, config_file)
 
 
@@ -198,4 +207,13 @@ def cmd_layer_sweep(options: Dict[str, Any], config_file: Optional[str] = None) 
     r = layer_sweep(**options).to_dict()
     print(f"B alone ({r['metric']}): {r['b_score']:.4f}; penalty matrix (rows {r['model_a']}, columns "
           f"{r['model_b']}) in {options.get('out')}/penalty.png, .csv, .json ({r['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_translate(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
+    from prh_stitch.translation.run import summary_line, translate, write_translation
+
+    result = translate(**options)
+    path = write_translation(result, options["out"], options["source"], options["target"])
+    print(f"evaluate.py translate: {summary_line(result.report)}; report in {path}")
     return 0

@@ -33,6 +33,7 @@ def fit_closed_form(
     distributed: bool = False,
     gain: Union[str, float, None] = "auto",
     whiten: Union[str, float, None] = "auto",
+    unsupervised: Optional[dict] = None,
 ) -> ClosedFormResult:
     """Fit ``stitcher``'s linear core in closed form and write its weight (and bias) in place.
 
@@ -58,8 +59,15 @@ def fit_closed_form(
             a number fixes it; None or 1.0 is the plain ridge.
         whiten: ridge only: relative target-whitening strength (``W ← κ·W(C' + w·τ_y·I)⁻¹``); ``"auto"`` chooses it
             from ``WHITEN_GRID`` (None included) jointly with the gain, under the same conditions; None: none.
+        unsupervised: method ``unsupervised`` only: its options (:class:`~prh_stitch.closed_form.unsupervised.UnsupervisedOptions`).
+            The training rows are split into two disjoint halves (source side / target side), so no pair is read;
+            ``val`` is not used either.
     """
     gain, whiten = _check_options(method, select_by, scaling, gain, whiten)
+    if method == "unsupervised":
+        from prh_stitch.closed_form.unsupervised import fit_unsupervised_pairs_blind
+
+        return fit_unsupervised_pairs_blind(stitcher, train, distributed, unsupervised)
     fit_bias = _linear_core(stitcher).bias is not None
     _check_norms(stitcher)
     center = _resolve_center(stitcher, method, center, fit_bias)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
-METHODS = ("lstsq", "ridge", "procrustes")
+METHODS = ("lstsq", "ridge", "procrustes", "unsupervised")  # unsupervised: see closed_form/unsupervised.py
 SELECT_BY = ("recall@1", "mse")
 SCALINGS = ("none", "isotropic", "standard")
 DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 1e1, 1e2)
@@ -26,6 +26,7 @@ class ClosedFormResult:
     gain: Optional[float] = None  # ridge only: the deviation gain written (1.0 = plain ridge)
     whiten: Optional[float] = None  # ridge only: relative target-whitening strength written (None = none)
     tuning_scores: Dict[str, float] = field(default_factory=dict)  # "whiten=..,gain=.." -> held-out recall@1
+    unsupervised: Dict[str, Any] = field(default_factory=dict)  # method "unsupervised" only: how the map was found
 
     def as_dict(self) -> dict:
         return asdict(self)
