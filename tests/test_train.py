@@ -195,6 +195,8 @@ def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_los
     assert after["a2b/recall@1"] >= 0.8 and after["b2a/recall@1"] >= 0.8, after
     assert seen.train_loss[-1] < 0.5 * seen.train_loss[0], seen.train_loss
     assert seen.val[-1]["val/loss"] < 0.5 * seen.val[0]["val/loss"], seen.val
+    # The progress bar shows the training loss (per step and per epoch) and the validation recall@1.
+    assert {"train/loss_step", "train/loss_epoch", "val/r@1"} <= set(trainer.progress_bar_metrics)
     # The temperature is logged as its mean over the last epoch's steps: close to, not equal to, the final one.
     assert float(trainer.callback_metrics["train/temperature"]) == pytest.approx(model.objective.temperature.item(),
                                                                                 rel=1e-3)
