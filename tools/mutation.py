@@ -26,6 +26,10 @@ mutant names, e.g. a systematic 20 % sample (every mutant whose number ends in 0
     python tools/mutation.py prh_stitch/metrics/kernels.py --tests tests/test_kernels_exact.py \
         --only '*__mutmut_*0' '*__mutmut_*5' --keep
 
+mutmut stops a mutant's tests after (estimated test time + 1 s) x 15 x 2 CPU seconds and counts it as killed; the
+estimate leaves out module-scoped fixtures (a whole training run), so for tests with heavy fixtures pass e.g.
+``--timeout-multiplier 200``, or timeouts count as kills that no mutation caused.
+
 With ``--keep`` and ``--only`` a run resumes: mutants already killed are not run again (survivors are, since a test
 may have been added since).
 """
