@@ -256,6 +256,20 @@ def test_calibrate_replays_half_samples_for_a_kernel_metric():
     assert rep["interval_method"] == "half-sample, 25 draws, population estimand"
 
 
+def test_calibrate_passes_the_metric_options_to_the_score_the_null_and_the_halves():
+    """An RBF kernel goes CKA's sample route, which reads the options on every call: the score, each permuted null
+    score and each half-sample score must be the metric's own at those options (here: not the linear default)."""
+    n, perms_n, boots_n, seed = 24, 3, 4, 2
+    a, b = make_data("noisy", n=n)
+    rep = calibrate("cka", a, b, permutations=perms_n, bootstrap=boots_n, seed=seed, kernel="rbf")
+    perms, halves = replay_draws(n, perms_n, boots_n, seed)
+    assert rep["score"] == pytest.approx(cka(a, b, kernel="rbf"), abs=1e-6)
+    assert abs(rep["score"] - cka(a, b)) > 1e-3  # the option changes the score on this data
+    null = [cka(a, b[p], kernel="rbf") for p in perms]
+    assert rep["null_mean"] == pytest.approx(float(np.mean(null)), abs=1e-6)
+    assert rep["ci_draws"] == pytest.approx([cka(a[h], b[h], kernel="rbf") for h in halves], abs=1e-6)
+
+
 def test_calibrate_edge_cases_saturated_null_one_or_two_permutations_and_no_resampling():
     # N = k + 1: every neighbour list holds all other samples, so every pairing scores 1 and the null is flat
     a, b = make_data("independent", n=5)

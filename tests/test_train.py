@@ -195,6 +195,8 @@ def test_training_learns_a_planted_relation_far_beyond_chance_and_lowers_its_los
     assert after["a2b/recall@1"] >= 0.8 and after["b2a/recall@1"] >= 0.8, after
     assert seen.train_loss[-1] < 0.5 * seen.train_loss[0], seen.train_loss
     assert seen.val[-1]["val/loss"] < 0.5 * seen.val[0]["val/loss"], seen.val
+    # The progress bar shows the training loss (per step and per epoch) and the validation recall@1.
+    assert {"train/loss_step", "train/loss_epoch", "val/r@1"} <= set(trainer.progress_bar_metrics)
     # The temperature is logged as its mean over the last epoch's steps: close to, not equal to, the final one.
     assert float(trainer.callback_metrics["train/temperature"]) == pytest.approx(model.objective.temperature.item(),
                                                                                 rel=1e-3)
@@ -575,6 +577,33 @@ def test_closed_form_run_is_one_solve_equal_to_the_direct_fit_then_one_validatio
     trainer.save_checkpoint(tmp_path / "solved.ckpt")
     fit_meta = torch.load(tmp_path / "solved.ckpt", map_location="cpu", weights_only=True)["prh_stitch"]["fit"]
     assert fit_meta == {"method": "ridge", "init": None, "closed_form": result.as_dict()}
+
+
+def test_a_closed_form_run_on_one_training_batch_solves_once_and_tests_the_solved_stitcher(tmp_path):
+    """The solve is taken at the epoch's first batch: a training split that fits in one batch must still be solved
+    (a solve keyed to any later batch would never run). The test pass then scores that solved stitcher, whole set."""
+    from prh_stitch.evaluation.captions import caption_retrieval
+
+    model = tiny_module(stitcher={"name": "affine", "fit": "ridge",
+                                  "closed_form": {"ridge_grid": [1e-2], "gain": None, "whiten": None}})
+    data, steps = PlantedPairs(tmp_path / "cache", batch_size=256), Recorder()  # 256 training rows: one batch
+    trainer = planted_trainer(tmp_path, max_epochs=1, callbacks=[steps])
+    trainer.fit(model, datamodule=data)
+    assert steps.steps == [0] and trainer.global_step == 1
+    assert model.closed_form_result is not None and model.closed_form_result.ridge == 1e-2
+    untrained = Stitcher(**model.stitcher.config())
+    untrained.load_state_dict(steps.initial_stitcher)
+    assert not torch.equal(untrained.core.weight, model.stitcher.core.weight)  # the solve wrote its map
+    assert model.test_scores is None
+    trainer.test(model, datamodule=data)
+    source, target, _, _ = data.datasets["test"].tensors
+    with torch.no_grad():
+        expected = caption_retrieval(model.stitcher.eval()(source), target, data.captions["test"],
+                                     data.train_captions())
+    assert model.test_scores["subsets"]["all"]["n"] == 96 and expected["a2b/recall@1"] >= 0.8
+    for name, subset in expected["subsets"].items():
+        assert model.test_scores["subsets"][name] == pytest.approx(subset, abs=1e-6), name
+    assert model.test_scores["a2b/recall@1"] == pytest.approx(expected["a2b/recall@1"], abs=1e-6)
 
 
 def _csv_metrics(trainer):

@@ -3,6 +3,7 @@ traceback: a read-only cache, an unsafe checkpoint, weights that do not fit thei
 large for float32, and a diverged run (which must say it diverged, not blame the data)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -148,6 +149,7 @@ def test_a_diverged_run_says_it_diverged_with_the_step_and_the_lr(tmp_path, caps
     assert train_main(tiny_train(tmp_path, "--model.lr", "1e20")) == 2
     line = one_error_line(capsys.readouterr().err, "train.py")
     assert "training diverged at step" in line and "(lr 1e+20)" in line and "data is not at fault" in line
+    assert re.search(r"diverged at step \d+ \(lr 1e\+20\)", line), line  # the step as a number, not missing
     assert "zero rows" not in line
 
 

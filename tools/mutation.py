@@ -26,6 +26,10 @@ mutant names, e.g. a systematic 20 % sample (every mutant whose number ends in 0
     python tools/mutation.py prh_stitch/metrics/kernels.py --tests tests/test_kernels_exact.py \
         --only '*__mutmut_*0' '*__mutmut_*5' --keep
 
+mutmut stops a mutant's tests after (estimated test time + 1 s) x 15 x 2 CPU seconds and counts it as killed; the
+estimate leaves out module-scoped fixtures (a whole training run), so for tests with heavy fixtures pass e.g.
+``--timeout-multiplier 200``, or timeouts count as kills that no mutation caused.
+
 With ``--keep`` and ``--only`` a run resumes: mutants already killed are not run again (survivors are, since a test
 may have been added since).
 """
@@ -83,7 +87,7 @@ def _slug(paths: List[str]) -> str:
     return "+".join(Path(p).with_suffix("").as_posix().replace("/", ".") for p in paths)[:120]
 
 
-def _prepare(workdir: Path, modules: List[str], tests: List[str], keep: bool) -> None:
+def _prepare(workdir: Path, modules: List[str], tests: List[str], keep: bool, timeout_multiplier: float) -> None:
     """A fresh copy of the package and tests, with mutmut's settings for this run in its pyproject.toml."""
     if workdir.exists() and not keep:
         shutil.rmtree(workdir)
@@ -99,6 +103,10 @@ def _prepare(workdir: Path, modules: List[str], tests: List[str], keep: bool) ->
         "pytest_add_cli_args": ["-q", "-p", "no:cacheprovider", "-x"],
         # torch is not fork-safe after it has started threads: fork workers from a clean server process.
         "process_isolation": "forkserver",
+        # mutmut kills a mutant's tests after (estimated test time + 1 s) x multiplier x 2 seconds of CPU time and
+        # counts it as killed ("timeout"). A module-scoped fixture (a whole training run) is not part of the
+        # estimate, so a test that needs it can be cut off without any mutation at work: raise the multiplier.
+        "timeout_multiplier": timeout_multiplier,
     }
     lines = [(REPO / "pyproject.toml").read_text(), "", "[tool.mutmut]"]
     lines += [f"{key} = {_toml(value)}" for key, value in settings.items()]
@@ -106,6 +114,8 @@ def _prepare(workdir: Path, modules: List[str], tests: List[str], keep: bool) ->
 
 
 def _toml(value) -> str:
+    if isinstance(value, (int, float)):
+        return repr(float(value))
     if isinstance(value, list):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -207,6 +217,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--min-rate", type=float, default=None, help="exit 1 if any module's kill rate is below")
     parser.add_argument("--only", nargs="+", default=None, metavar="GLOB",
                         help="run and report only the mutants whose names match one of these globs")
+    parser.add_argument("--timeout-multiplier", type=float, default=15.0,
+                        help="mutmut's CPU-time limit factor (default 15; raise it for tests with heavy fixtures)")
     parser.add_argument("--show-equivalent", action="store_true", help="also list the excluded equivalent mutants")
     args = parser.parse_args(argv)
 
@@ -214,14 +226,17 @@ def main(argv: List[str] | None = None) -> int:
         if not (REPO / path).exists():
             parser.error(f"no such file: {path} (paths are relative to the repository root)")
     workdir = REPO / ".mutation" / _slug(args.modules)
-    _prepare(workdir, args.modules, args.tests, args.keep)
+    _prepare(workdir, args.modules, args.tests, args.keep, args.timeout_multiplier)
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
     if args.only:
         pending = _pending(workdir, args.modules, args.only) if args.keep else None
         mutmut += args.only if pending is None else pending
         if pending == []:
             mutmut = []  # every selected mutant already has a result
+    # One thread per test process: the CPU-time limit counts every thread, and a shared machine gains nothing from
+    # torch spinning up one thread per core in each forked worker.
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+    env.setdefault("OMP_NUM_THREADS", "1")
     log = workdir / "mutmut.log"
     print(f"mutmut running in {workdir} (progress: tail -f {log})", flush=True)
     with open(log, "w") as handle:
