@@ -34,7 +34,8 @@ CHECKPOINT_FORMAT = 1
 
 
 FITS = ("gradient",) + CLOSED_FORM_METHODS
-CLOSED_FORM_OPTIONS = ("ridge", "ridge_grid", "select_by", "scaling", "center", "precision", "gain", "whiten")
+CLOSED_FORM_OPTIONS = ("ridge", "ridge_grid", "select_by", "scaling", "center", "precision", "gain", "whiten",
+                       "unsupervised")  # unsupervised: closed_form/unsupervised.py's UnsupervisedOptions
 
 
 @dataclass

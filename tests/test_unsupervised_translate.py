@@ -81,10 +81,14 @@ def test_train_py_fit_unsupervised_writes_an_ordinary_checkpoint(tmp_path):
 
     root = tmp_path / "run"
     assert train_main(["--config", "tiny", "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar=false",
-                       "--model.stitcher.name", "affine", "--model.stitcher.fit", "unsupervised"]) == 0
+                       "--model.stitcher.name", "affine", "--model.stitcher.fit", "unsupervised",
+                       "--model.stitcher.closed_form", '{"unsupervised": {"dim": 6, "restarts": 2}}']) == 0
     ckpt = sorted(root.glob("**/last.ckpt"))[0]
     meta = torch.load(ckpt, map_location="cpu", weights_only=True)["prh_stitch"]
     assert meta["fit"]["method"] == "unsupervised"
     assert meta["fit"]["closed_form"]["unsupervised"]["n_source"] == meta["fit"]["closed_form"]["n_train"] // 2
+    # the config's options reach the fit (training configs can set them like every closed-form option)
+    assert meta["fit"]["closed_form"]["unsupervised"]["options"]["restarts"] == 2
+    assert meta["fit"]["closed_form"]["unsupervised"]["dim"] <= 6
     stitcher = load_stitcher(ckpt)
     assert stitcher.name == "affine" and torch.isfinite(stitcher.core.weight).all()
