@@ -14,6 +14,9 @@ and ``--print_config`` prints one):
   :mod:`prh_stitch.alignment.protocol`); every report names the protocol that produced it.
 - ``study``: the convergence study from a YAML config (see :mod:`prh_stitch.alignment.study`).
 - ``layer-sweep``: the stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.
+- ``prefix``: a trained prefix map (image -> language model): caption bits per byte with the image's prefix, with
+  none and with a shuffled image's, bootstrap intervals, greedy captions and their scene attributes
+  (:func:`prh_stitch.prefix.evaluation.evaluate_prefix`).
 
 Options map onto the library's signatures: :class:`~prh_stitch.alignment.ScoreSettings` and
 :class:`~prh_stitch.alignment.Inputs` (shared), :func:`~prh_stitch.evaluation.evaluate_stitcher`,
@@ -102,6 +105,12 @@ def build_parser():
     sweep = _subparser("Stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.")
     sweep.add_function_arguments(layer_sweep, None)
     commands.add_subcommand("layer-sweep", sweep, help="stitching penalty of every cut, with a heatmap")
+    from prh_stitch.prefix.evaluation import evaluate_prefix
+
+    prefix = _subparser("Caption bits per byte of a trained prefix map (image -> language model), with controls.")
+    prefix.add_function_arguments(evaluate_prefix, None)
+    prefix.add_argument("--out", type=str, required=True, help="report folder")
+    commands.add_subcommand("prefix", prefix, help="caption bits per byte of a prefix map, with controls")
     return parser
 
 
@@ -111,8 +120,10 @@ def option_spellings() -> Dict[str, str]:
 
     from prh_stitch.layer_stitch import layer_sweep
 
+    from prh_stitch.prefix.evaluation import evaluate_prefix
+
     return option_kinds(ScoreSettings, Inputs, evaluate_stitcher, align_models, stitch_outputs,
-                        layer_sweep) | {"progress": "bool"}
+                        layer_sweep, evaluate_prefix) | {"progress": "bool"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -130,7 +141,8 @@ def _run(args: List[str]) -> int:
     options = namespace[command].as_dict()
     config = options.pop("config", None)  # the YAML files read, when any
     config_file = str(config[-1]) if config else None
-    commands = {"stitch": cmd_stitch, "align": cmd_align, "study": cmd_study, "layer-sweep": cmd_layer_sweep}
+    commands = {"stitch": cmd_stitch, "align": cmd_align, "study": cmd_study, "layer-sweep": cmd_layer_sweep,
+                "prefix": cmd_prefix}
     return commands[command](options, config_file)
 
 
@@ -198,4 +210,17 @@ def cmd_layer_sweep(options: Dict[str, Any], config_file: Optional[str] = None) 
     r = layer_sweep(**options).to_dict()
     print(f"B alone ({r['metric']}): {r['b_score']:.4f}; penalty matrix (rows {r['model_a']}, columns "
           f"{r['model_b']}) in {options.get('out')}/penalty.png, .csv, .json ({r['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_prefix(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
+    from prh_stitch.prefix.evaluation import evaluate_prefix
+
+    out = options.pop("out")
+    result = evaluate_prefix(**options)
+    path = result.write(out)
+    b = result.report["bits_per_byte"]
+    print(f"evaluate.py prefix: bits per byte on {result.report['split']['captions']} captions: prefix "
+          f"{b['prefix']['bits_per_byte']:.4f}, LM alone {b['lm_alone']['bits_per_byte']:.4f}, shuffled image "
+          f"{b['shuffled']['bits_per_byte']:.4f}; report in {path}")
     return 0

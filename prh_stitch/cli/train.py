@@ -151,7 +151,10 @@ def fit(cli: StitchCLI) -> None:
     best_path, best_score, last_path = callback.best_model_path, callback.best_model_score, latest.best_model_path
     tested = test_selected(cli, best_path) if isinstance(cli.model, StitchingModule) else None
     folder = None
-    if isinstance(cli.model, StitchingModule) and trainer.is_global_zero:
+    from prh_stitch.prefix.module import PrefixStitchingModule
+
+    # A prefix map is a stitcher too (its checkpoint section is a stitcher's): the same folder, without test scores.
+    if isinstance(cli.model, (StitchingModule, PrefixStitchingModule)) and trainer.is_global_zero:
         from prh_stitch.model_folder import save_stitcher_folder
 
         # The selected checkpoint (what test.json scored) as a shareable model folder next to last.ckpt.
