@@ -3,7 +3,8 @@
 Every YAML key maps one to one onto a constructor argument (``model.*`` -> the module, ``data.*`` -> the data
 module, ``trainer.*`` -> Trainer, ``checkpoint.*`` -> ModelCheckpoint). Which module and data module is
 LightningCLI's own subclass selection: ``model.class_path`` / ``data.class_path`` (the layer-stitch configs set
-``prh_stitch.layer_stitch.LayerStitchingModule`` and ``LayerStitchDataModule``); without them it is the feature
+``prh_stitch.layer_stitch.LayerStitchingModule`` and ``LayerStitchDataModule``; ``configs/prefix_smollm2.yaml`` sets
+``prh_stitch.prefix.PrefixStitchingModule``); without them it is the feature
 stitcher (StitchingModule, StitchingDataModule), so ``python train.py`` with no arguments is the default run (the
 same values as configs/default.yaml). ``--config NAME`` finds a shipped config by name (``--config tiny``).
 """

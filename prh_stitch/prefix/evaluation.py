@@ -236,7 +236,12 @@ def markdown(report: Dict[str, Any]) -> str:
     if report["generated"]:
         lines.append("\n## Greedy captions\n")
         lines.append(reports.markdown_table(["true caption", "generated"],
-                                            [[g["caption"], g["generated"]] for g in report["generated"][:16]]))
+                                            [[g["caption"], _cell(g["generated"])] for g in report["generated"][:16]]))
     seconds = report["seconds"]
     lines.append("\nSeconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()) + f" on {report['device']}.\n")
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A generated caption inside one markdown table cell: its line breaks and pipes would break the table."""
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ⏎ ")
