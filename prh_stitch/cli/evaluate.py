@@ -16,6 +16,9 @@ and ``--print_config`` prints one):
 - ``layer-sweep``: the stitching penalty of every cut (A's layer i into B's layer j), with a heatmap.
 - ``translate``: a map between two encoders learned without pairs, scored on held-out pairs against the supervised
   ridge and chance (see :mod:`prh_stitch.translation`).
+- ``prefix``: a trained prefix map (image -> language model): caption bits per byte with the image's prefix, with
+  none and with a shuffled image's, bootstrap intervals, greedy captions and their scene attributes
+  (:func:`prh_stitch.prefix.evaluation.evaluate_prefix`).
 
 Options map onto the library's signatures: :class:`~prh_stitch.alignment.ScoreSettings` and
 :class:`~prh_stitch.alignment.Inputs` (shared), :func:`~prh_stitch.evaluation.evaluate_stitcher`,
@@ -109,6 +112,12 @@ def build_parser():
     translation = _subparser("Translation without pairs: an unsupervised map between two encoders, scored on held-out pairs.")
     translation.add_function_arguments(translate, None)
     commands.add_subcommand("translate", translation, help="translation without pairs, against ridge and chance")
+    from prh_stitch.prefix.evaluation import evaluate_prefix
+
+    prefix = _subparser("Caption bits per byte of a trained prefix map (image -> language model), with controls.")
+    prefix.add_function_arguments(evaluate_prefix, None)
+    prefix.add_argument("--out", type=str, required=True, help="report folder")
+    commands.add_subcommand("prefix", prefix, help="caption bits per byte of a prefix map, with controls")
     return parser
 
 
@@ -119,8 +128,10 @@ def option_spellings() -> Dict[str, str]:
     from prh_stitch.layer_stitch import layer_sweep
     from prh_stitch.translation.run import translate
 
+    from prh_stitch.prefix.evaluation import evaluate_prefix
+
     return option_kinds(ScoreSettings, Inputs, evaluate_stitcher, align_models, stitch_outputs,
-                        layer_sweep, translate) | {"progress": "bool"}
+                        layer_sweep, translate, evaluate_prefix) | {"progress": "bool"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -139,7 +150,7 @@ def _run(args: List[str]) -> int:
     config = options.pop("config", None)  # the YAML files read, when any
     config_file = str(config[-1]) if config else None
     commands = {"stitch": cmd_stitch, "align": cmd_align, "study": cmd_study, "layer-sweep": cmd_layer_sweep,
-                "translate": cmd_translate}
+                "translate": cmd_translate, "prefix": cmd_prefix}
     return commands[command](options, config_file)
 
 
@@ -216,4 +227,17 @@ def cmd_translate(options: Dict[str, Any], config_file: Optional[str] = None) ->
     result = translate(**options)
     path = write_translation(result, options["out"], options["source"], options["target"])
     print(f"evaluate.py translate: {summary_line(result.report)}; report in {path}")
+    return 0
+
+
+def cmd_prefix(options: Dict[str, Any], config_file: Optional[str] = None) -> int:
+    from prh_stitch.prefix.evaluation import evaluate_prefix
+
+    out = options.pop("out")
+    result = evaluate_prefix(**options)
+    path = result.write(out)
+    b = result.report["bits_per_byte"]
+    print(f"evaluate.py prefix: bits per byte on {result.report['split']['captions']} captions: prefix "
+          f"{b['prefix']['bits_per_byte']:.4f}, LM alone {b['lm_alone']['bits_per_byte']:.4f}, shuffled image "
+          f"{b['shuffled']['bits_per_byte']:.4f}; report in {path}")
     return 0

@@ -3,7 +3,8 @@
 Every YAML key maps one to one onto a constructor argument (``model.*`` -> the module, ``data.*`` -> the data
 module, ``trainer.*`` -> Trainer, ``checkpoint.*`` -> ModelCheckpoint). Which module and data module is
 LightningCLI's own subclass selection: ``model.class_path`` / ``data.class_path`` (the layer-stitch configs set
-``prh_stitch.layer_stitch.LayerStitchingModule`` and ``LayerStitchDataModule``); without them it is the feature
+``prh_stitch.layer_stitch.LayerStitchingModule`` and ``LayerStitchDataModule``; ``configs/prefix_smollm2.yaml`` sets
+``prh_stitch.prefix.PrefixStitchingModule``); without them it is the feature
 stitcher (StitchingModule, StitchingDataModule), so ``python train.py`` with no arguments is the default run (the
 same values as configs/default.yaml). ``--config NAME`` finds a shipped config by name (``--config tiny``).
 """
@@ -151,7 +152,10 @@ def fit(cli: StitchCLI) -> None:
     best_path, best_score, last_path = callback.best_model_path, callback.best_model_score, latest.best_model_path
     tested = test_selected(cli, best_path) if isinstance(cli.model, StitchingModule) else None
     folder = None
-    if isinstance(cli.model, StitchingModule) and trainer.is_global_zero:
+    from prh_stitch.prefix.module import PrefixStitchingModule
+
+    # A prefix map is a stitcher too (its checkpoint section is a stitcher's): the same folder, without test scores.
+    if isinstance(cli.model, (StitchingModule, PrefixStitchingModule)) and trainer.is_global_zero:
         from prh_stitch.model_folder import save_stitcher_folder
 
         # The selected checkpoint (what test.json scored) as a shareable model folder next to last.ckpt.

@@ -1,0 +1,34 @@
+"""The shipped prefix config, shrunk to tiny models and a few scenes, runs end to end: train.py then evaluate.py."""
+
+import json
+
+from prh_stitch.cli.evaluate import main as evaluate_main
+from prh_stitch.cli.train import main as train_main
+
+SHRINK = ["--model.init_args.language_model", "tiny_gpt2", "--model.init_args.source.name", "tiny_vit",
+          "--model.init_args.lr", "0.03", "--data.init_args.scenes.n_train", "32", "--data.init_args.scenes.n_val",
+          "16", "--data.init_args.scenes.n_test", "16", "--data.init_args.scenes.image_size", "32",
+          "--data.init_args.extract_batch_size", "16", "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+          "2", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_prefix_config_trains_saves_a_stitcher_folder_and_evaluates(tmp_path, capsys):
+    root = tmp_path / "run"
+    assert train_main(["--config", "prefix_smollm2", *SHRINK, "--trainer.default_root_dir", str(root)]) == 0
+    checkpoints = root / "lightning_logs" / "version_0" / "checkpoints"
+    best = next(checkpoints.glob("best-*.ckpt"))
+    assert (checkpoints / "stitcher" / "model.safetensors").is_file()
+    folder_config = json.loads((checkpoints / "stitcher" / "config.json").read_text())
+    assert folder_config["objective"]["name"] == "caption_nll"
+    out = tmp_path / "report"
+    assert evaluate_main(["prefix", "--ckpt", str(best), "--out", str(out), "--generate", "4", "--bootstrap", "50",
+                          "--no-progress"]) == 0
+    report = json.loads((out / "prefix.json").read_text())
+    assert report["split"]["name"] == "test" and report["split"]["captions"] == 16
+    for condition in ("prefix", "lm_alone", "shuffled"):
+        low, high = report["bits_per_byte"][condition]["interval"]
+        assert low <= report["bits_per_byte"][condition]["bits_per_byte"] <= high
+    assert report["attributes"]["scenes"] == 4  # the scenes' meta travelled with the samples
+    assert "interval" in report and "control" in report and "protocol" in report
+    assert (out / "prefix.md").is_file() and (out / "prefix_captions.csv").read_text().count("\n") == 17
+    assert "evaluate.py prefix: bits per byte on 16 captions" in capsys.readouterr().out
