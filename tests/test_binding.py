@@ -264,7 +264,7 @@ def test_the_study_writes_the_binding_table_fitted_on_train_only(tmp_path, monke
     assert "Wilson" in markdown and "fitted on the train split" in markdown and "chance 0.5" in markdown
     assert (folder / "binding.png").is_file() and json.loads((folder / "binding.json").read_text())["rows"]
     # A rerun reads features and results back: no encoder runs, no caption is encoded again.
-    monkeypatch.setattr(FeatureStore, "extract", lambda *a, **k: pytest.fail("an encoder ran on a warm store"))
+    monkeypatch.setattr(FeatureStore, "_extract", lambda *a, **k: pytest.fail("an encoder ran on a warm store"))
     monkeypatch.setattr(bt, "encode_captions", lambda *a, **k: pytest.fail("captions encoded again"))
     again = run_study(config, out=str(tmp_path / "again"), progress=False)
     assert again["datasets"][0]["binding"]["rows"] == table["rows"]

@@ -365,7 +365,7 @@ def test_interrupted_study_resumes_from_the_store_and_the_score_cache(data, tmp_
     assert not (tmp_path / "first" / "study.json").exists() and len(list((cache / "scores").glob("*.json"))) == 1
     # The rerun: every feature from the store (no encoder runs) and the first pair's scores from the cache.
     monkeypatch.setattr(scoring, "paired", counting)
-    monkeypatch.setattr(FeatureStore, "extract", lambda *a, **k: pytest.fail("an encoder ran again on a warm store"))
+    monkeypatch.setattr(FeatureStore, "_extract", lambda *a, **k: pytest.fail("an encoder ran again on a warm store"))
     scored.clear()
     resumed = study("resumed")
     assert len(scored) == 1

@@ -326,7 +326,7 @@ def test_second_run_reads_features_from_the_store(tmp_path, monkeypatch):
     def no_extraction(*args, **kwargs):
         raise AssertionError("the encoders ran again on a warm store")
 
-    monkeypatch.setattr(FeatureStore, "extract", no_extraction)
+    monkeypatch.setattr(FeatureStore, "_extract", no_extraction)
     second = build_cli(tiny_args(tmp_path / "b", "--data.cache_dir", str(cache), "--trainer.max_epochs=1"))
     fit(second)
     assert second.datamodule.store.extractions == 0 and second.datamodule.store.hits >= 6
