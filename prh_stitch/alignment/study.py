@@ -47,6 +47,11 @@ def resolve_data(block: DataBlock, root: Path) -> List[str]:
         return expand_urls(block.shards)
     if block.scenes is not None:
         s = block.scenes
+        if s.split == "test":
+            from prh_stitch.data.shards import ensure_scene_splits
+
+            counts = {"train": s.n_train, "val": s.n_val, "test": s.n}
+            return expand_urls(ensure_scene_splits(root / "scenes", counts, seed=s.seed, size=s.image_size)["test"])
         _, val = ensure_scene_shards(root / "scenes", s.n_train, s.n, seed=s.seed, size=s.image_size)
         return expand_urls(val)
     return _fashion_mnist_shards(block, root)

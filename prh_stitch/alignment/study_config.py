@@ -18,16 +18,21 @@ class ScenesData:
     """The built-in scenes, written into the cache once.
 
     Args:
-        n: evaluated scenes (the validation split)
+        n: evaluated scenes (of the split below)
         seed: scene generator seed
         image_size: image side in pixels
         n_train: size of the (unused here) training split; 4096 shares the default training run's shards
+        split: val (the default training run's validation split) or test (its own seed stream, with the
+            attribute combinations the training split holds out, so its captions are unseen in training)
+        n_val: size of the validation split written beside a test split (the folder holds all three)
     """
 
     n: int = 1024
     seed: int = 0
     image_size: int = 224
     n_train: int = 4096
+    split: Literal["val", "test"] = "val"
+    n_val: int = 1024
 
 
 @dataclass
