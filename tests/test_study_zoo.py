@@ -118,6 +118,7 @@ def test_the_zoo_study_shrunk_measures_probes_and_writes_matrix_layer_choices_an
     for r in records:
         assert f"{r['score']:.3f} ({r['max_calibrated']:.3f})" in md
     assert "Does the trend survive the layer choice?" in md and "last layers" in md
+    assert "## What the data support" in md and summary["conclusion"] in md
     for key in ("vision", "vision_probe"):
         figure = out / "fashion_mnist" / f"paper_mutual_knn_{key}.png"
         assert figure.read_bytes()[:4] == b"\x89PNG" and figure.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
@@ -176,12 +177,13 @@ def test_contextual_averages_skip_partners_without_a_contextual_layer(tmp_path):
     models = [Model(v, None, "vision") for v in "abc"]
     out = competence_analysis("vision", CompetenceBlock(label="c"), models, {"a": 1.0, "b": 2.0, "c": 3.0}, records,
                               "mutual_knn", tmp_path, "toy")
-    assert [p["contextual"] for p in out["points"]] == pytest.approx([0.2, 0.2, 0.2])  # bert's layers.0 only
+    # bert's layers.0 only (glove has no contextual layer): max(0.1 i, 0.05) over the two vision layers
+    assert [p["contextual"] for p in out["points"]] == pytest.approx([0.05, 0.1, 0.2])
     assert [p["score"] for p in out["points"]] == pytest.approx([0.7, 0.7, 0.7])  # the max: both partners
     text = competence_analysis("text", CompetenceBlock(label="c"), [Model("glove", None, "text"),
                                                                     Model("bert", None, "text")],
                                {"glove": 1.0, "bert": 2.0}, records, "mutual_knn", tmp_path, "toy")
-    assert [p["contextual"] for p in text["points"]] == [None, pytest.approx(0.2)]
+    assert [p["contextual"] for p in text["points"]] == [None, pytest.approx(0.35 / 3)]
 
 
 def test_competence_block_errors_name_the_key(tmp_path):
@@ -198,3 +200,18 @@ def test_competence_block_errors_name_the_key(tmp_path):
                                                   "probe": {"n_train": 5}}}})
     cfg = load_config({**base, "competence": {"v": {"side": "vision", "measure": "linear_probe"}}})
     assert cfg.competence["v"].probe.n_train == 60000 and cfg.competence["v"].probe.n_test == 10000
+
+
+def test_the_conclusion_counts_tests_and_names_only_those_that_pass():
+    from prh_stitch.alignment.study_matrix import conclusion
+
+    strong = {"n_models": 5, "spearman": 1.0, "spearman_ci": [0.6, 1.0], "pearson": 0.9, "p_models": 2 / 120}
+    weak = {"n_models": 5, "spearman": 0.9, "spearman_ci": [-0.2, 1.0], "pearson": 0.8, "p_models": 0.08}
+    none = {"n_models": 1, "spearman": None}
+    analysis = {"side": "vision", "competence": "top-1", "metric": "mutual_knn", "higher_is_better": True,
+                "correlation_best": strong, "correlation_last": weak, "correlation_contextual": none}
+    text = conclusion([{"name": "scenes", "competence": [analysis]}])
+    assert text.startswith("Of 2 testable correlations") and "1 more had too few models" in text
+    assert "scenes, vision top-1, mutual_knn, best: alignment rises with competence" in text and ", last:" not in text
+    quiet = conclusion([{"name": "scenes", "competence": [dict(analysis, correlation_best=weak)]}])
+    assert "none shows a trend" in quiet and "does not measurably rise" in quiet

@@ -28,7 +28,7 @@ from prh_stitch.alignment.report import alignment_outputs
 from prh_stitch.alignment.score_cache import ScoreCache
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, pick_device
 from prh_stitch.alignment.study_competence import probe_competence, published_table
-from prh_stitch.alignment.study_matrix import paper_figure
+from prh_stitch.alignment.study_matrix import conclusion, paper_figure
 from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
 from prh_stitch.atomic import atomic_folder
@@ -263,6 +263,7 @@ def _run_datasets(cfg: StudyConfig, config_file: Optional[str], settings: ScoreS
                      for d in datasets],
         "notes": notes, "seconds": round(time.perf_counter() - started, 2),
     }
+    summary["conclusion"] = conclusion(datasets)
     reports.write_text(out_dir / "study.md", study_markdown(summary, datasets))
     reports.write_json(out_dir / "study.json", summary)
     return summary
@@ -289,6 +290,7 @@ class StudyRun:
                  cache: ScoreCache, out_dir: Path) -> None:
         self.cfg, self.settings, self.kinds, self.models = cfg, settings, kinds, models
         self.ex, self.cache, self.out_dir = ex, cache, out_dir
+        self.probes: Dict[str, Any] = {}  # linear-probe competence per block: the same for every dataset
 
     def dataset(self, block: DataBlock, urls: List[str], config_file: Optional[str]) -> Dict[str, Any]:
         """Features, scores, the align report and the competence analyses of one dataset."""
@@ -310,7 +312,9 @@ class StudyRun:
             side_models = [m for m in self.models if m.modality == side]
             probes: Dict[str, Any] = {}
             if block_c.measure == "linear_probe":
-                values, excluded, probes = probe_competence(block_c, side_models, self.ex, self.cache)
+                if key not in self.probes:
+                    self.probes[key] = probe_competence(block_c, side_models, self.ex, self.cache)
+                values, excluded, probes = self.probes[key]
             else:
                 values, excluded = competence_values(block_c, side_models, feature_sets, self.ex.device, self.cache,
                                                      protocols.BITS_PER_BYTE_DEFINITION[self.settings.protocol])

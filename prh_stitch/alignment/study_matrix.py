@@ -166,3 +166,37 @@ def zoo_markdown(dataset: Dict[str, Any], vision: Sequence[str], text: Sequence[
     for name in dataset.get("paper_figures") or []:
         md += f"\n![paper layout]({dataset['name']}/{name})\n"
     return md
+
+
+def conclusion(datasets: Sequence[Dict[str, Any]]) -> str:
+    """One plain paragraph: which (dataset, competence, metric, layer choice) tests show a trend, out of how many.
+
+    A test counts only as :func:`~prh_stitch.alignment.competence.trend_sentence` claims one (interval excluding 0
+    *and* exact over-models p ≤ 0.05); tests impossible for lack of models are counted apart. With many tests a
+    few may pass by chance, so the count of tests is stated with the ones that pass.
+    """
+    from prh_stitch.alignment.competence import trend_sentence
+
+    passed, failed, impossible = [], 0, 0
+    for d in datasets:
+        for a in d.get("competence") or []:
+            for choice, _ in LAYER_CHOICES:
+                report = a.get(CORRELATION_KEYS[choice]) or {}
+                if report.get("spearman") is None:
+                    impossible += 1
+                    continue
+                sentence = trend_sentence(report, a["higher_is_better"], a["competence"])
+                if sentence.startswith("no clear trend"):
+                    failed += 1
+                else:
+                    passed.append(f"{d['name']}, {a['side']} {a['competence']}, {a['metric']}, {choice}: "
+                                  f"{sentence.split(':')[0]} (ρ = {report['spearman']:.2f}, p = {report['p_models']:.2g})")
+    tested = len(passed) + failed
+    head = (f"Of {tested} testable correlations of alignment with competence ({impossible} more had too few models "
+            "with a competence value to test)")
+    if not passed:
+        return (f"{head}, none shows a trend that both its item-resampling interval and the exact over-models "
+                "permutation test support: on this data, alignment does not measurably rise with competence.")
+    return (f"{head}, {len(passed)} show a trend supported by both the interval and the over-models test: "
+            + "; ".join(passed) + f". The other {failed} show no clear trend, so the data support a trend only "
+            "where listed here (and, with this many tests, a single pass at p ≤ 0.05 can be chance).")

@@ -72,6 +72,8 @@ def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
             text += ("\n**Mutual kNN at several k and N** (best pair; N below the item count is a fixed random "
                      "subset; calibrated = (score − null mean) / (1 − null mean), comparable across N):\n\n"
                      + grid_table(d["knn_grid"]))
+    if summary.get("conclusion"):
+        text += f"\n## What the data support\n\n{summary['conclusion']}\n"
     for note in summary["notes"]:
         text += f"\nNote: {note}\n"
     return text
