@@ -215,3 +215,20 @@ def test_the_conclusion_counts_tests_and_names_only_those_that_pass():
     assert "scenes, vision top-1, mutual_knn, best: alignment rises with competence" in text and ", last:" not in text
     quiet = conclusion([{"name": "scenes", "competence": [dict(analysis, correlation_best=weak)]}])
     assert "none shows a trend" in quiet and "does not measurably rise" in quiet
+
+
+def test_the_shipped_zoo_config_names_the_zoo_and_both_competences_per_side():
+    from prh_stitch.alignment.study_config import load_config
+
+    cfg = load_config("study_zoo")
+    assert [s.name for s in cfg.vision] == ["mobilenet_v2", "efficientnet_lite0", "efficientnet_lite1",
+                                            "efficientnet_lite2", "random:efficientnet_lite0"]
+    assert [s.name for s in cfg.text] == ["glove_6b_50d", "paraphrase_minilm_l3", "minilm_l6", "mpnet_base",
+                                          "smollm2_135m", "random:minilm_l6"]
+    assert [(b.name, (b.scenes or b.fashion_mnist).split) for b in cfg.data] == [("scenes", "test"),
+                                                                                 ("fashion_mnist", "test")]
+    sides = {key: (b.side, b.measure) for key, b in cfg.competence.items()}
+    assert sides == {"vision": ("vision", None), "vision_probe": ("vision", "linear_probe"), "text": ("text", None),
+                     "text_bpb": ("text", "bits_per_byte")}
+    # The probe's test images are the study's Fashion-MNIST items: one feature-store entry serves both.
+    assert cfg.competence["vision_probe"].probe.n_test == cfg.data[1].fashion_mnist.n
