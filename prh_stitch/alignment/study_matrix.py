@@ -12,7 +12,7 @@ Three layer choices are compared because the headline number depends on them (is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from prh_stitch import reports
 
