@@ -232,3 +232,27 @@ def test_the_shipped_zoo_config_names_the_zoo_and_both_competences_per_side():
                      "text_bpb": ("text", "bits_per_byte")}
     # The probe's test images are the study's Fashion-MNIST items: one feature-store entry serves both.
     assert cfg.competence["vision_probe"].probe.n_test == cfg.data[1].fashion_mnist.n
+
+
+def test_bits_per_byte_refuses_an_encoder_that_would_load_with_a_fresh_lm_head(tmp_path):
+    """A BERT encoder loads as BertLMHeadModel with a random head; its 'bits per byte' would be noise."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from prh_stitch.alignment.competence import load_causal_lm
+    from prh_stitch.encoders.builtins import minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    torch.manual_seed(0)
+    bert, gpt = tmp_path / "bert", tmp_path / "gpt"
+    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=len(tokenizer))).save_pretrained(bert)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(tokenizer))).save_pretrained(gpt)
+    for folder in (bert, gpt):
+        tokenizer.save_pretrained(folder)
+    with pytest.raises(ValueError, match="lacks .* weights of a causal LM head"):
+        load_causal_lm(f"hf:{bert}")
+    model, _ = load_causal_lm(f"hf:{gpt}")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    with pytest.raises(ValueError, match="is a built-in encoder"):
+        load_causal_lm("minilm_l6")

@@ -131,7 +131,11 @@ def load_causal_lm(name_or_path: str, device: str | torch.device = "cpu"):
                          "number instead.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        if info.get("missing_keys"):
+            # e.g. a BERT encoder loads as BertLMHeadModel with a freshly initialised head: not a language model
+            raise ValueError(f"its checkpoint lacks {len(info['missing_keys'])} weights of a causal LM head "
+                             f"({sorted(info['missing_keys'])[0]}, ...)")
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"bits per byte needs a causal language model; {name_or_path!r} did not load as one "

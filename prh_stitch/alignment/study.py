@@ -103,7 +103,8 @@ def competence_values(block: CompetenceBlock, models: List[Model], feature_sets:
     if block.measure == "bits_per_byte":
         for m in models:
             captions = feature_sets[m.label].captions
-            identity = {"bpb": m.spec.to_dict(), "data": encoder_record(feature_sets[m.label])}
+            # "loader": 2 since a checkpoint missing LM-head weights is refused (it once got a random head's score)
+            identity = {"bpb": m.spec.to_dict(), "data": encoder_record(feature_sets[m.label]), "loader": 2}
             if definition != "pooled":  # the pooled key is the one written before definitions were named
                 identity["definition"] = definition
             key = cache.key(identity)
