@@ -23,6 +23,7 @@ comparable, and lower is better under both:
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -112,13 +113,29 @@ def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], 
 
 
 def load_causal_lm(name_or_path: str, device: str | torch.device = "cpu"):
-    """A Hugging Face causal LM and its tokenizer (``hf:`` prefix allowed), frozen, on ``device``."""
+    """A Hugging Face causal LM and its tokenizer (``hf:`` prefix allowed, or a fetched zoo model's name), frozen,
+    on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = name_or_path[3:] if name_or_path.startswith("hf:") else name_or_path
+    from prh_stitch.zoo.entries import ZOO
+
+    if path in ZOO:  # a zoo model (e.g. smollm2_135m): its fetched Hugging Face folder holds the causal LM
+        from prh_stitch.zoo.store import require_fetched
+
+        path = str(require_fetched(path))
+    elif not name_or_path.startswith("hf:") and not Path(path).is_dir():
+        # A built-in encoder name (minilm_l6, random:..., glove): no hub lookup, which would wait on the network.
+        raise ValueError(f"bits per byte needs a causal language model; {name_or_path!r} is a built-in encoder, not "
+                         "one (only hf: ids, local folders and zoo language models are). Give its competence as a "
+                         "number instead.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+        if info.get("missing_keys"):
+            # e.g. a BERT encoder loads as BertLMHeadModel with a freshly initialised head: not a language model
+            raise ValueError(f"its checkpoint lacks {len(info['missing_keys'])} weights of a causal LM head "
+                             f"({sorted(info['missing_keys'])[0]}, ...)")
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"bits per byte needs a causal language model; {name_or_path!r} did not load as one "

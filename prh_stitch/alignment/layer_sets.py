@@ -3,7 +3,9 @@
 The rule (stated in every report that uses it): a layer is **non-contextual** when it is the output of an input
 embedding, i.e. a lookup table or patch projection that no token-mixing layer has seen yet, so each token's vector
 does not depend on the rest of the input. By name: its last dotted component is one of
-``NON_CONTEXTUAL_NAMES`` (``embeddings`` of the Hugging Face text encoders, ``patch_embed`` of timm ViTs, ...).
+``NON_CONTEXTUAL_NAMES`` (``embeddings`` of the Hugging Face text encoders, ``patch_embed`` of timm ViTs,
+``word_mean`` of a static word-vector model such as GloVe, whose one layer is a bag of words by construction, ...).
+A model whose every layer is non-contextual drops out of the contextual-only comparison.
 Mean-pooled, such a layer is a bag of words: on templated captions it can align with an image model better than
 any contextual layer (issue #10 found MiniLM's ``embeddings`` the best text layer for all three vision models of
 the offline study on the templated scene captions), which says little about converging representations. Reports
@@ -15,7 +17,8 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 NON_CONTEXTUAL_NAMES = frozenset({"embeddings", "embedding", "embed", "embed_tokens", "word_embeddings", "wte",
-                                  "tok_embeddings", "patch_embed"})
+                                  "tok_embeddings", "patch_embed",
+                                  "word_mean"})  # a static word-vector model's only layer (GloVe): nothing else
 
 RULE = ("non-contextual layers (input embeddings: a layer whose name ends in one of "
         + ", ".join(sorted(NON_CONTEXTUAL_NAMES)) + ") left out")

@@ -27,6 +27,8 @@ from prh_stitch.alignment.features import Extraction, encoder_record
 from prh_stitch.alignment.report import alignment_outputs
 from prh_stitch.alignment.score_cache import ScoreCache
 from prh_stitch.alignment.settings import Inputs, ScoreSettings, pick_device
+from prh_stitch.alignment.study_competence import probe_competence, published_table
+from prh_stitch.alignment.study_matrix import conclusion, paper_figure
 from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
 from prh_stitch.atomic import atomic_folder
@@ -47,6 +49,11 @@ def resolve_data(block: DataBlock, root: Path) -> List[str]:
         return expand_urls(block.shards)
     if block.scenes is not None:
         s = block.scenes
+        if s.split == "test":
+            from prh_stitch.data.shards import ensure_scene_splits
+
+            counts = {"train": s.n_train, "val": s.n_val, "test": s.n}
+            return expand_urls(ensure_scene_splits(root / "scenes", counts, seed=s.seed, size=s.image_size)["test"])
         _, val = ensure_scene_shards(root / "scenes", s.n_train, s.n, seed=s.seed, size=s.image_size)
         return expand_urls(val)
     return _fashion_mnist_shards(block, root)
@@ -91,14 +98,13 @@ def competence_values(block: CompetenceBlock, models: List[Model], feature_sets:
 
     ``definition``: the bits-per-byte definition of the study's protocol (``pooled`` or ``per_caption``).
     """
-    from prh_stitch.encoders import IMAGENET_TOP1
-
     values: Dict[str, float] = {}
     excluded: List[str] = []
     if block.measure == "bits_per_byte":
         for m in models:
             captions = feature_sets[m.label].captions
-            identity = {"bpb": m.spec.to_dict(), "data": encoder_record(feature_sets[m.label])}
+            # "loader": 2 since a checkpoint missing LM-head weights is refused (it once got a random head's score)
+            identity = {"bpb": m.spec.to_dict(), "data": encoder_record(feature_sets[m.label]), "loader": 2}
             if definition != "pooled":  # the pooled key is the one written before definitions were named
                 identity["definition"] = definition
             key = cache.key(identity)
@@ -113,7 +119,7 @@ def competence_values(block: CompetenceBlock, models: List[Model], feature_sets:
                 cache.put(key, hit)
             values[m.label] = hit["bits_per_byte"]
         return values, excluded
-    table = IMAGENET_TOP1 if block.scores == "imagenet_top1" else dict(block.scores or {})
+    table, _ = published_table(block, models[0].modality if models else "vision")
     for m in models:
         if m.label in table:
             values[m.label] = float(table[m.label])
@@ -127,7 +133,8 @@ def _average(values: List[List[float]]) -> List[float]:
 
 
 def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], values: Dict[str, float],
-                        records: List[Dict], metric: str, out: Path, dataset: str) -> Dict[str, Any]:
+                        records: List[Dict], metric: str, out: Path, dataset: str,
+                        key: Optional[str] = None) -> Dict[str, Any]:
     """Points (model, competence, alignment), correlations with intervals, a sentence and a scatter plot."""
     points = []
     reps_best: List[List[float]] = []
@@ -143,8 +150,8 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
         point = {"model": m.label, "competence": values[m.label], "score": best,
                  "last": sum(r["last"]["score"] for r in mine) / len(mine),
                  "max_calibrated": _mean_or_none([r.get("max_calibrated") for r in mine]),
-                 "contextual": _mean_or_none([(r.get("contextual") or {}).get("score") for r in mine]
-                                             if all(r.get("contextual") for r in mine) else []),
+                 # Over the partners with a contextual layer left (a static word-vector model has none).
+                 "contextual": _mean_or_none([(r.get("contextual") or {}).get("score") for r in mine]),
                  "partners": [r["model_b"] if r["model_a"] == m.label else r["model_a"] for r in mine],
                  "layers": [[r["layer_a_name"], r["layer_b_name"]] for r in mine]}
         if len(mine) == 1:  # the interval of the score itself: the selection-aware half-sample one
@@ -177,13 +184,12 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
         from prh_stitch.report_board import report_board
 
         with report_board(out) as board:  # beside the align report's figures of this dataset
-            figure = reports.save_figure(figure, out / f"competence_{metric}_{side}.png", board,
-                                         f"competence/{metric}/{side}").name
+            figure = reports.save_figure(figure, out / f"competence_{metric}_{key or side}.png", board,
+                                         f"competence/{metric}/{key or side}").name
     return {"side": side, "metric": metric, "competence": block.label, "higher_is_better": block.higher_is_better,
             "points": points, "correlation_best": best, "correlation_last": last,
             "correlation_contextual": contextual,
-            "sentence_contextual": comp.trend_sentence(contextual, block.higher_is_better, block.label)
-            if len(with_ctx) == len(points) else "no contextual layer on one side: not computed",
+            "sentence_contextual": comp.trend_sentence(contextual, block.higher_is_better, block.label),
             "sentence": sentence,
             "figure": figure,
             "interval_method": "half-samples, the best layer pair re-selected in each half (same halves for every model)"}
@@ -257,10 +263,13 @@ def _run_datasets(cfg: StudyConfig, config_file: Optional[str], settings: ScoreS
         **reports.provenance("study", _config_dict(cfg, config_file), str(dev), cfg.seed, {}, settings=asdict(settings),
                              protocol=protocols.describe(settings)),
         "power": power,
+        "vision_models": [m.label for m in models if m.modality == "vision"],
+        "text_models": [m.label for m in models if m.modality == "text"],
         "datasets": [{k: v for k, v in d.items() if k != "records"} | {"alignment": f"{d['name']}/alignment.json"}
                      for d in datasets],
         "notes": notes, "seconds": round(time.perf_counter() - started, 2),
     }
+    summary["conclusion"] = conclusion(datasets)
     reports.write_text(out_dir / "study.md", study_markdown(summary, datasets))
     reports.write_json(out_dir / "study.json", summary)
     return summary
@@ -268,15 +277,13 @@ def _run_datasets(cfg: StudyConfig, config_file: Optional[str], settings: ScoreS
 
 def study_power_of(cfg: StudyConfig, models: List[Model]) -> List[Dict[str, Any]]:
     """The power statement of each competence side, from the config alone (before anything is computed)."""
-    from prh_stitch.encoders import IMAGENET_TOP1
-
     out = []
-    for side, block in cfg.competence.items():
+    for side, block in ((b.side, b) for b in cfg.competence.values()):
         side_models = [m for m in models if m.modality == side]
-        if block.measure == "bits_per_byte":
+        if block.measure is not None:
             out.append(study_power.power_statement(side, block.label, [0.0] * len(side_models), measured=True))
             continue
-        table = IMAGENET_TOP1 if block.scores == "imagenet_top1" else dict(block.scores or {})
+        table, _ = published_table(block, side)
         values = [float(table[m.label]) for m in side_models if m.label in table]
         out.append(study_power.power_statement(side, block.label, values))
     return out
@@ -289,6 +296,7 @@ class StudyRun:
                  cache: ScoreCache, out_dir: Path) -> None:
         self.cfg, self.settings, self.kinds, self.models = cfg, settings, kinds, models
         self.ex, self.cache, self.out_dir = ex, cache, out_dir
+        self.probes: Dict[str, Any] = {}  # linear-probe competence per block: the same for every dataset
 
     def dataset(self, block: DataBlock, urls: List[str], config_file: Optional[str]) -> Dict[str, Any]:
         """Features, scores, the align report and the competence analyses of one dataset."""
@@ -305,13 +313,25 @@ class StudyRun:
             self.cfg.seed, {label: encoder_record(fs) for label, fs in feature_sets.items()},
             settings=asdict(self.settings), protocol=protocols.describe(self.settings))
         analyses = []
-        for side, block_c in self.cfg.competence.items():
+        for key, block_c in self.cfg.competence.items():
+            side = block_c.side
             side_models = [m for m in self.models if m.modality == side]
-            values, excluded = competence_values(block_c, side_models, feature_sets, self.ex.device, self.cache,
-                                                 protocols.BITS_PER_BYTE_DEFINITION[self.settings.protocol])
+            probes: Dict[str, Any] = {}
+            if block_c.measure == "linear_probe":
+                if key not in self.probes:
+                    self.probes[key] = probe_competence(block_c, side_models, self.ex, self.cache)
+                values, excluded, probes = self.probes[key]
+            else:
+                values, excluded = competence_values(block_c, side_models, feature_sets, self.ex.device, self.cache,
+                                                     protocols.BITS_PER_BYTE_DEFINITION[self.settings.protocol])
             analyses += [dict(competence_analysis(side, block_c, side_models, values, records, metric, target,
-                                                  block.name), excluded=excluded) for metric in self.settings.metrics]
+                                                  block.name, key), excluded=excluded, key=key, probes=probes,
+                              sources=published_table(block_c, side)[1])
+                         for metric in self.settings.metrics]
         alignment_outputs(target, self.models, records, header, f"Alignment on {block.name}")
+        text_labels = [m.label for m in self.models if m.modality == "text"]
+        extras["paper_figures"] = [f for f in (paper_figure(a, records, text_labels, target, block.name)
+                                               for a in analyses if a["side"] == "vision") if f]
         return {"name": block.name, "n": records[0]["n"], "records": records, "competence": analyses, **extras,
                 "seconds": {"features": round(t1 - t0, 2), "scores": round(t2 - t1, 2),
                             "total": round(time.perf_counter() - t0, 2)}}

@@ -18,16 +18,21 @@ class ScenesData:
     """The built-in scenes, written into the cache once.
 
     Args:
-        n: evaluated scenes (the validation split)
+        n: evaluated scenes (of the split below)
         seed: scene generator seed
         image_size: image side in pixels
         n_train: size of the (unused here) training split; 4096 shares the default training run's shards
+        split: val (the default training run's validation split) or test (its own seed stream, with the
+            attribute combinations the training split holds out, so its captions are unseen in training)
+        n_val: size of the validation split written beside a test split (the folder holds all three)
     """
 
     n: int = 1024
     seed: int = 0
     image_size: int = 224
     n_train: int = 4096
+    split: Literal["val", "test"] = "val"
+    n_val: int = 1024
 
 
 @dataclass
@@ -63,20 +68,47 @@ class DataBlock:
 
 
 @dataclass
+class ProbeData:
+    """The linear probe's data: Fashion-MNIST, the first n_train training and n_test test images.
+
+    Args:
+        n_train: training images (the regulariser is chosen on a validation part of these)
+        n_test: test images (only scored, never used for a choice)
+        val_fraction: share of the training images held out to choose the regulariser
+        seed: seed of that split
+    """
+
+    n_train: int = 60000
+    n_test: int = 10000
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+@dataclass
 class CompetenceBlock:
     """How good the models of one modality are.
 
     Args:
         label: the competence's name in reports
         higher_is_better: whether a larger value means a better model
-        scores: {model: value}, or "imagenet_top1" (the built-in table)
-        measure: "bits_per_byte" (text, causal LMs): measured on the dataset's captions
+        scores: {model: value}; "imagenet_top1" (the built-in table); or "published" (the built-in table and the
+            zoo entries' published scores), merged with "extra_scores"
+        extra_scores: {model: value} added to a named table (e.g. a random-weights control at chance)
+        source: where the numbers come from (printed in the report)
+        measure: "bits_per_byte" (text, causal LMs): measured on the dataset's captions; "linear_probe" (vision):
+            Fashion-MNIST linear-probe top-1 (%) of the encoder's final pooled features
+        probe: the linear probe's data (measure linear_probe)
+        side: vision or text (default: the block's key, which may then be any name, e.g. vision_probe)
     """
 
     label: str = "competence"
     higher_is_better: bool = True
     scores: Union[Dict[str, float], str, None] = None
+    extra_scores: Dict[str, float] = field(default_factory=dict)
+    source: Optional[str] = None
     measure: Optional[str] = None
+    probe: Optional[ProbeData] = None
+    side: Optional[Literal["vision", "text"]] = None
 
 
 @dataclass
@@ -203,13 +235,22 @@ def check_config(cfg: StudyConfig, where: str) -> StudyConfig:
     for i, b in enumerate(cfg.data):
         if sum(x is not None for x in (b.shards, b.scenes, b.fashion_mnist)) != 1:
             raise UserError(f"data[{i}] ({b.name}) needs exactly one of shards, scenes or fashion_mnist")
-    if set(cfg.competence) - {"vision", "text"}:
-        raise UserError("competence must be a mapping with keys 'vision' and/or 'text'")
-    for side, block in cfg.competence.items():
-        if block.measure not in (None, "bits_per_byte") or (block.measure and side != "text"):
-            raise UserError(f"competence.{side}.measure: only 'bits_per_byte' for text models is supported")
-        if isinstance(block.scores, str) and block.scores != "imagenet_top1":
-            raise UserError(f"competence.{side}.scores: a mapping {{model: value}} or 'imagenet_top1'")
+    for key, block in cfg.competence.items():
+        block.side = block.side or (key if key in ("vision", "text") else None)
+        if block.side is None:
+            raise UserError(f"competence.{key}: give side: vision or side: text (only the keys 'vision' and 'text' "
+                            "imply their side)")
+        allowed = {"bits_per_byte": "text", "linear_probe": "vision"}
+        if block.measure is not None and allowed.get(block.measure) != block.side:
+            raise UserError(f"competence.{key}.measure: 'bits_per_byte' (text models) or 'linear_probe' (vision "
+                            f"models), got {block.measure!r} for {block.side} models")
+        if isinstance(block.scores, str) and block.scores not in ("imagenet_top1", "published"):
+            raise UserError(f"competence.{key}.scores: a mapping {{model: value}}, 'imagenet_top1' or 'published'")
+        if block.measure == "linear_probe":
+            block.probe = block.probe or ProbeData()
+            p = block.probe
+            if p.n_train < 10 or p.n_test < 1 or not 0 < p.val_fraction < 1:
+                raise UserError(f"competence.{key}.probe: n_train >= 10, n_test >= 1 and val_fraction in (0, 1)")
     cfg.metrics = list(check_metrics(cfg.metrics))
     if cfg.stability_halves < 0 or any(k < 1 for k in cfg.knn_k) or any(n is not None and n < 4 for n in cfg.knn_n):
         raise UserError(f"{where}: stability_halves must be >= 0, knn_k values >= 1 and knn_n values >= 4 (or null "

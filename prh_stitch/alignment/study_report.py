@@ -8,6 +8,7 @@ from prh_stitch import reports
 from prh_stitch.alignment.layer_sets import RULE
 from prh_stitch.alignment.report import contextual_cell
 from prh_stitch.alignment.settings import clamp_note
+from prh_stitch.alignment.study_matrix import zoo_markdown
 
 
 def stability_cell(stability: Optional[Dict[str, Any]], key: str = "all") -> str:
@@ -59,6 +60,7 @@ def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
                                         "calibrated"], rows)
         text += (f"\n*contextual best*: the best pair with {RULE}. *wins in halves*: how often that pair is again "
                  "the best when the selection is redone in random halves of the items.\n")
+        text += zoo_markdown(d, summary.get("vision_models") or [], summary.get("text_models") or [])
         for a in d["competence"]:
             text += f"\n**{a['metric']} vs {a['competence']}** ({a['side']} models): {a['sentence']}."
             if a.get("sentence_contextual"):
@@ -70,6 +72,8 @@ def study_markdown(summary: Dict[str, Any], datasets: List[Dict]) -> str:
             text += ("\n**Mutual kNN at several k and N** (best pair; N below the item count is a fixed random "
                      "subset; calibrated = (score − null mean) / (1 − null mean), comparable across N):\n\n"
                      + grid_table(d["knn_grid"]))
+    if summary.get("conclusion"):
+        text += f"\n## What the data support\n\n{summary['conclusion']}\n"
     for note in summary["notes"]:
         text += f"\nNote: {note}\n"
     return text
