@@ -136,8 +136,12 @@ def test_a_rerun_reads_features_probes_and_scores_back(zoo_study, tmp_path):
     again = json.loads((tmp_path / "again" / "study.json").read_text())
     assert sorted(p.name for p in (default_cache_dir() / "features").iterdir()) == entries
     assert sorted(p.name for p in (default_cache_dir() / "scores").iterdir()) == scores
-    strip = lambda d: [{k: v for k, v in x.items() if k != "seconds"} for x in d["datasets"]]  # noqa: E731
-    assert strip(again) == strip(first)
+    def strip(value):  # wall-clock timings, at any depth (the datasets' and the binding test's), differ by design
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "seconds"}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    assert strip(again["datasets"]) == strip(first["datasets"])
 
 
 def test_published_scores_come_from_the_zoo_entries_with_their_sources():
