@@ -3,7 +3,8 @@ validation part of the training items only, and the closed form matches a direct
 
 import torch
 
-from prh_stitch.evaluation.linear_probe import DEFAULT_GRID, linear_probe, wilson_interval
+from prh_stitch.evaluation.linear_probe import DEFAULT_GRID, linear_probe
+from prh_stitch.metrics.proportions import wilson_interval
 
 
 def planted(n, d=20, classes=5, seed=0, spread=6.0):
@@ -67,7 +68,7 @@ def test_a_grid_that_only_overregularises_does_worse_and_the_grid_is_used():
 
 
 def test_wilson_interval_matches_the_formula_and_bad_input_is_one_line():
-    lo, hi = wilson_interval(90, 100)
+    lo, hi = wilson_interval(0.9, 100)
     assert abs(lo - 0.8256) < 1e-3 and abs(hi - 0.9448) < 1e-3
     import pytest
 

@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from prh_stitch.closed_form import fit_closed_form
+from prh_stitch.metrics.proportions import wilson_interval
 from prh_stitch.stitchers import Stitcher
 
 CHANCE = 0.5
-Z_95 = 1.959963984540054  # the standard normal's 97.5 % quantile
 # Cosine differences this small are round-off: a word-averaging encoder gives the two captions (the same words in
 # another order) features that differ only in the order of a float32 sum, ~1e-8 relative.
 TIE_TOLERANCE = 1e-6
@@ -48,15 +48,6 @@ INTERVAL = ("Wilson score 95% interval of the accuracy over test scenes (ties co
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
-
-def wilson_interval(accuracy: float, n: int, z: float = Z_95) -> Tuple[float, float]:
-    """The Wilson score interval of a proportion observed as ``accuracy`` over ``n`` trials."""
-    if n < 1:
-        raise ValueError(f"an interval needs at least one trial, got n = {n}")
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # At 0 or 1 the bound is exactly that end; computed, it can miss it by round-off.
-    return (0.0 if accuracy == 0 else max(0.0, centre - half)), (1.0 if accuracy == 1 else min(1.0, centre + half))
 
 
 def sign_test(wins: int, losses: int) -> float:

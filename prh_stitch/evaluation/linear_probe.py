@@ -18,11 +18,12 @@ seconds on a CPU.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from prh_stitch.metrics.proportions import wilson_interval
 
 DEFAULT_GRID = tuple(10.0 ** e for e in range(-6, 3))  # g of λ = g · tr(XᵀX)/d
 
@@ -54,16 +55,6 @@ class _RidgePath:
 
     def predict(self, g: float, x: Tensor) -> Tensor:
         return (x @ self.weights(g) + self.y_mean).argmax(dim=1)
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple:
-    """95 % Wilson score interval of a proportion (stays inside [0, 1], sensible near 0 and 1)."""
-    if n == 0:
-        return (None, None)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def linear_probe(train_x: Tensor, train_y: Sequence[int] | Tensor, test_x: Tensor, test_y: Sequence[int] | Tensor,
@@ -105,7 +96,7 @@ def linear_probe(train_x: Tensor, train_y: Sequence[int] | Tensor, test_x: Tenso
     all_x, eval_x = _standardise(train_x, test_x)
     final = _RidgePath(all_x, torch.nn.functional.one_hot(train_y, classes).double())
     correct = int((final.predict(g_best, eval_x) == test_y).sum())
-    return {"top1": correct / len(test_x), "ci": list(wilson_interval(correct, len(test_x))), "correct": correct,
+    return {"top1": correct / len(test_x), "ci": list(wilson_interval(correct / len(test_x), len(test_x))), "correct": correct,
             "g": g_best, "lambda": g_best * final.scale, "val_top1": {str(g): a for g, a in val_top1.items()},
             "n_fit": len(fit_idx), "n_val": n_val, "n_test": len(test_x), "num_classes": classes,
             "chance": 1.0 / classes, "protocol": PROTOCOL.format(val=val_fraction, grid=", ".join(f"{g:g}" for g in grid))}
