@@ -202,6 +202,20 @@ def test_ensure_scene_shards_rebuilds_a_folder_without_manifests(tmp_path):
     assert scan(train)["good"] == 3 and scan(val)["good"] == 2 and scan(train)["skipped"] == {}
 
 
+def test_scene_folders_of_different_splits_never_share_a_name(tmp_path, monkeypatch):
+    """{train, test} and {train, val} of equal sizes used to map to one folder, and the second call found it
+    "without complete manifests" and deleted the first caller's shards."""
+    from prh_stitch.data.shards import ensure_scene_splits
+
+    with_test = ensure_scene_splits(tmp_path, {"train": 3, "test": 2}, size=32)
+    with_val = ensure_scene_splits(tmp_path, {"train": 3, "val": 2}, size=32)
+    assert Path(with_test["test"]).parent != Path(with_val["val"]).parent
+    assert Path(with_val["val"]).parent.name == f"scenes-v{SCENES_VERSION}-3-2-s0-32px"  # the historical name
+    assert scan(with_test["train"])["good"] == 3 and scan(with_test["test"])["good"] == 2  # still there
+    monkeypatch.setattr(shards_module, "write_shards", lambda *a, **k: pytest.fail("the second call must not write"))
+    assert ensure_scene_splits(tmp_path, {"train": 3, "test": 2}, size=32) == with_test
+
+
 def test_ensure_scene_shards_validates_counts(tmp_path):
     with pytest.raises(ValueError, match="scene counts must be >= 1"):
         ensure_scene_shards(tmp_path, n_train=0, n_val=2)

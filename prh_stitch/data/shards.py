@@ -416,7 +416,8 @@ def ensure_scene_splits(
 ) -> Dict[str, str]:
     """Write the built-in scenes once under ``root``; return ``{split: pattern}`` for ``counts`` (split -> n).
 
-    The folder ``root/scenes-v{version}-{n_train}-{n_val}[-{n_test}]-s{seed}-{size}px/`` is built in a hidden
+    The folder ``root/scenes-v{version}-{n_train}-{n_val}[-{n_test}]-s{seed}-{size}px/`` (other choices of splits:
+    ``...-train{n}-test{n}-...``, each count tagged with its split) is built in a hidden
     temporary sibling and renamed into place only when every series and its manifest is written, so a crash
     never leaves a folder that looks complete; a later call simply starts again. The splits come from disjoint
     seed streams, and the training split holds out some combinations (see ``sources.scenes``). When two
@@ -429,7 +430,11 @@ def ensure_scene_splits(
     if set(counts) != set(splits) or any(counts[split] < 1 for split in splits):
         raise ValueError(f"scene counts must be >= 1 and name splits of {sorted(SCENE_SPLITS)}, got {dict(counts)}")
     root = Path(root).expanduser()
-    folder = root / f"scenes-v{SCENES_VERSION}-{'-'.join(str(counts[s]) for s in splits)}-s{seed}-{size}px"
+    # train+val(+test) keep their historical count-only names; any other choice of splits names each count's
+    # split, so e.g. {train, test} and {train, val} of equal sizes never share (and rebuild) one folder.
+    tagged = splits[:2] != ["train", "val"]
+    name = "-".join(f"{s}{counts[s]}" if tagged else str(counts[s]) for s in splits)
+    folder = root / f"scenes-v{SCENES_VERSION}-{name}-s{seed}-{size}px"
 
     def patterns() -> Optional[Dict[str, str]]:
         found = {}
