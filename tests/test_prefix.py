@@ -98,7 +98,10 @@ def test_a_tiny_lm_learns_to_emit_the_planted_token_from_the_prefix(planted):
         conditional = _bpb(caption_nats(model.lm, prefix, tokens), tokens)
         alone = _bpb(caption_nats(model.lm, None, tokens), tokens)
     first_words = [text.split()[0] if text else "" for text in generated]
-    assert first_words == [caption.split()[0] for caption in data.captions["test"]]
+    right = sum(w == caption.split()[0] for w, caption in zip(first_words, data.captions["test"]))
+    # Chance is 1/3 (three planted words); 150 steps of a tiny LM reach all or nearly all of the 48, and the exact
+    # count varies with the float summation order of the platform's kernels, so demand 90 %, far above chance.
+    assert right >= 0.9 * len(first_words), (right, first_words)
     # The first word is log2(3) bits the LM alone cannot know: the prefix must remove them, and the template's.
     assert conditional < 0.2 * alone, (conditional, alone)
 
