@@ -32,6 +32,7 @@ from prh_stitch.alignment.study_matrix import conclusion, paper_figure
 from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
 from prh_stitch.atomic import atomic_folder
+from prh_stitch.figure_cache import Drawing, figure_cache
 from prh_stitch.errors import UserError
 
 
@@ -177,10 +178,10 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
     chance = next((r.get("chance") for r in records if r["metric"] == metric), None)
     figure = None
     if points:
-        figure = reports.competence_scatter(
+        figure = Drawing(reports.competence_scatter, (
             points, block.label, metric, chance,
             f"{dataset}: {metric} (best layer pair, the paper's max) vs {block.label}",
-            _wrap(sentence))
+            _wrap(sentence)))
         from prh_stitch.report_board import report_board
 
         with report_board(out) as board:  # beside the align report's figures of this dataset
@@ -235,7 +236,8 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     power = study_power_of(cfg, models)
     for statement in power:
         (notify or (lambda _: None))(f"power: {statement['sentence']}")
-    with atomic_folder(out_dir) as folder:  # every dataset's report and study.md/.json replace the folder at once
+    # Every dataset's report and study.md/.json replace the folder at once; figures of unchanged scores are reused.
+    with figure_cache(root / "figures"), atomic_folder(out_dir) as folder:
         return _run_datasets(cfg, config_file, settings, kinds, models, inputs.extraction(), root, dev, folder,
                              started, power)
 
