@@ -4,8 +4,9 @@ A study config lists vision and text encoders, one or more datasets, the metrics
 models (published numbers such as ImageNet top-1, or measured: bits per byte of causal LMs on the captions).
 For every dataset it runs the ``align`` measurement (every layer pair of every vision–text pair, calibrated),
 then, per metric, relates each model's alignment (its best layer pair, averaged over its partners of the other
-modality) to its competence: Pearson and Spearman correlations with intervals from half-sample rescoring, a
-scatter plot, and one plain sentence.
+modality) to its competence: Pearson and Spearman correlations, Spearman's with an interval from the model
+rankings that half-sample rescoring does not rule out (:mod:`~prh_stitch.alignment.ranking_interval`), the exact
+permutation p over models, a scatter plot, and one plain sentence.
 
 Resuming: features live in the feature store (per encoder and dataset) and every pair's scores in the score
 cache, so an interrupted study picks up where it stopped and a finished one reruns in seconds.
@@ -193,7 +194,8 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
             "sentence_contextual": comp.trend_sentence(contextual, block.higher_is_better, block.label),
             "sentence": sentence,
             "figure": figure,
-            "interval_method": "half-samples, the best layer pair re-selected in each half (same halves for every model)"}
+            "interval_method": "scores: half-samples, the best layer pair re-selected in each half (same halves for "
+                               "every model); Spearman's rho: " + (best.get("interval_method") or "none")}
 
 
 def _mean_or_none(values: List[Optional[float]]) -> Optional[float]:

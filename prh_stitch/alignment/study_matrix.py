@@ -172,7 +172,8 @@ def zoo_markdown(dataset: Dict[str, Any], vision: Sequence[str], text: Sequence[
                                                                                   metric)
     if analyses:
         md += ("\n**Does the trend survive the layer choice?** Spearman ρ of alignment (averaged over partners) with "
-               "competence [half-sample 95% interval], Pearson r, exact over-models p:\n\n" + layer_choice_table(analyses))
+               "competence [95% interval: the range of ρ over the model rankings the half-samples leave open], "
+               "Pearson r, exact over-models p:\n\n" + layer_choice_table(analyses))
     for name in dataset.get("paper_figures") or []:
         md += f"\n![paper layout]({dataset['name']}/{name})\n"
     return md
