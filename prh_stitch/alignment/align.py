@@ -106,10 +106,12 @@ def score_models(models: Sequence[Model], feature_sets: Dict[str, Any], kinds: S
     if not jobs:
         raise UserError(f"no model pairs to score for --pairs {','.join(kinds)} (vision–text needs at least one "
                         "of each; vv/tt need two of that modality)")
-    records = []
+    from prh_stitch.metrics.layers import PreparedLayers
+
+    records, prepared = [], PreparedLayers()  # each model's layers prepared once, not once per partner
     for a, b, metric in tqdm(jobs, desc="scoring model pairs", disable=not progress):
         record = score_pair(a.label, feature_sets[a.label], b.label, feature_sets[b.label], metric, settings,
-                            device, cache)
+                            device, cache, prepared)
         record["kind"] = a.modality + "-" + b.modality
         record["protocol"] = settings.protocol
         record["contextual"] = best_without_non_contextual(record)
