@@ -260,3 +260,17 @@ def test_bits_per_byte_refuses_an_encoder_that_would_load_with_a_fresh_lm_head(t
     assert type(model).__name__ == "GPT2LMHeadModel"
     with pytest.raises(ValueError, match="is a built-in encoder"):
         load_causal_lm("minilm_l6")
+
+
+def test_the_paper_figure_gives_a_text_model_one_colour_in_every_panel_and_names_all_in_its_legend():
+    from prh_stitch.alignment.study_matrix import _draw_paper_figure
+
+    text = ["glove", "minilm", "mpnet"]
+    full = [[t, [1.0, 2.0], [0.1 * i, 0.2 * i]] for i, t in enumerate(text, 1)]
+    panels = [{"title": "best", "lines": full}, {"title": "contextual", "lines": full[1:]}]  # no GloVe here
+    fig = _draw_paper_figure(panels, [["a", 1.0], ["b", 2.0]], "top-1", "mutual_knn", "scenes", text)
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes[:2]]
+    assert colours[1] == {t: colours[0][t] for t in text[1:]} and len(set(colours[0].values())) == 3
+    legend = fig.axes[1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == text
+    assert [h.get_color() for h in legend.legend_handles] == [colours[0][t] for t in text]

@@ -114,11 +114,14 @@ def competence_values(block: CompetenceBlock, models: List[Model], feature_sets:
             if hit is None:
                 try:
                     model, tokenizer = comp.load_causal_lm(m.spec.name, device)
-                except ValueError as exc:
-                    excluded.append(f"{m.label}: {exc}")
-                    continue
-                hit = comp.bits_per_byte(model, tokenizer, captions, device=device, definition=definition)
+                except ValueError as exc:  # not a causal LM: remembered too, so a rerun loads no model to learn it
+                    hit = {"excluded": str(exc)}
+                else:
+                    hit = comp.bits_per_byte(model, tokenizer, captions, device=device, definition=definition)
                 cache.put(key, hit)
+            if "excluded" in hit:
+                excluded.append(f"{m.label}: {hit['excluded']}")
+                continue
             values[m.label] = hit["bits_per_byte"]
         return values, excluded
     table, _ = published_table(block, models[0].modality if models else "vision")

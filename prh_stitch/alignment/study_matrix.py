@@ -135,20 +135,23 @@ def paper_figure(analysis: Dict[str, Any], records: Sequence[Dict[str, Any]], te
         corr = analysis.get(CORRELATION_KEYS[choice]) or {}
         panels.append({"title": f"{title}\nvision-side {_corr_cell(corr)}", "lines": lines})
     drawing = Drawing(_draw_paper_figure, (panels, [[p["model"], p["competence"]] for p in points],
-                                           analysis["competence"], analysis["metric"], dataset))
+                                           analysis["competence"], analysis["metric"], dataset, list(text)))
     name = f"paper_{analysis['metric']}_{analysis.get('key', analysis['side'])}.png"
     return reports.save_figure(drawing, out / name).name
 
 
 def _draw_paper_figure(panels: Sequence[Dict[str, Any]], models: Sequence[Sequence[Any]], xlabel: str, metric: str,
-                       dataset: str):
+                       dataset: str, text: Sequence[str]):
     from matplotlib.figure import Figure
 
+    # One colour per text model in every panel: a panel may lack a model (GloVe has no contextual layer), and the
+    # one legend must still name every line.
+    colours = {t: f"C{i % 10}" for i, t in enumerate(text)}
     fig = Figure(figsize=(5.2 * len(panels), 4.4))
     axes = fig.subplots(1, len(panels), sharey=True)
     for ax, panel in zip(axes, panels):
         for label, xs, ys in panel["lines"]:
-            ax.plot(xs, ys, marker="o", linewidth=1.2, label=label)
+            ax.plot(xs, ys, marker="o", linewidth=1.2, color=colours[label], label=label)
         for model, competence in models:
             ax.annotate(model, (competence, ax.get_ylim()[0]), fontsize=6, rotation=90, alpha=0.6,
                         textcoords="offset points", xytext=(2, 4))
@@ -156,7 +159,10 @@ def _draw_paper_figure(panels: Sequence[Dict[str, Any]], models: Sequence[Sequen
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"{metric} alignment to the text model")
-    axes[-1].legend(fontsize=7, loc="best", title="text model", title_fontsize=7)
+    from matplotlib.lines import Line2D
+
+    axes[-1].legend([Line2D([], [], color=colours[t], marker="o") for t in text], list(text), fontsize=7, loc="best",
+                    title="text model", title_fontsize=7)
     fig.suptitle(f"{dataset}: alignment to each language model against vision competence", fontsize=10)
     return fig
 
