@@ -14,14 +14,16 @@ CPU-robust "match structure, then refine" recipe (cf. mini-vec2vec; MUSE's Procr
    a sorted-similarity-signature match (Hungarian on each centroid's sorted row of similarities) and from random
    starts. The matched centroids are *anchors*: every point is described by its cosines to its own side's
    anchors (relative representations, Moschella et al. 2023), which are comparable across sides, and the points
-   are matched one to one (Hungarian) on those descriptions.
+   are matched one to one (Hungarian) on those descriptions. ``init="gw"`` instead couples a point sample of each
+   side by entropic Gromov-Wasserstein optimal transport (:mod:`prh_stitch.closed_form.unsupervised_gw`, needs POT).
 3. **Procrustes refinement.** From the matched pairs, the orthogonal map ``R = UVᵀ`` (SVD of ``ZaᵀZb``); then
    repeatedly: translate A, match A to B one to one (Hungarian on cosine, in mini-batches), keep the most similar
    ``keep`` fraction of the matches and refit ``R``; stop when the matches no longer change.
 
 Several initialisations (``restarts``: k-means seeds and QAP starts) are each refined briefly and the one whose
-matches best keep the two sides' within-side similarity structure (:func:`structure_agreement`, an unsupervised
-criterion: no pairing is ever read) is refined to the end. The result is an affine map in the caller's feature space, ``ŷ = μb + (x − μa)·W``, with
+matches best keep the two sides' within-side similarity structure (:func:`structure_agreement`), or with
+``select="mutual_nn"`` the one with the most mutual nearest neighbours (unsupervised criteria: no pairing is ever
+read), is refined to the end. The result is an affine map in the caller's feature space, ``ŷ = μb + (x − μa)·W``, with
 ``W = Pa·diag(1/sa)·R·diag(sb)·Pbᵀ``, which a ``linear``/``affine`` stitcher holds exactly (see
 :func:`fit_unsupervised_stitcher`).
 """

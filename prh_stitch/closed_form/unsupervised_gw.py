@@ -4,14 +4,15 @@
 cosine-similarity matrix ``Ca``, ``Cb``. Entropic Gromov-Wasserstein optimal transport (Peyré, Cuturi & Solomon
 2016; square loss) finds the soft coupling ``T`` (``m × m``, uniform marginals) whose matched pairs best keep each
 other's similarities: ``min_T Σ (Ca[i,k] − Cb[j,l])² T[i,j] T[k,l]``. Unlike the hard quadratic assignment of the
-``points`` init, the entropic problem is smooth and is solved with a sequence of Sinkhorn projections, which on
-scene-caption embeddings reaches lower GW losses than FAQ from its starts. The rotation is the orthogonal
+``points`` init, the entropic problem is smooth and is solved with a sequence of Sinkhorn projections; on 256
+MiniLM/MPNet scene captions it reached a lower GW loss (0.038) than POT's conditional-gradient solver (Frank-Wolfe, as
+FAQ) from ten starts (0.041-0.062). The rotation is the orthogonal
 Procrustes fit of each A point to its barycentric image ``m · T B`` (where the coupling sends it).
 
 **Criterion (``select: mutual_nn``).** The fraction of translated A points whose nearest B point has them as its
-nearest translated A point. It reads no pairing: on held-out evaluation of MiniLM → MPNet, the paired rotation
-scores higher on it than every rotation the search found, and among found rotations it ranks them as their
-retrieval does (measured in the README's translation section).
+nearest translated A point. It reads no pairing. On MiniLM → MPNet scene captions (1,024 per side) the paired
+rotation scores 0.48 on it, every rotation the search found at most 0.44; among found rotations it is only a rough
+guide to retrieval (measured in the README's translation section).
 
 Needs the POT library (``pip install pot``, or the ``unsupervised`` extra); only this init imports it.
 """
