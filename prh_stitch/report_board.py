@@ -11,6 +11,7 @@ imports pyplot (process-wide state a library must not touch); the summary writte
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Iterator, Optional
@@ -45,6 +46,19 @@ class ReportBoard:
 
     def figure(self, tag: str, fig, step: int = 0) -> None:
         log_figure(self.writer, tag, fig, step)
+
+    def png(self, tag: str, data: bytes, step: int = 0) -> None:
+        """A rendered PNG as an image summary, its bytes as they are: the report's own file, neither drawn nor
+        encoded twice (``add_image`` would encode its pixels again, about 0.1 s per figure)."""
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only: the size
+            width, height = image.size
+            channels = len(image.getbands())
+        summary = Summary(value=[Summary.Value(tag=tag, image=Summary.Image(
+            height=height, width=width, colorspace=channels, encoded_image_string=data))])
+        self.writer._get_file_writer().add_summary(summary, step)  # the writer's own path for add_image's summary
 
     def text(self, tag: str, markdown: str, step: int = 0) -> None:
         self.writer.add_text(tag, markdown, global_step=step)

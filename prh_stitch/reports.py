@@ -112,21 +112,41 @@ def new_figure(figsize: Sequence[float]):
 
 def save_figure(fig, path: str | os.PathLike, board=None, tag: Optional[str] = None) -> Path:
     """``path`` (PNG, for reading) and its ``.pdf`` sibling (vector, for a paper); with a
-    :class:`~prh_stitch.report_board.ReportBoard`, the same figure also goes to TensorBoard under ``tag``."""
+    :class:`~prh_stitch.report_board.ReportBoard`, the same image also goes to TensorBoard under ``tag``.
+
+    ``fig`` is a ``matplotlib.figure.Figure``, or a :class:`~prh_stitch.figure_cache.Drawing` that is drawn only
+    when the active figure cache (:func:`~prh_stitch.figure_cache.figure_cache`) has no verified copy of it.
+    """
+    from prh_stitch.figure_cache import Drawing, active
+
     path = Path(path)
-    for suffix, options in ((".png", {"dpi": 120}), (".pdf", {})):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format=suffix[1:], bbox_inches="tight", **options)
-        atomic_write_bytes(path.with_suffix(suffix), buffer.getvalue())
+    cache = active() if isinstance(fig, Drawing) else None
+    key = fig.key() if cache is not None else None
+    files = cache.get(key) if cache is not None else None
+    if files is None:
+        figure = fig.figure() if isinstance(fig, Drawing) else fig
+        files = {}
+        for suffix, options in ((".png", {"dpi": 120}), (".pdf", {})):
+            buffer = io.BytesIO()
+            figure.savefig(buffer, format=suffix[1:], bbox_inches="tight", **options)
+            files[suffix] = buffer.getvalue()
+        if cache is not None:
+            cache.draws += 1
+            cache.put(key, files)
+    for suffix, data in files.items():
+        atomic_write_bytes(path.with_suffix(suffix), data)
     if board is not None:
-        board.figure(tag or path.stem, fig)
+        board.png(tag or path.stem, files[".png"])
     return path
 
 
-def layer_heatmap(scores: torch.Tensor, layers_a: Sequence[str], layers_b: Sequence[str], model_a: str,
+def layer_heatmap(scores, layers_a: Sequence[str], layers_b: Sequence[str], model_a: str,
                   model_b: str, metric: str, best: Sequence[int], chance: Optional[float]):
-    """Layer × layer scores of one model pair; the best cell (max) and the last-layer cell are marked."""
-    m = scores.double().numpy()
+    """Layer × layer scores (a tensor or nested lists) of one model pair; the best cell (max) and the last-layer
+    cell are marked."""
+    import numpy as np
+
+    m = np.asarray(scores, dtype=float)
     fig, ax = new_figure((max(4.5, 1.6 + 0.45 * len(layers_b)), max(3.5, 1.2 + 0.4 * len(layers_a))))
     image = ax.imshow(m, cmap="viridis", aspect="auto", origin="lower")
     bar = fig.colorbar(image, ax=ax)

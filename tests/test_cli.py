@@ -96,3 +96,16 @@ def test_top_level_commands_are_a_few_lines():
     for name in ("train.py", "evaluate.py"):
         lines = [line for line in (REPO / name).read_text().splitlines() if line.strip()]
         assert len(lines) <= 8, name
+
+
+def test_evaluate_and_scoring_never_import_lightning_or_torchmetrics():
+    """A study rerun from the caches spent 20 s importing them (evaluate.py reads every subcommand's signature)."""
+    code = ("import sys\n"
+            "from prh_stitch.cli.evaluate import build_parser, option_spellings\n"
+            "option_spellings(); build_parser()\n"
+            "import prh_stitch.alignment.study, prh_stitch.metrics, prh_stitch.layer_stitch, prh_stitch.prefix\n"
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning_fabric', 'torchmetrics') if m in sys.modules))\n"
+            "from prh_stitch.metrics import MutualKNN  # a wrapper still loads on first use\n"
+            "print('torchmetrics' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "True"]

@@ -106,10 +106,12 @@ def score_models(models: Sequence[Model], feature_sets: Dict[str, Any], kinds: S
     if not jobs:
         raise UserError(f"no model pairs to score for --pairs {','.join(kinds)} (vision–text needs at least one "
                         "of each; vv/tt need two of that modality)")
-    records = []
+    from prh_stitch.metrics.layers import PreparedLayers
+
+    records, prepared = [], PreparedLayers()  # each model's layers prepared once, not once per partner
     for a, b, metric in tqdm(jobs, desc="scoring model pairs", disable=not progress):
         record = score_pair(a.label, feature_sets[a.label], b.label, feature_sets[b.label], metric, settings,
-                            device, cache)
+                            device, cache, prepared)
         record["kind"] = a.modality + "-" + b.modality
         record["protocol"] = settings.protocol
         record["contextual"] = best_without_non_contextual(record)
@@ -125,6 +127,7 @@ class AlignResult:
     header: Dict[str, Any]
     models: List[Model] = field(default_factory=list)
     feature_sets: Dict[str, Any] = field(default_factory=dict, repr=False)
+    figure_root: Optional[Path] = None  # the figure cache (None: draw every figure)
 
     @property
     def table(self) -> List[Dict[str, Any]]:
@@ -135,7 +138,10 @@ class AlignResult:
 
     def write(self, out: Union[str, Path], title: str = "Alignment between models") -> Dict[str, Any]:
         """alignment.json/.csv/.md and the figures under ``out``; the JSON (written last) is returned."""
-        with atomic_folder(out) as folder:  # the folder is replaced as a whole: its files always agree
+        from prh_stitch.figure_cache import figure_cache
+
+        # The folder is replaced as a whole, so its files always agree; figures of unchanged scores are reused.
+        with figure_cache(self.figure_root), atomic_folder(out) as folder:
             return alignment_outputs(folder, self.models, self.records, self.header, title)
 
 
@@ -173,4 +179,4 @@ def align(models: Mapping[str, Sequence[Any]], data: Union[str, Sequence[str]],
                                 {label: encoder_record(fs) for label, fs in feature_sets.items()},
                                 settings=asdict(score_settings), protocol=protocols.describe(score_settings),
                                 seconds=round(time.perf_counter() - started, 2))
-    return AlignResult(records, header, chosen, feature_sets)
+    return AlignResult(records, header, chosen, feature_sets, inputs.root() / "figures")

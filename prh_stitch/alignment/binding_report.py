@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Sequence
 
 from prh_stitch import reports
 from prh_stitch.alignment import binding as bt
+from prh_stitch.figure_cache import Drawing
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("vision", "text", "n", "accuracy", "ci_low", "ci_high", "wins", "losses", "ties", "p_chance",
@@ -142,13 +143,14 @@ def write_binding(out: Path, summary: Dict[str, Any], vision: Sequence[str], tex
     out.mkdir(parents=True, exist_ok=True)
     reports.write_csv(out / "binding.csv", summary["rows"], FIELDS)
     reports.write_text(out / "binding.md", binding_markdown(summary, vision, text))
-    summary["figure"] = reports.save_figure(_figure(summary, vision, text), out / "binding.png").name
+    drawing = Drawing(_figure, (summary["rows"], summary["chance"], list(vision), list(text)))
+    summary["figure"] = reports.save_figure(drawing, out / "binding.png").name
     reports.write_json(out / "binding.json", summary)
 
 
-def _figure(summary: Dict[str, Any], vision: Sequence[str], text: Sequence[str]):
+def _figure(rows: Sequence[Dict[str, Any]], chance: float, vision: Sequence[str], text: Sequence[str]):
     fig, ax = reports.new_figure((max(6.0, 1.3 * len(text) + 2), 4.2))
-    cell = {(r["vision"], r["text"]): r for r in summary["rows"]}
+    cell = {(r["vision"], r["text"]): r for r in rows}
     width = 0.8 / max(1, len(vision))
     for i, v in enumerate(vision):
         xs = [t_i - 0.4 + width * (i + 0.5) for t_i in range(len(text))]
@@ -156,7 +158,7 @@ def _figure(summary: Dict[str, Any], vision: Sequence[str], text: Sequence[str])
         err = [[a - cell[v, t]["ci_low"] for a, t in zip(acc, text)],
                [cell[v, t]["ci_high"] - a for a, t in zip(acc, text)]]
         ax.errorbar(xs, acc, yerr=err, fmt="o", capsize=2, label=v)
-    ax.axhline(summary["chance"], color="gray", linestyle="--", linewidth=1, label="chance")
+    ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(text)), text, rotation=20, ha="right")
     ax.set_ylabel("true-vs-swapped caption accuracy")
     ax.set_ylim(0, 1.02)

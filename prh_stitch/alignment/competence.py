@@ -200,12 +200,17 @@ def rank_permutation_p(x: Sequence[float], y: Sequence[float], draws: int = 2000
 
 def correlation_report(competence: Sequence[float], scores: Sequence[float],
                        replicates: Optional[List[List[float]]] = None, ci: float = 0.95) -> Dict[str, Any]:
-    """Pearson and Spearman between competence and alignment, with percentile intervals over ``replicates``.
+    """Pearson and Spearman between competence and alignment; Spearman's interval from ``replicates``.
 
-    ``replicates[r][m]`` is model m's alignment in resample r (the same resampled items for every model), so
-    the interval reflects which *items* were measured. It cannot reflect which *models* were chosen; that is
-    ``p_models``, the exact permutation p of Spearman's rho over the models (see :func:`rank_permutation_p`).
+    ``replicates[r][m]`` is model m's alignment in half-sample r (the same items for every model), so the interval
+    reflects which *items* were measured: the range of rho over the model rankings that the half-samples do not
+    rule out (:mod:`~prh_stitch.alignment.ranking_interval`; it covers rho of the models' true alignments with
+    probability >= ``ci``). Pearson gets no interval: no recipe tried here covered with five models. The interval
+    cannot reflect which *models* were chosen; that is ``p_models``, the exact permutation p of Spearman's rho
+    over the models (see :func:`rank_permutation_p`).
     """
+    from prh_stitch.alignment.ranking_interval import spearman_interval
+
     n = len(scores)
     out: Dict[str, Any] = {"n_models": n, "pearson": None, "spearman": None, "pearson_ci": [None, None],
                            "spearman_ci": [None, None], "p_models": None}
@@ -214,13 +219,8 @@ def correlation_report(competence: Sequence[float], scores: Sequence[float],
     out["pearson"] = pearson(competence, scores)
     out["spearman"] = spearman(competence, scores)
     out["p_models"] = rank_permutation_p(competence, scores)
-    if replicates:
-        q = torch.tensor([(1 - ci) / 2, (1 + ci) / 2], dtype=torch.float64)
-        for key, fn in (("pearson", pearson), ("spearman", spearman)):
-            values = [fn(competence, rep) for rep in replicates]
-            values = torch.tensor([v for v in values if v is not None], dtype=torch.float64)
-            if len(values):
-                out[f"{key}_ci"] = torch.quantile(values, q).tolist()
+    if replicates and len(replicates) >= 2 and out["spearman"] is not None:
+        out.update(spearman_interval(competence, scores, replicates, ci))
     return out
 
 

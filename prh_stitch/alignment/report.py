@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import torch
 
 from prh_stitch import reports
+from prh_stitch.figure_cache import Drawing
 from prh_stitch.alignment.layer_sets import RULE
 from prh_stitch.alignment.settings import clamp_note
 
@@ -78,8 +78,9 @@ def alignment_outputs(out: Path, models: Sequence[Any], records: Sequence[Dict],
             figures.append(_model_figure(out, labels, metric, recs, board))
             for r in recs:
                 pair = f"{tag_part(r['model_a'])}__{tag_part(r['model_b'])}"
-                figure = reports.layer_heatmap(torch.tensor(r["matrix"]), r["layers_a"], r["layers_b"], r["model_a"],
-                                               r["model_b"], metric, (r["layer_a"], r["layer_b"]), r.get("chance"))
+                figure = Drawing(reports.layer_heatmap, (r["matrix"], r["layers_a"], r["layers_b"], r["model_a"],
+                                                         r["model_b"], metric, (r["layer_a"], r["layer_b"]),
+                                                         r.get("chance")))
                 figures.append(reports.save_figure(figure, out / f"layers_{metric}_{_slug(r['model_a'])}__"
                                f"{_slug(r['model_b'])}.png", board, f"layers/{metric}/{pair}").name)
                 board.scalar(f"{metric}/best/{pair}", r["score"])
@@ -105,7 +106,7 @@ def _model_figure(out: Path, labels: List[str], metric: str, recs: List[Dict], b
     for r in recs:
         i, j = labels.index(r["model_a"]), labels.index(r["model_b"])
         matrix[i][j] = matrix[j][i] = r["score"]
-    figure = reports.model_heatmap(labels, matrix, metric, "best layer pair", recs[0].get("chance"))
+    figure = Drawing(reports.model_heatmap, (labels, matrix, metric, "best layer pair", recs[0].get("chance")))
     return reports.save_figure(figure, out / f"models_{metric}.png", board, f"models/{metric}").name
 
 

@@ -31,8 +31,12 @@ def half_sample_subsets(n: int, draws: int, seed: int) -> List[Tensor]:
 
 
 def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreSettings, device: torch.device,
-               cache: ScoreCache = ScoreCache(None)) -> Dict[str, Any]:
-    """Layer × layer scores of one model pair for one metric, with calibrated best and last pairs."""
+               cache: ScoreCache = ScoreCache(None), prepared=None) -> Dict[str, Any]:
+    """Layer × layer scores of one model pair for one metric, with calibrated best and last pairs.
+
+    ``prepared``: a :class:`~prh_stitch.metrics.layers.PreparedLayers` shared by the pairs of one run, so each
+    model's layers are prepared once per half-sample and permutation rather than once per partner.
+    """
     from prh_stitch.metrics import calibrate, layer_alignment
 
     opts = metric_options(metric, settings.k)
@@ -47,7 +51,7 @@ def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreS
     names_a, names_b = layer_names(fa), layer_names(fb)
     a = clamp_layers(a, names_a, label_a, settings.outlier_quantile)
     b = clamp_layers(b, names_b, label_b, settings.outlier_quantile)
-    table = layer_alignment(a, b, metric, **opts)
+    table = layer_alignment(a, b, metric, prepared=prepared, **opts)
     bi, bj = table["best_index"]
     too_few = halves_too_small(metric, opts, n)
     if too_few:  # no intervals rather than no report: the scores and nulls are still valid
@@ -66,8 +70,8 @@ def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreS
         "layers_a": names_a, "layers_b": names_b, "matrix": table["scores"].tolist(),
         "fingerprint_a": encoder_record(fa), "fingerprint_b": encoder_record(fb),
     }
-    record.update(max_null(a, b, metric, opts, settings, record["score"], device))
-    record.update(selection_aware(a, b, table["scores"], metric, opts, settings, device))
+    record.update(max_null(a, b, metric, opts, settings, record["score"], device, prepared))
+    record.update(selection_aware(a, b, table["scores"], metric, opts, settings, device, prepared))
     if too_few:
         record["interval_method"] = record["last"]["interval_method"] = too_few
     cache.put(key, record)
@@ -75,7 +79,7 @@ def score_pair(label_a: str, fa, label_b: str, fb, metric: str, settings: ScoreS
 
 
 def max_null(a: List[Tensor], b: List[Tensor], metric: str, opts: Dict[str, Any], settings: ScoreSettings,
-             score: float, device: torch.device) -> Dict[str, Optional[float]]:
+             score: float, device: torch.device, prepared=None) -> Dict[str, Optional[float]]:
     """The null of the max over layer pairs: the same max with b's rows shuffled.
 
     The max over La·Lb pairs exceeds a single pair's null even for unrelated models; all layers of b move by one
@@ -89,7 +93,7 @@ def max_null(a: List[Tensor], b: List[Tensor], metric: str, opts: Dict[str, Any]
     gen = torch.Generator().manual_seed(settings.seed + 7919)
     for _ in range(settings.max_null):
         perm = torch.randperm(a[0].shape[0], generator=gen).to(device)
-        maxes.append(layer_alignment(a, [x[perm] for x in b], metric, **opts)["best"])
+        maxes.append(layer_alignment(a, [x[perm] for x in b], metric, prepared=prepared, **opts)["best"])
     mean = sum(maxes) / len(maxes)
     std = float(torch.tensor(maxes, dtype=torch.float64).std()) if len(maxes) > 1 else 0.0
     return {"max_null_mean": mean, "max_null_std": std,
@@ -108,7 +112,7 @@ def halves_too_small(metric: str, opts: Dict[str, Any], n: int) -> Optional[str]
 
 
 def selection_aware(a: List[Tensor], b: List[Tensor], full: Tensor, metric: str, opts: Dict[str, Any],
-                    settings: ScoreSettings, device: torch.device) -> Dict[str, Any]:
+                    settings: ScoreSettings, device: torch.device, prepared=None) -> Dict[str, Any]:
     """The best pair's interval with the pair re-selected in every half, its stability, and the study's halves.
 
     The headline is "the best layer pair's score", and which pair is best is itself estimated from the data: a
@@ -128,7 +132,8 @@ def selection_aware(a: List[Tensor], b: List[Tensor], full: Tensor, metric: str,
     if not draws:
         return out
     halves = [s.to(device) for s in half_sample_subsets(n, draws, settings.seed)]
-    tables = [layer_alignment([x[s] for x in a], [x[s] for x in b], metric, **opts)["scores"] for s in halves]
+    tables = [layer_alignment([x[s] for x in a], [x[s] for x in b], metric, prepared=prepared, **opts)["scores"]
+              for s in halves]
     estimand = estimand_of(tuple(METRICS.get(metric).spec.defaults))
     if settings.bootstrap:
         sel = best_pair_interval(full, tables[: settings.bootstrap], n, 0.95, estimand)

@@ -4,8 +4,9 @@ A study config lists vision and text encoders, one or more datasets, the metrics
 models (published numbers such as ImageNet top-1, or measured: bits per byte of causal LMs on the captions).
 For every dataset it runs the ``align`` measurement (every layer pair of every vision–text pair, calibrated),
 then, per metric, relates each model's alignment (its best layer pair, averaged over its partners of the other
-modality) to its competence: Pearson and Spearman correlations with intervals from half-sample rescoring, a
-scatter plot, and one plain sentence.
+modality) to its competence: Pearson and Spearman correlations, Spearman's with an interval from the model
+rankings that half-sample rescoring does not rule out (:mod:`~prh_stitch.alignment.ranking_interval`), the exact
+permutation p over models, a scatter plot, and one plain sentence.
 
 Resuming: features live in the feature store (per encoder and dataset) and every pair's scores in the score
 cache, so an interrupted study picks up where it stopped and a finished one reruns in seconds.
@@ -32,6 +33,7 @@ from prh_stitch.alignment.study_matrix import conclusion, paper_figure
 from prh_stitch.alignment.study_report import study_markdown
 from prh_stitch.alignment.study_config import CompetenceBlock, DataBlock, StudyConfig, load_config
 from prh_stitch.atomic import atomic_folder
+from prh_stitch.figure_cache import Drawing, figure_cache
 from prh_stitch.errors import UserError
 
 
@@ -177,10 +179,10 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
     chance = next((r.get("chance") for r in records if r["metric"] == metric), None)
     figure = None
     if points:
-        figure = reports.competence_scatter(
+        figure = Drawing(reports.competence_scatter, (
             points, block.label, metric, chance,
             f"{dataset}: {metric} (best layer pair, the paper's max) vs {block.label}",
-            _wrap(sentence))
+            _wrap(sentence)))
         from prh_stitch.report_board import report_board
 
         with report_board(out) as board:  # beside the align report's figures of this dataset
@@ -192,7 +194,8 @@ def competence_analysis(side: str, block: CompetenceBlock, models: List[Model], 
             "sentence_contextual": comp.trend_sentence(contextual, block.higher_is_better, block.label),
             "sentence": sentence,
             "figure": figure,
-            "interval_method": "half-samples, the best layer pair re-selected in each half (same halves for every model)"}
+            "interval_method": "scores: half-samples, the best layer pair re-selected in each half (same halves for "
+                               "every model); Spearman's rho: " + (best.get("interval_method") or "none")}
 
 
 def _mean_or_none(values: List[Optional[float]]) -> Optional[float]:
@@ -235,7 +238,8 @@ def run_study(config: Union[str, Path, Mapping[str, Any], StudyConfig], out: Opt
     power = study_power_of(cfg, models)
     for statement in power:
         (notify or (lambda _: None))(f"power: {statement['sentence']}")
-    with atomic_folder(out_dir) as folder:  # every dataset's report and study.md/.json replace the folder at once
+    # Every dataset's report and study.md/.json replace the folder at once; figures of unchanged scores are reused.
+    with figure_cache(root / "figures"), atomic_folder(out_dir) as folder:
         return _run_datasets(cfg, config_file, settings, kinds, models, inputs.extraction(), root, dev, folder,
                              started, power)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from prh_stitch import reports
+from prh_stitch.figure_cache import Drawing
 
 LAYER_CHOICES = (("best", "best layer pair (max over all pairs, the paper's)"),
                  ("last", "last layers"),
@@ -121,34 +122,43 @@ def paper_figure(analysis: Dict[str, Any], records: Sequence[Dict[str, Any]], te
     points = sorted(analysis["points"], key=lambda p: p["competence"])
     if len(points) < 2:
         return None
+    by_pair = _vt(records, analysis["metric"])
+    panels = []
+    for choice, title in LAYER_CHOICES:
+        lines = []
+        for t in text:
+            scored = [(p["competence"], choice_score(by_pair[p["model"], t], choice)[0]) for p in points
+                      if (p["model"], t) in by_pair]
+            scored = [(x, y) for x, y in scored if y is not None]
+            if scored:
+                lines.append([t, [x for x, _ in scored], [y for _, y in scored]])
+        corr = analysis.get(CORRELATION_KEYS[choice]) or {}
+        panels.append({"title": f"{title}\nvision-side {_corr_cell(corr)}", "lines": lines})
+    drawing = Drawing(_draw_paper_figure, (panels, [[p["model"], p["competence"]] for p in points],
+                                           analysis["competence"], analysis["metric"], dataset))
+    name = f"paper_{analysis['metric']}_{analysis.get('key', analysis['side'])}.png"
+    return reports.save_figure(drawing, out / name).name
+
+
+def _draw_paper_figure(panels: Sequence[Dict[str, Any]], models: Sequence[Sequence[Any]], xlabel: str, metric: str,
+                       dataset: str):
     from matplotlib.figure import Figure
 
-    by_pair = _vt(records, analysis["metric"])
-    fig = Figure(figsize=(5.2 * len(LAYER_CHOICES), 4.4))
-    axes = fig.subplots(1, len(LAYER_CHOICES), sharey=True)
-    for ax, (choice, title) in zip(axes, LAYER_CHOICES):
-        for t in text:
-            xs, ys = [], []
-            for p in points:
-                r = by_pair.get((p["model"], t))
-                score = choice_score(r, choice)[0] if r else None
-                if score is not None:
-                    xs.append(p["competence"])
-                    ys.append(score)
-            if xs:
-                ax.plot(xs, ys, marker="o", linewidth=1.2, label=t)
-        for p in points:
-            ax.annotate(p["model"], (p["competence"], ax.get_ylim()[0]), fontsize=6, rotation=90, alpha=0.6,
+    fig = Figure(figsize=(5.2 * len(panels), 4.4))
+    axes = fig.subplots(1, len(panels), sharey=True)
+    for ax, panel in zip(axes, panels):
+        for label, xs, ys in panel["lines"]:
+            ax.plot(xs, ys, marker="o", linewidth=1.2, label=label)
+        for model, competence in models:
+            ax.annotate(model, (competence, ax.get_ylim()[0]), fontsize=6, rotation=90, alpha=0.6,
                         textcoords="offset points", xytext=(2, 4))
-        corr = analysis.get(CORRELATION_KEYS[choice]) or {}
-        ax.set_title(f"{title}\nvision-side {_corr_cell(corr)}", fontsize=8)
-        ax.set_xlabel(analysis["competence"])
+        ax.set_title(panel["title"], fontsize=8)
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{analysis['metric']} alignment to the text model")
+    axes[0].set_ylabel(f"{metric} alignment to the text model")
     axes[-1].legend(fontsize=7, loc="best", title="text model", title_fontsize=7)
     fig.suptitle(f"{dataset}: alignment to each language model against vision competence", fontsize=10)
-    name = f"paper_{analysis['metric']}_{analysis.get('key', analysis['side'])}.png"
-    return reports.save_figure(fig, out / name).name
+    return fig
 
 
 def zoo_markdown(dataset: Dict[str, Any], vision: Sequence[str], text: Sequence[str]) -> str:
@@ -162,7 +172,8 @@ def zoo_markdown(dataset: Dict[str, Any], vision: Sequence[str], text: Sequence[
                                                                                   metric)
     if analyses:
         md += ("\n**Does the trend survive the layer choice?** Spearman ρ of alignment (averaged over partners) with "
-               "competence [half-sample 95% interval], Pearson r, exact over-models p:\n\n" + layer_choice_table(analyses))
+               "competence [95% interval: the range of ρ over the model rankings the half-samples leave open], "
+               "Pearson r, exact over-models p:\n\n" + layer_choice_table(analyses))
     for name in dataset.get("paper_figures") or []:
         md += f"\n![paper layout]({dataset['name']}/{name})\n"
     return md

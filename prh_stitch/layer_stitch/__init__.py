@@ -14,13 +14,13 @@ by little more than that layer. One concept per module:
 - :mod:`.sweep` — :func:`layer_sweep`, every (i, j) of two layer lists: the penalty matrix and its report.
 """
 
-from prh_stitch.layer_stitch.data import LayerStitchDataModule
-from prh_stitch.layer_stitch.lightning import LayerStitchingModule
-from prh_stitch.layer_stitch.probe import fit_probe
-from prh_stitch.layer_stitch.stitch_layer import StitchLayer
-from prh_stitch.layer_stitch.surgery import run_from, run_until
-from prh_stitch.layer_stitch.sweep import SweepReport, layer_sweep, write_sweep_report
+from prh_stitch.lazy import lazy_exports
 
+# Loaded on first use: the command lines read layer_sweep's signature without importing Lightning.
+__getattr__ = lazy_exports(__name__, {
+    "LayerStitchDataModule": "data", "LayerStitchingModule": "lightning", "fit_probe": "probe",
+    "StitchLayer": "stitch_layer", "run_from": "surgery", "run_until": "surgery", "SweepReport": "sweep",
+    "layer_sweep": "sweep", "write_sweep_report": "sweep"})
 
 __all__ = ["LayerStitchDataModule", "LayerStitchingModule", "StitchLayer", "SweepReport", "fit_probe",
            "layer_sweep", "run_from", "run_until", "write_sweep_report"]

@@ -14,11 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Literal, Optional, Sequence
 
-import pytorch_lightning as pl
-
 from prh_stitch.encoders.base import Layer
-from prh_stitch.layer_stitch.data import LayerStitchDataModule
-from prh_stitch.layer_stitch.lightning import LayerStitchingModule
 
 log = logging.getLogger("prh_stitch.layer_stitch")
 
@@ -68,8 +64,15 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def train_cut(module: LayerStitchingModule, dm: LayerStitchDataModule, epochs: int, accelerator: str) -> Dict[str, float]:
-    """Train one stitching layer for ``epochs`` and score it on the whole validation split."""
+def train_cut(module, dm, epochs: int, accelerator: str) -> Dict[str, float]:
+    """Train one stitching layer (a ``LayerStitchingModule``) for ``epochs`` on ``dm`` (a
+    ``LayerStitchDataModule``) and score it on the whole validation split.
+
+    Lightning is imported here and in :func:`layer_sweep`, not at module level: the command line reads this
+    module's signatures (jsonargparse resolves its imports, even ``TYPE_CHECKING`` ones) on every start.
+    """
+    import pytorch_lightning as pl
+
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator=accelerator, devices=1, num_sanity_val_steps=0,
                          limit_val_batches=0)
@@ -125,6 +128,11 @@ def layer_sweep(
     """
     if not layers_a or not layers_b:
         raise ValueError("give at least one layer of each model to sweep (layers_a and layers_b)")
+    import pytorch_lightning as pl
+
+    from prh_stitch.layer_stitch.data import LayerStitchDataModule
+    from prh_stitch.layer_stitch.lightning import LayerStitchingModule
+
     dm = LayerStitchDataModule(source=source, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed,
                                batch_size=batch_size, cache_dir=cache_dir)
     report = SweepReport(model_a, model_b, target, "accuracy" if target == "labels" else "agreement with B",

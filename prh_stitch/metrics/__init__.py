@@ -23,7 +23,13 @@ from .knn import cycle_knn, edit_distance_knn, lcs_knn, mutual_knn
 from .layers import layer_alignment
 from .outliers import clamp_outliers, outlier_threshold
 from .retrieval import retrieval
-from .wrappers import CKA, CKNNA, LCSKNN, SVCCA, CycleKNN, EditDistanceKNN, MutualKNN, Retrieval, UnbiasedCKA
+
+from prh_stitch.lazy import lazy_exports
+
+# The torchmetrics wrappers load on first use: importing torchmetrics pulls torchvision and transformers, and
+# scoring cached features never needs it.
+__getattr__ = lazy_exports(__name__, {name: "wrappers" for name in (
+    "CKA", "CKNNA", "LCSKNN", "SVCCA", "CycleKNN", "EditDistanceKNN", "MutualKNN", "Retrieval", "UnbiasedCKA")})
 
 __all__ = [
     "METRICS", "calibrate", "cka", "clamp_outliers", "cknna", "cycle_knn", "edit_distance_knn", "layer_alignment",

@@ -4,9 +4,13 @@
 (``evaluate.py prefix``); :func:`load_prefix_map` reads a trained one back.
 """
 
-from prh_stitch.prefix.language_models import LANGUAGE_MODELS, FrozenLanguageModel, load_language_model
-from prh_stitch.prefix.module import PrefixStitchingModule
-from prh_stitch.prefix.prefix_map import PrefixMap, PrefixMapSpec, load_prefix_map
+from prh_stitch.lazy import lazy_exports
+
+# Loaded on first use: ``evaluate.py prefix`` needs no Lightning, only the training module does.
+__getattr__ = lazy_exports(__name__, {
+    "LANGUAGE_MODELS": "language_models", "FrozenLanguageModel": "language_models",
+    "load_language_model": "language_models", "PrefixStitchingModule": "module", "PrefixMap": "prefix_map",
+    "PrefixMapSpec": "prefix_map", "load_prefix_map": "prefix_map"})
 
 __all__ = ["LANGUAGE_MODELS", "FrozenLanguageModel", "PrefixMap", "PrefixMapSpec", "PrefixStitchingModule",
            "load_language_model", "load_prefix_map"]
