@@ -14,14 +14,16 @@ CPU-robust "match structure, then refine" recipe (cf. mini-vec2vec; MUSE's Procr
    a sorted-similarity-signature match (Hungarian on each centroid's sorted row of similarities) and from random
    starts. The matched centroids are *anchors*: every point is described by its cosines to its own side's
    anchors (relative representations, Moschella et al. 2023), which are comparable across sides, and the points
-   are matched one to one (Hungarian) on those descriptions.
+   are matched one to one (Hungarian) on those descriptions. ``init="gw"`` instead couples a point sample of each
+   side by entropic Gromov-Wasserstein optimal transport (:mod:`prh_stitch.closed_form.unsupervised_gw`, needs POT).
 3. **Procrustes refinement.** From the matched pairs, the orthogonal map ``R = UVᵀ`` (SVD of ``ZaᵀZb``); then
    repeatedly: translate A, match A to B one to one (Hungarian on cosine, in mini-batches), keep the most similar
    ``keep`` fraction of the matches and refit ``R``; stop when the matches no longer change.
 
 Several initialisations (``restarts``: k-means seeds and QAP starts) are each refined briefly and the one whose
-matches best keep the two sides' within-side similarity structure (:func:`structure_agreement`, an unsupervised
-criterion: no pairing is ever read) is refined to the end. The result is an affine map in the caller's feature space, ``ŷ = μb + (x − μa)·W``, with
+matches best keep the two sides' within-side similarity structure (:func:`structure_agreement`), or with
+``select="mutual_nn"`` the one with the most mutual nearest neighbours (unsupervised criteria: no pairing is ever
+read), is refined to the end. The result is an affine map in the caller's feature space, ``ŷ = μb + (x − μa)·W``, with
 ``W = Pa·diag(1/sa)·R·diag(sb)·Pbᵀ``, which a ``linear``/``affine`` stitcher holds exactly (see
 :func:`fit_unsupervised_stitcher`).
 """
@@ -35,9 +37,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from prh_stitch.closed_form.unsupervised_gw import mutual_nn_consistency
+
 # Hungarian matching is O(b³): mini-batches of this many rows per side keep one step under a second on a CPU.
 DEFAULT_BATCH = 512
-INITS = ("points", "clusters")
+INITS = ("points", "clusters", "gw")
+SELECTIONS = ("structure", "mutual_nn")
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,13 @@ class UnsupervisedOptions:
         coarse: width of the first stage: the structure is matched in the top ``coarse`` principal directions
             (where the shape is clearest), then the frame doubles up to ``dim``, each stage started from the
             matches of the previous one; ``coarse >= dim`` matches in the full frame at once.
-        init: ``points`` (QAP on a random subsample of points) or ``clusters`` (QAP on k-means centroids, then points
-            matched on their relative representations to the matched centroids).
-        sample: points per side in the ``points`` QAP.
+        init: ``points`` (QAP on a random subsample of points), ``clusters`` (QAP on k-means centroids, then points
+            matched on their relative representations to the matched centroids) or ``gw`` (entropic
+            Gromov-Wasserstein coupling of a random subsample of points; needs POT, see ``unsupervised_gw``).
+        sample: points per side in the ``points`` QAP and the ``gw`` coupling.
+        epsilon: entropic regularisation of the ``gw`` coupling (cosine similarities, square loss).
+        select: the unsupervised criterion that picks the restart: ``structure`` (:func:`structure_agreement`) or
+            ``mutual_nn`` (:func:`~prh_stitch.closed_form.unsupervised_gw.mutual_nn_consistency` on all points).
         clusters: k-means centroids per side for the ``clusters`` init.
         restarts: initialisations tried; the best by the unsupervised criterion is kept.
         iterations: Procrustes refinement steps (at most; it stops when the matching is stable).
@@ -67,6 +76,8 @@ class UnsupervisedOptions:
     init: str = "points"
     sample: int = 400
     clusters: int = 32
+    epsilon: float = 0.005
+    select: str = "structure"
     restarts: int = 6
     iterations: int = 25
     keep: float = 0.7
@@ -76,6 +87,10 @@ class UnsupervisedOptions:
     def __post_init__(self) -> None:
         if self.init not in INITS:
             raise ValueError(f"unsupervised option init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"unsupervised option select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or not self.epsilon > 0:
+            raise ValueError(f"unsupervised option epsilon must be a number > 0, got {self.epsilon!r}")
         for name in ("dim", "coarse", "sample", "clusters", "restarts", "iterations", "batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -281,6 +296,10 @@ def _initial_rotation(za: Tensor, zb: Tensor, opts: UnsupervisedOptions, restart
     """A first rotation from shape alone: ``init="points"`` matches a random subsample of points by their
     similarity structure (a Gromov-Wasserstein-like QAP); ``init="clusters"`` matches k-means centroids that way and
     then every point by its relative representation to the matched centroids."""
+    if opts.init == "gw":
+        from prh_stitch.closed_form.unsupervised_gw import gw_rotation
+
+        return gw_rotation(za, zb, opts.sample, float(opts.epsilon), generator)
     if opts.init == "points":
         m = min(opts.sample, len(za), len(zb))
         ua = _unit(za[torch.randperm(len(za), generator=generator)[:m]])
@@ -321,11 +340,13 @@ def fit_unsupervised(source: Tensor, target: Tensor, options: Optional[Unsupervi
         rotation, qap = _initial_rotation(za[:, :first], zb[:, :first], opts, restart, generator)
         rotation, score, _ = _refine(za[:, :first], zb[:, :first], rotation, opts, min(5, opts.iterations), generator)
         ia, ib, _ = hungarian_pairs(za[:, :first] @ rotation, zb[:, :first], opts.batch, generator)
-        trials.append({"restart": restart, "qap_objective": qap, "matched_cosine": score, "rotation": rotation,
-                       "structure_agreement": structure_agreement(za, zb, ia, ib)})
-    # Chosen by structure agreement, not matched cosine: on real encoders a wrong rotation can match every point to
-    # a near neighbour as well as the right one does, but not keep the neighbourhoods.
-    best = max(trials, key=lambda t: t["structure_agreement"])
+        trials.append({"restart": restart, "init_objective": qap, "matched_cosine": score, "rotation": rotation,
+                       "structure_agreement": structure_agreement(za, zb, ia, ib),
+                       "mutual_nn": mutual_nn_consistency(za[:, :first] @ rotation, zb[:, :first])})
+    # Chosen by an unsupervised criterion, not matched cosine: on real encoders a wrong rotation can match every point
+    # to a near neighbour as well as the right one does, but not keep the neighbourhoods.
+    key = "structure_agreement" if opts.select == "structure" else "mutual_nn"
+    best = max(trials, key=lambda t: t[key])
     rotation = best["rotation"]
     for narrow, wide in zip(widths, widths[1:]):
         # Settle the rotation of the leading principal directions, then lift it: the pairs it matches give the

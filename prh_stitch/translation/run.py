@@ -110,7 +110,8 @@ def translate(source: Union[str, Dict[str, Any]], target: Union[str, Dict[str, A
         data_seed: seed of the scenes and of the rewording
         n: evaluation pairs N (a seeded subset of the evaluation series; null = all)
         seed: seed of the halves, the evaluation subset and the method
-        unsupervised: options of the method (dim, whiten, init, sample, clusters, restarts, iterations, keep, batch)
+        unsupervised: options of the method (dim, whiten, coarse, init, sample, clusters, epsilon, select, restarts,
+            iterations, keep, batch)
         device: where encoders run if the store lacks their features (auto, cpu, cuda, ...)
         cache_dir: feature store root (default $PRH_STITCH_CACHE)
         batch_size: encoder batch size for extraction
