@@ -1,0 +1,247 @@
+"""Closed-form behaviour that the mutation run of prh_stitch/closed_form showed no other test pinned down.
+
+Each test checks a behaviour against a NumPy reference or an invariant: the rank test's scale invariance, the
+``standard`` and ``isotropic`` Procrustes scalings, target whitening's spread restoration at any target scale,
+degenerate (constant) sides, caption groups in the held-out choices, and the warning's and errors' wording.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from prh_stitch.closed_form import GAIN_GRID, WHITEN_GRID, NormalEquations, fit_closed_form
+from prh_stitch.metrics import retrieval
+from test_closed_form import _features, _orthogonal, _shared_mean_pairs, _stitcher
+
+
+def _recall(stitcher, pairs, groups=None):
+    with torch.no_grad():
+        return retrieval(stitcher(pairs[0]), pairs[1], groups=groups, ks=(1,))["a2b/recall@1"]
+
+
+# ---- least squares: the rank test and its warning ---------------------------------------------------------------
+
+def _nearly_dependent(scale):
+    """float64 features whose last column repeats the first up to 1e-6 of its size: Schur pivot ~1e-12 relative."""
+    x = _features(300, 6, 30).double()
+    noise = torch.randn(300, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
+    return scale * torch.cat([x, (x[:, 0] + 1e-6 * noise)[:, None]], 1), scale * x
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e3])
+def test_the_rank_test_is_relative_so_scaling_the_features_changes_no_verdict(scale):
+    dependent, independent = _nearly_dependent(scale)
+    planted = torch.randn(6, 4, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    y = independent @ planted
+    with warnings.catch_warnings():  # well-posed at every scale: exact, and silent
+        warnings.simplefilter("error")
+        s = _stitcher("linear", independent, y)
+        result = fit_closed_form(s, (independent, y), "lstsq")
+    assert not result.rank_deficient and result.ridge == 0.0
+    torch.testing.assert_close(s.core.weight.T.double(), planted.float().double(), rtol=1e-4, atol=1e-4)
+    y = dependent[:, :6] @ planted
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):  # relative pivot 1e-12 < 1e-10 at every scale
+        result = fit_closed_form(_stitcher("linear", dependent, y), (dependent, y), "lstsq")
+    assert result.rank_deficient
+
+
+def test_the_rank_deficiency_warning_points_at_the_callers_line():
+    x = _features(100, 5, 33)
+    x = torch.cat([x, x[:, :1]], 1)
+    with pytest.warns(RuntimeWarning, match="rank-deficient") as caught:
+        fit_closed_form(_stitcher("affine", x, x[:, :3]), (x, x[:, :3]), "lstsq")
+    assert caught[0].filename == __file__  # the user's line to fix, not the library's
+
+
+# ---- Procrustes scalings ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["affine", "linear"])
+def test_standard_procrustes_equals_the_numpy_reference(name):
+    # Spreads well below 1 on both sides, so that a per-feature scale is never confused with a floor of 1.
+    x = 0.2 * _features(400, 8, 34)
+    y = 0.3 * (x @ _orthogonal(8, 35)[:, :5]) * torch.linspace(0.2, 0.6, 5) + 0.01 * _features(400, 5, 36)
+    s = _stitcher(name, x, y)
+    fit_closed_form(s, (x, y), "procrustes", scaling="standard")
+    xn, yn = x.double().numpy(), y.double().numpy()
+    if name == "affine":  # z-scored about the means; the intercept carries them
+        xc, yc = xn - xn.mean(0), yn - yn.mean(0)
+    else:  # a linear core is fitted about 0: root mean squares
+        xc, yc = xn, yn
+    sx, sy = np.sqrt((xc ** 2).mean(0)), np.sqrt((yc ** 2).mean(0))
+    u, _, vh = np.linalg.svd((xc / sx).T @ (yc / sy) / len(xn), full_matrices=False)
+    w = (u @ vh) / sx[:, None] * sy[None, :]
+    np.testing.assert_allclose(s.core.weight.detach().double().numpy().T, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
+    if name == "affine":
+        np.testing.assert_allclose(s.core.bias.detach().double().numpy(), yn.mean(0) - xn.mean(0) @ w, atol=1e-5)
+
+
+def test_isotropic_procrustes_recovers_a_scale_on_features_of_small_spread():
+    x = 0.05 * _features(500, 12, 37)  # tr(QᵀAQ) = total variance ≪ 1
+    q = _orthogonal(12, 38)
+    s = _stitcher("affine", x, 0.7 * x @ q)
+    fit_closed_form(s, (x, 0.7 * x @ q), "procrustes", scaling="isotropic")
+    torch.testing.assert_close(s.core.weight.T, 0.7 * q, atol=1e-4, rtol=1e-4)
+
+
+def test_isotropic_procrustes_of_a_constant_source_is_a_pure_rotation_onto_the_target_mean():
+    x = torch.full((50, 4), 2.0)  # no variance: nothing to scale, so the rotation is left unscaled
+    y = _features(50, 4, 39)
+    s = _stitcher("affine", x, y)
+    fit_closed_form(s, (x, y), "procrustes", scaling="isotropic")
+    w = s.core.weight.detach().double()
+    torch.testing.assert_close(w.T @ w, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(s(x[:1]), y.mean(0, keepdim=True), atol=1e-5, rtol=1e-5)
+
+
+# ---- target whitening -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target_scale", [0.01, 100.0])
+def test_fixed_whitening_matches_its_formula_at_any_target_scale(target_scale):
+    """W_v = κ·W(C + w·τ·I)⁻¹ with κ restoring the plain ridge's spread, whether that spread is below or above 1."""
+    x, y = _shared_mean_pairs(800, 1, 0.3)
+    y = target_scale * y
+    plain = _stitcher("linear", x, y, "standard")
+    fit_closed_form(plain, (x, y), "ridge", ridge=1e-3, gain=None, whiten=None)
+    s = _stitcher("linear", x, y, "standard")
+    result = fit_closed_form(s, (x, y), "ridge", ridge=1e-3, whiten=1e-2)  # gain "auto" without val: 1.0
+    assert (result.whiten, result.gain) == (1e-2, 1.0) and not result.tuning_scores
+    w = plain.core.weight.detach().double().numpy().T
+    xs = plain.input_norm(x).double().numpy()
+    cov = np.cov(y.double().numpy().T, bias=True)
+    t = np.linalg.inv(cov + 1e-2 * np.trace(cov) / len(cov) * np.eye(len(cov)))
+    spread = lambda m: np.trace(m.T @ (xs.T @ xs / len(xs)) @ m)  # noqa: E731
+    expected = w @ t * np.sqrt(spread(w) / spread(w @ t))
+    np.testing.assert_allclose(s.core.weight.detach().double().numpy().T, expected, rtol=1e-4,
+                               atol=1e-6 * np.abs(expected).max())
+
+
+def test_all_zero_targets_fit_every_variant_and_a_full_tie_keeps_the_smallest_ridge():
+    x = _features(200, 6, 40)
+    y = torch.zeros(200, 3)  # all-zero targets (a dead layer): the ridge map is exactly zero, so is its spread
+    for whiten in (None, 1e-2, 1.0):
+        s = _stitcher("affine", x, y)
+        fit_closed_form(s, (x, y), "ridge", ridge=1e-2, whiten=whiten)
+        assert not s.core.weight.detach().any()
+        with torch.no_grad():
+            torch.testing.assert_close(s(x), y)
+    # Every strength gives the same (zero) map, so the same held-out scores: the first, smallest strength is kept.
+    result = fit_closed_form(_stitcher("affine", x, y), (x, y), "ridge", ridge_grid=[1e-3, 1e-1, 10.0],
+                             val=(x[:50], y[:50]), gain=None, whiten=None)
+    assert len(set(result.scores.values())) == 1 and result.ridge == 1e-3
+
+
+# ---- held-out choices: caption groups, the criterion, and what is tuned ----------------------------------------
+
+def _grouped(pairs, seed):
+    """Every row twice, the copy slightly perturbed on both sides, the two sharing a caption group."""
+    x, y = pairs
+    g = torch.Generator().manual_seed(seed)
+    twin = lambda t: t + 0.05 * t.std() * torch.randn(t.shape, generator=g)  # noqa: E731
+    x2, y2 = torch.stack([x, twin(x)], 1).flatten(0, 1), torch.stack([y, twin(y)], 1).flatten(0, 1)
+    return (x2, y2), torch.arange(len(x2)) // 2
+
+
+def test_the_ridge_grid_is_scored_with_the_caption_groups():
+    g = torch.Generator().manual_seed(41)
+    x = _features(500, 30, 42)
+    y = x @ torch.randn(30, 12, generator=g) + 3.0 * torch.randn(500, 12, generator=g)
+    train = (x[:250], y[:250])
+    val, groups = _grouped((x[250:], y[250:]), 43)
+    grid = [1e-4, 1e-1, 10.0]
+    result = fit_closed_form(_stitcher("affine", *train, "standard"), train, "ridge", ridge_grid=grid, val=val,
+                             val_groups=groups, gain=None, whiten=None)
+    reference = {}
+    for lam in grid:
+        alone = _stitcher("affine", *train, "standard")
+        fit_closed_form(alone, train, "ridge", ridge=lam)
+        reference[repr(lam)] = _recall(alone, val, groups)
+        assert reference[repr(lam)] > _recall(alone, val)  # the twins count: grouped recall differs
+    assert result.scores == reference
+
+
+def test_the_gain_is_tuned_with_the_caption_groups_and_says_it_chose_by_recall():
+    train = _shared_mean_pairs(1200, 1, 2.0)
+    val, groups = _grouped(_shared_mean_pairs(400, 2, 2.0), 44)
+    s = _stitcher("affine", *train, "standard")
+    result = fit_closed_form(s, train, "ridge", ridge=1e-3, val=val, val_groups=groups, whiten=None)
+    assert result.select_by == "recall@1"  # one strength given, but the gain was chosen on val by recall@1
+    reference = {}
+    for gain in GAIN_GRID:
+        alone = _stitcher("affine", *train, "standard")
+        fit_closed_form(alone, train, "ridge", ridge=1e-3, gain=gain)  # no val: exactly this gain
+        reference[f"whiten=None,gain={gain!r}"] = _recall(alone, val, groups)
+    assert result.tuning_scores == reference
+    assert reference[f"whiten=None,gain={result.gain!r}"] == max(reference.values())
+
+
+def test_a_fixed_gain_still_tunes_the_whitening_on_held_out_features():
+    train, val = _shared_mean_pairs(1200, 1, 0.3), _shared_mean_pairs(400, 2, 0.3)
+    s = _stitcher("linear", *train, "standard")
+    result = fit_closed_form(s, train, "ridge", ridge=1e-3, val=val, gain=2.0)  # whiten "auto"
+    assert set(result.tuning_scores) == {f"whiten={w!r},gain=2.0" for w in WHITEN_GRID}
+    assert result.gain == 2.0 and result.tuning_scores[f"whiten={result.whiten!r},gain=2.0"] == max(
+        result.tuning_scores.values())
+    alone = _stitcher("linear", *train, "standard")
+    fit_closed_form(alone, train, "ridge", ridge=1e-3, gain=2.0, whiten=result.whiten)
+    torch.testing.assert_close(s.core.weight, alone.core.weight)
+
+
+# ---- errors -----------------------------------------------------------------------------------------------------
+
+def test_a_grid_without_held_out_features_names_both_fixes():
+    x, y = _features(50, 6, 45), _features(50, 4, 46)
+    with pytest.raises(ValueError, match=r"^choosing the ridge strength from a grid of 2 values needs held-out "
+                                         r"features \(val=\(source, target\)\); or give one value with ridge=\.\.\.$"):
+        fit_closed_form(_stitcher("linear", x, y), (x, y), "ridge", ridge_grid=[1.0, 2.0])
+
+
+def test_merging_statistics_of_other_widths_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"^cannot merge 5->4 statistics into 6->4$"):
+        NormalEquations(6, 4).merge(NormalEquations(5, 4))
+
+
+def test_ridge_grid_errors_are_whole_lines_with_an_example():
+    x, y = _features(50, 6, 47), _features(50, 4, 48)
+    with pytest.raises(ValueError, match=r"^ridge_grid is empty; give at least one positive ridge strength, "
+                                         r"e\.g\. \[1e-4, 1e-2, 1\.0\]$"):
+        fit_closed_form(_stitcher("linear", x, y), (x, y), "ridge", ridge_grid=[])
+    with pytest.raises(ValueError, match=r"^ridge_grid values must be finite and > 0 \(use method 'lstsq' for no "
+                                         r"ridge\), got \[0\.0\]; e\.g\. \[1e-4, 1e-3, 1e-2, 1e-1, 1\.0, 10\.0, "
+                                         r"100\.0\]$"):
+        fit_closed_form(_stitcher("linear", x, y), (x, y), "ridge", ridge_grid=[0.0, 1.0])
+
+
+def test_the_result_record_is_a_plain_dict_of_what_the_fit_did():
+    x, y = _features(120, 6, 49), _features(120, 4, 50)
+    record = fit_closed_form(_stitcher("affine", x, y), (x, y), "ridge", ridge=0.3).as_dict()
+    assert record == {"method": "ridge", "ridge": 0.3, "select_by": None, "scores": {}, "rank_deficient": False,
+                      "n_train": 120, "scaling": None, "gain": 1.0, "whiten": None, "tuning_scores": {},
+                      "unsupervised": {}}
+
+
+# ---- the all-reduce of the statistics (the two-process sum itself: test_closed_form.py's gloo test) -------------
+
+def test_all_reduce_outside_a_process_group_changes_nothing():
+    x, y = _features(80, 5, 51), _features(80, 3, 52)
+    stats = NormalEquations.from_pairs((x, y))
+    before = [t.clone() for t in stats._tensors()]
+    assert stats.all_reduce() is stats
+    assert all(torch.equal(a, b) for a, b in zip(before, stats._tensors()))
+
+
+def test_all_reduce_in_a_one_process_gloo_group_keeps_the_sums_on_the_cpu(tmp_path):
+    import torch.distributed as dist
+
+    x, y = _features(80, 5, 53), _features(80, 3, 54)
+    stats = NormalEquations.from_pairs((x, y))
+    before = [t.clone() for t in stats._tensors()]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert stats.all_reduce() is stats
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(before, stats._tensors()):  # one rank: the sum of one term, where it was
+        assert torch.equal(a, b) and b.device.type == "cpu"
