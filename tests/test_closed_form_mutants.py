@@ -13,6 +13,7 @@ import torch
 
 from prh_stitch.closed_form import GAIN_GRID, WHITEN_GRID, NormalEquations, fit_closed_form
 from prh_stitch.metrics import retrieval
+from prh_stitch.stitchers import Stitcher
 from test_closed_form import _features, _orthogonal, _shared_mean_pairs, _stitcher
 
 
@@ -245,3 +246,44 @@ def test_all_reduce_in_a_one_process_gloo_group_keeps_the_sums_on_the_cpu(tmp_pa
         dist.destroy_process_group()
     for a, b in zip(before, stats._tensors()):  # one rank: the sum of one term, where it was
         assert torch.equal(a, b) and b.device.type == "cpu"
+
+
+# ---- Procrustes centring, precision, unfitted norms --------------------------------------------------------------
+
+def test_procrustes_centring_can_be_asked_for_where_the_offset_has_a_place_and_refused_where_not():
+    x = _features(300, 6, 55)
+    q = _orthogonal(6, 56)
+    y = x @ q + 2.0  # a planted offset
+    affine = _stitcher("affine", x, y)
+    fit_closed_form(affine, (x, y), "procrustes", center=True)  # explicit, as the bias implies: the rotation back
+    torch.testing.assert_close(affine.core.weight.T, q, atol=1e-4, rtol=1e-4)
+    y0 = x @ q
+    raw = _stitcher("linear", x, y0)  # no centring, nothing to centre with (input norm "none"): a plain rotation
+    fit_closed_form(raw, (x, y0), "procrustes", center=False)
+    torch.testing.assert_close(raw.core.weight.T, q, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"^Procrustes with center=True needs somewhere to put the offset: use the "
+                                         r"'affine' stitcher, or input_norm 'center'/'standard' with the 'linear' "
+                                         r"one$"):
+        fit_closed_form(_stitcher("linear", x, y), (x, y), "procrustes", center=True)
+
+
+def test_mixed_precision_is_what_the_fit_uses():
+    x, y = _features(900, 10, 57) * 4 + 30, _features(900, 5, 58) - 20  # large means: the precisions differ
+    fits = {}
+    for name, train in (("mixed", (x, y)), ("from mixed sums", NormalEquations.from_pairs((x, y), 300, "mixed")),
+                        ("float64", (x, y))):
+        s = _stitcher("affine", x, y, "standard")
+        precision = "float64" if name == "float64" else "mixed"
+        fit_closed_form(s, train, "ridge", ridge=1e-3, chunk_rows=300, precision=precision)
+        fits[name] = s.core.weight.detach().clone()
+    assert torch.equal(fits["mixed"], fits["from mixed sums"])  # the fit's own accumulation is the mixed one
+    assert not torch.equal(fits["mixed"], fits["float64"])  # (and that is observable here)
+    torch.testing.assert_close(fits["mixed"], fits["float64"], rtol=1e-4, atol=1e-5)  # to ~1e-6 of the moments
+
+
+def test_an_unfitted_output_norm_is_named_with_the_fix():
+    x, y = _features(50, 6, 59), _features(50, 4, 60)
+    with pytest.raises(ValueError, match=r"^the stitcher's output normalization \('standard'\) is not fitted; call "
+                                         r"stitcher\.fit_normalization\(source, target\) on the training features "
+                                         r"first$"):
+        fit_closed_form(Stitcher("linear", 6, 4, output_norm="standard"), (x, y), ridge=1.0)
