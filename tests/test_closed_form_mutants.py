@@ -99,19 +99,21 @@ def test_isotropic_procrustes_of_a_constant_source_is_a_pure_rotation_onto_the_t
 
 # ---- target whitening -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target_scale", [0.01, 100.0])
-def test_fixed_whitening_matches_its_formula_at_any_target_scale(target_scale):
-    """W_v = κ·W(C + w·τ·I)⁻¹ with κ restoring the plain ridge's spread, whether that spread is below or above 1."""
+@pytest.mark.parametrize("target_scale, output_norm", [(0.01, "none"), (100.0, "none"), (1.0, "standard")])
+def test_fixed_whitening_matches_its_formula_at_any_target_scale(target_scale, output_norm):
+    """W_v = κ·W(C' + w·τ·I)⁻¹ with κ restoring the plain ridge's spread, whether that spread is below or above 1;
+    C' is the target covariance in the output norm's space (per-feature scales of 0.1 to 10 here)."""
     x, y = _shared_mean_pairs(800, 1, 0.3)
-    y = target_scale * y
-    plain = _stitcher("linear", x, y, "standard")
+    y = target_scale * y * (torch.logspace(-1, 1, y.shape[1]) if output_norm == "standard" else 1.0)
+    plain = _stitcher("linear", x, y, "standard", output_norm)
     fit_closed_form(plain, (x, y), "ridge", ridge=1e-3, gain=None, whiten=None)
-    s = _stitcher("linear", x, y, "standard")
+    s = _stitcher("linear", x, y, "standard", output_norm)
     result = fit_closed_form(s, (x, y), "ridge", ridge=1e-3, whiten=1e-2)  # gain "auto" without val: 1.0
     assert (result.whiten, result.gain) == (1e-2, 1.0) and not result.tuning_scores
     w = plain.core.weight.detach().double().numpy().T
     xs = plain.input_norm(x).double().numpy()
-    cov = np.cov(y.double().numpy().T, bias=True)
+    onorm = plain.output_norm
+    cov = np.cov(((y.double() - onorm.mean.double()) / onorm.scale.double()).numpy().T, bias=True)
     t = np.linalg.inv(cov + 1e-2 * np.trace(cov) / len(cov) * np.eye(len(cov)))
     spread = lambda m: np.trace(m.T @ (xs.T @ xs / len(xs)) @ m)  # noqa: E731
     expected = w @ t * np.sqrt(spread(w) / spread(w @ t))
@@ -287,3 +289,49 @@ def test_an_unfitted_output_norm_is_named_with_the_fix():
                                          r"stitcher\.fit_normalization\(source, target\) on the training features "
                                          r"first$"):
         fit_closed_form(Stitcher("linear", 6, 4, output_norm="standard"), (x, y), ridge=1.0)
+
+
+# ---- the moments: sizes, and a linear core's offset under an output norm ---------------------------------------
+
+def test_one_training_pair_is_enough_for_a_ridge_fit():
+    x, y = _features(1, 5, 61).double(), _features(1, 3, 62).double()
+    s = _stitcher("linear", x, y)
+    fit_closed_form(s, (x, y), "ridge", ridge=0.5)
+    xn, yn = x.numpy(), y.numpy()
+    gram = xn.T @ xn
+    w = np.linalg.solve(gram + 0.5 * np.trace(gram) / 5 * np.eye(5), xn.T @ yn)
+    np.testing.assert_allclose(s.core.weight.detach().double().numpy().T, w, rtol=1e-5, atol=1e-7)
+
+
+def test_statistics_without_rows_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"^no training pairs were accumulated$"):
+        fit_closed_form(Stitcher("linear", 6, 4), NormalEquations(6, 4), ridge=1.0)
+
+
+def test_a_linear_core_under_a_standard_output_norm_equals_the_numpy_ridge():
+    """No intercept: the core maps raw x to the normalised targets y' = (y − μ)/σ about 0, the norm adds μ back."""
+    x = _features(300, 10, 63)
+    y = x @ torch.randn(10, 4, generator=torch.Generator().manual_seed(64)) + 5.0 + 0.5 * _features(300, 4, 65)
+    s = _stitcher("linear", x, y, "none", "standard")
+    fit_closed_form(s, (x, y), "ridge", ridge=0.1)
+    xn, yn = x.double().numpy(), y.double().numpy()
+    mu, sd = yn.mean(0), yn.std(0)
+    gram = xn.T @ xn / len(xn)
+    w = np.linalg.solve(gram + 0.1 * np.trace(gram) / 10 * np.eye(10), xn.T @ ((yn - mu) / sd) / len(xn))
+    with torch.no_grad():
+        np.testing.assert_allclose(s(x).double().numpy(), xn @ w * sd + mu, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "cholesky"}, r"^unknown closed-form method 'cholesky'; choose one of lstsq, ridge, procrustes, "
+                             r"unsupervised$"),
+    ({"select_by": "r@5"}, r"^unknown select_by 'r@5'; choose one of recall@1, mse$"),
+    ({"method": "procrustes", "scaling": "anisotropic"},
+     r"^unknown Procrustes scaling 'anisotropic'; choose one of none, isotropic, standard$"),
+    ({"method": "lstsq", "gain": 2.0}, r"^gain and whiten tune a ridge fit for retrieval; method 'lstsq' takes "
+                                       r"neither \(use method 'ridge', or leave them at 'auto'\)$"),
+])
+def test_unknown_options_are_whole_lines_listing_the_choices(kwargs, message):
+    x, y = _features(50, 6, 66), _features(50, 4, 67)
+    with pytest.raises(ValueError, match=message):
+        fit_closed_form(_stitcher("linear", x, y), (x, y), **kwargs)
