@@ -58,14 +58,16 @@ def test_the_rank_deficiency_warning_points_at_the_callers_line():
 
 # ---- Procrustes scalings ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["affine", "linear"])
-def test_standard_procrustes_equals_the_numpy_reference(name):
+@pytest.mark.parametrize("name, output_norm", [("affine", "none"), ("linear", "none"), ("linear", "standard")])
+def test_standard_procrustes_equals_the_numpy_reference(name, output_norm):
     # Spreads well below 1 on both sides, so that a per-feature scale is never confused with a floor of 1.
     x = 0.2 * _features(400, 8, 34)
     y = 0.3 * (x @ _orthogonal(8, 35)[:, :5]) * torch.linspace(0.2, 0.6, 5) + 0.01 * _features(400, 5, 36)
-    s = _stitcher(name, x, y)
+    s = _stitcher(name, x, y, "none", output_norm)
     fit_closed_form(s, (x, y), "procrustes", scaling="standard")
     xn, yn = x.double().numpy(), y.double().numpy()
+    if output_norm == "standard":  # the core works in the normalised target space (centred, unit spread)
+        yn = (yn - s.output_norm.mean.double().numpy()) / s.output_norm.scale.double().numpy()
     if name == "affine":  # z-scored about the means; the intercept carries them
         xc, yc = xn - xn.mean(0), yn - yn.mean(0)
     else:  # a linear core is fitted about 0: root mean squares
@@ -335,3 +337,43 @@ def test_unknown_options_are_whole_lines_listing_the_choices(kwargs, message):
     x, y = _features(50, 6, 66), _features(50, 4, 67)
     with pytest.raises(ValueError, match=message):
         fit_closed_form(_stitcher("linear", x, y), (x, y), **kwargs)
+
+
+def test_normalisations_fitted_on_other_rows_equal_the_numpy_ridge_in_their_space():
+    """The norms may come from more (or other) data than the closed-form pairs: then the pairs' means in the
+    normalised space are not 0, and the intercept must carry them."""
+    x, y = _features(600, 8, 68) + 1.0, _features(600, 5, 69) * 2 - 3.0
+    y = y + x[:, :5]
+    s = Stitcher("affine", 8, 5, "standard", "standard").fit_normalization(x, y)  # all 600 rows
+    pairs = (x[:200] * 1.5 + 0.7, y[:200] * 0.8 - 0.4)  # the fit sees a shifted, rescaled subset
+    fit_closed_form(s, pairs, "ridge", ridge=0.05)
+    inorm, onorm = s.input_norm, s.output_norm
+    xs = ((pairs[0].double() - inorm.mean.double()) / inorm.scale.double()).numpy()
+    ys = ((pairs[1].double() - onorm.mean.double()) / onorm.scale.double()).numpy()
+    xc, yc = xs - xs.mean(0), ys - ys.mean(0)
+    gram = xc.T @ xc / len(xc)
+    w = np.linalg.solve(gram + 0.05 * np.trace(gram) / 8 * np.eye(8), xc.T @ yc / len(xc))
+    expected = ((xs - xs.mean(0)) @ w + ys.mean(0)) * onorm.scale.double().numpy() + onorm.mean.double().numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(s(pairs[0]).double().numpy(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_row_count_stays_exact_beyond_float32_integers():
+    stats = NormalEquations(2, 1).update(torch.ones(1, 2), torch.ones(1, 1))
+    for _ in range(24):
+        stats.merge(stats)  # doubles every sum: 2^24 rows
+    stats.merge(NormalEquations(2, 1).update(torch.ones(1, 2), torch.ones(1, 1)))
+    assert stats.n == 2 ** 24 + 1  # float32 would round the count to 2^24
+
+
+def test_an_unknown_precision_lists_the_choices():
+    with pytest.raises(ValueError, match=r"^unknown precision 'half'; choose one of float64, mixed$"):
+        NormalEquations(3, 2, precision="half")
+
+
+def test_no_chunks_or_chunks_that_are_not_matrices_are_clear_errors():
+    with pytest.raises(ValueError, match=r"^no training pairs were given to the closed-form fit$"):
+        NormalEquations.from_pairs([])
+    with pytest.raises(ValueError, match=r"^expected paired chunks of shape \(n, 6\) and \(n, 4\), got \(6,\) and "
+                                         r"\(4,\)$"):
+        NormalEquations.from_pairs([(torch.ones(6), torch.ones(4))])
