@@ -369,3 +369,64 @@ def test_no_chunks_or_chunks_that_are_not_matrices_are_clear_errors():
     with pytest.raises(ValueError, match=r"^expected paired chunks of shape \(n, 6\) and \(n, 4\), got \(6,\) and "
                                          r"\(4,\)$"):
         NormalEquations.from_pairs([(torch.ones(6), torch.ones(4))])
+
+
+# ---- the held-out scores themselves ------------------------------------------------------------------------------
+
+def _mse(stitcher, pairs):
+    with torch.no_grad():
+        return float((stitcher(pairs[0]).double() - pairs[1].double()).square().mean())
+
+
+def test_the_mse_criterion_scores_each_strength_by_its_held_out_mse():
+    g = torch.Generator().manual_seed(70)
+    x = _features(400, 20, 71)
+    y = x @ torch.randn(20, 6, generator=g) + 2.0 * torch.randn(400, 6, generator=g)
+    train, val = (x[:150], y[:150]), (x[150:], y[150:])
+    grid = [1e-3, 1e-1, 10.0]
+    result = fit_closed_form(_stitcher("affine", *train), train, "ridge", ridge_grid=grid, val=val, select_by="mse")
+    reference = {}
+    for lam in grid:
+        alone = _stitcher("affine", *train)
+        fit_closed_form(alone, train, "ridge", ridge=lam)
+        reference[lam] = _mse(alone, val)
+    assert result.scores == pytest.approx({repr(k): v for k, v in reference.items()}, rel=1e-9)
+    assert result.ridge == min(reference, key=reference.get)
+
+
+def test_float64_held_out_features_are_scored_like_their_float32_copy():
+    train, val = _shared_mean_pairs(600, 1, 1.0), _shared_mean_pairs(300, 2, 1.0)
+    results = []
+    for cast in (torch.float32, torch.float64):
+        s = _stitcher("affine", *train, "standard")
+        results.append(fit_closed_form(s, train, "ridge", ridge_grid=[1e-3, 1e-1], val=tuple(t.to(cast) for t in val)))
+    assert results[0].as_dict() == results[1].as_dict()
+
+
+def test_gain_tuning_with_norms_fitted_on_other_rows_scores_as_the_metric():
+    """Norms from other rows: the pairs' normalised means are not 0 and the output norm shifts and scales, so the
+    tuning's own bookkeeping of the mean part (x̄', ȳ'·σ + μ) is what is checked here."""
+    x, y = _shared_mean_pairs(1600, 1, 1.5)
+    s = Stitcher("affine", 32, 16, "standard", "standard").fit_normalization(x[:800] * 1.3 - 0.5, y[:800] * 0.7 + 2.0)
+    train, val = (x[800:1400], y[800:1400]), (x[1400:], y[1400:])
+    result = fit_closed_form(s, train, "ridge", ridge=1e-3, val=val, whiten=None)
+    reference = {}
+    for gain in GAIN_GRID:
+        alone = Stitcher("affine", 32, 16, "standard", "standard")
+        alone.load_state_dict(s.state_dict())  # the same norms
+        fit_closed_form(alone, train, "ridge", ridge=1e-3, gain=gain)
+        reference[f"whiten=None,gain={gain!r}"] = _recall(alone, val)
+    assert result.tuning_scores == reference
+
+
+def test_without_a_mean_part_every_gain_ranks_alike_and_the_held_out_mse_chooses():
+    train, val = _shared_mean_pairs(800, 1, 1.0), _shared_mean_pairs(400, 2, 1.0)
+    s = _stitcher("linear", *train, "standard")  # no bias, output norm without shift: cosine ignores the gain
+    result = fit_closed_form(s, train, "ridge", ridge=1e-3, val=val, whiten=None)
+    assert len(set(result.tuning_scores.values())) == 1
+    mse = {}
+    for gain in GAIN_GRID:
+        alone = _stitcher("linear", *train, "standard")
+        fit_closed_form(alone, train, "ridge", ridge=1e-3, gain=gain)
+        mse[gain] = _mse(alone, val)
+    assert result.gain == min(mse, key=mse.get)
