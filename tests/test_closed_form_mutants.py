@@ -128,6 +128,9 @@ def test_all_zero_targets_fit_every_variant_and_a_full_tie_keeps_the_smallest_ri
     result = fit_closed_form(_stitcher("affine", x, y), (x, y), "ridge", ridge_grid=[1e-3, 1e-1, 10.0],
                              val=(x[:50], y[:50]), gain=None, whiten=None)
     assert len(set(result.scores.values())) == 1 and result.ridge == 1e-3
+    # Likewise every (whitening, gain) candidate of the retrieval tuning: the first, (None, 0.5), is kept.
+    result = fit_closed_form(_stitcher("affine", x, y), (x, y), "ridge", ridge=1e-2, val=(x[:50], y[:50]))
+    assert len(set(result.tuning_scores.values())) == 1 and (result.whiten, result.gain) == (None, GAIN_GRID[0])
 
 
 # ---- held-out choices: caption groups, the criterion, and what is tuned ----------------------------------------
