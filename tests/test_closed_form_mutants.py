@@ -433,3 +433,25 @@ def test_without_a_mean_part_every_gain_ranks_alike_and_the_held_out_mse_chooses
         fit_closed_form(alone, train, "ridge", ridge=1e-3, gain=gain)
         mse[gain] = _mse(alone, val)
     assert result.gain == min(mse, key=mse.get)
+
+
+# ---- NormalEquations.update: what a chunk must be ----------------------------------------------------------------
+
+@pytest.mark.parametrize("x_shape, y_shape", [((5, 6), (5, 3)), ((5, 6, 1), (5, 4)), ((5, 6), (5, 4, 1))])
+def test_a_chunk_of_the_wrong_shape_on_either_side_is_refused(x_shape, y_shape):
+    got = f"got {x_shape} and {y_shape}".replace("(", r"\(").replace(")", r"\)")
+    with pytest.raises(ValueError, match=rf"^expected paired chunks of shape \(n, 6\) and \(n, 4\), {got}$"):
+        NormalEquations(6, 4).update(torch.ones(x_shape), torch.ones(y_shape))
+
+
+def test_chunks_with_different_row_counts_are_refused_with_both_counts():
+    with pytest.raises(ValueError, match=r"^paired chunks must have the same number of rows, got 5 and 3$"):
+        NormalEquations(6, 4).update(torch.ones(5, 6), torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("side", ["x", "y"])
+def test_a_non_finite_value_on_either_side_is_refused(side):
+    x, y = torch.ones(5, 6), torch.ones(5, 4)
+    (x if side == "x" else y)[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^features contain NaN or Inf; a closed-form fit needs finite features$"):
+        NormalEquations(6, 4).update(x, y)
