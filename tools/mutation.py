@@ -232,7 +232,8 @@ def _pending_after(workdir: Path, modules: List[str], only: List[str], previous:
     killed = {mutant for module in modules for mutant in previous.kills.get(module, {})
               if previous.hashes.get(module, {}).get(_function_of(module, mutant))
               == current[module].get(_function_of(module, mutant))}
-    return [mutant for mutant in pending if mutant not in killed]
+    equivalent = set(_load_equivalents())  # already judged: rerunning a survivor no test can kill only costs time
+    return [mutant for mutant in pending if mutant not in killed and mutant not in equivalent]
 
 
 def _pending(workdir: Path, modules: List[str], only: List[str]) -> List[str] | None:
