@@ -455,3 +455,12 @@ def test_a_non_finite_value_on_either_side_is_refused(side):
     (x if side == "x" else y)[2, 1] = float("nan")
     with pytest.raises(ValueError, match=r"^features contain NaN or Inf; a closed-form fit needs finite features$"):
         NormalEquations(6, 4).update(x, y)
+
+
+def test_writing_a_map_without_an_intercept_into_an_affine_core_zeroes_its_bias():
+    from prh_stitch.closed_form.stitcher_core import _write
+
+    s = Stitcher("affine", 3, 2)  # nn.Linear's random initial bias
+    weight = torch.arange(6, dtype=torch.float64).reshape(3, 2)
+    _write(s, weight, None)
+    assert torch.equal(s.core.weight, weight.T.float()) and not s.core.bias.any()
