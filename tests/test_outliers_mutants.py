@@ -25,3 +25,35 @@ def test_layers_with_different_row_counts_are_refused_listing_the_counts():
 def test_no_quantile_is_refused_in_one_line():
     with pytest.raises(ValueError, match=r"^paper_outlier_threshold needs a quantile in \(0, 1\], got None$"):
         paper_outlier_threshold([torch.randn(5, 3)], None)
+
+
+def test_the_paper_clamp_names_the_model_and_its_layer():
+    from prh_stitch.metrics.outliers import clamp_outliers_paper
+
+    layers = [torch.randn(6, 3), torch.randn(6, 3)]
+    layers[0][1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^x layer 0 contains NaN or Inf features"):
+        clamp_outliers_paper(layers, 0.95)
+    with pytest.raises(ValueError, match=r"^vit layer 0 contains NaN or Inf features"):
+        clamp_outliers_paper(layers, 0.95, name="vit")
+
+
+def test_the_paper_clamp_at_q_1_returns_the_layers_themselves():
+    from prh_stitch.metrics.outliers import clamp_outliers_paper
+
+    layers = [torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)]
+    out = clamp_outliers_paper(layers, 1.0)
+    assert all(o is x for o, x in zip(out, layers))  # off: no copy, no float32 cast
+
+
+def test_the_paper_clamp_leaves_all_zero_layers_alone_and_refuses_a_zero_threshold_over_sparse_ones():
+    from prh_stitch.metrics.outliers import clamp_outliers_paper
+
+    zeros = [torch.zeros(8, 4), torch.zeros(8, 4)]
+    assert all(torch.equal(o, x) for o, x in zip(clamp_outliers_paper(zeros, 0.9), zeros))  # nothing to zero
+    sparse = torch.zeros(8, 20)  # one non-zero element: every row's 0.9 quantile (interpolated, 20 values) is 0
+    sparse[0, 0] = 3.0
+    with pytest.raises(ValueError, match=r"^x: the paper's 0\.9 quantile threshold of \|x\| is 0 \(most elements are "
+                                         r"exactly 0\), so clamping would set every feature to 0; use a higher "
+                                         r"quantile$"):
+        clamp_outliers_paper([sparse], 0.9)
