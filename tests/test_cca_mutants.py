@@ -26,3 +26,16 @@ def test_identical_sides_never_score_above_one():
     for seed in range(10):
         a = torch.randn(30, 6, generator=torch.Generator().manual_seed(seed))
         assert svcca(a, a.clone(), dim=5, normalize=False) <= 1.0
+
+
+@pytest.mark.parametrize("dim, message", [(2.5, r"^dim must be a positive integer, got 2\.5$"),
+                                          (20, r"^dim=20 needs N > dim samples, got N=20$")])
+def test_a_dim_that_is_not_an_integer_or_not_below_n_is_refused(dim, message):
+    a, b = _data(20, 25, 25, seed=13)
+    with pytest.raises(ValueError, match=message):
+        svcca(a, b, dim=dim)
+
+
+def test_the_default_dim_is_ten():
+    a, b = _data(40, 14, 14, seed=14)
+    assert svcca(a, b) == svcca(a, b, dim=10) != svcca(a, b, dim=11)

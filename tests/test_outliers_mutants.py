@@ -57,3 +57,12 @@ def test_the_paper_clamp_leaves_all_zero_layers_alone_and_refuses_a_zero_thresho
                                          r"exactly 0\), so clamping would set every feature to 0; use a higher "
                                          r"quantile$"):
         clamp_outliers_paper([sparse], 0.9)
+
+
+def test_the_clamp_names_the_matrix_x_by_default():
+    from prh_stitch.metrics.outliers import clamp_outliers
+
+    x = torch.randn(6, 3)
+    x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^x contains NaN or Inf features"):
+        clamp_outliers(x, 0.9)
