@@ -66,3 +66,27 @@ def test_the_clamp_names_the_matrix_x_by_default():
     x[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"^x contains NaN or Inf features"):
         clamp_outliers(x, 0.9)
+
+
+def test_the_threshold_names_the_matrix_x_by_default_with_the_repair_hint_and_needs_a_quantile():
+    from prh_stitch.metrics.outliers import outlier_threshold
+
+    x = torch.randn(6, 3)
+    x[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="^" + re.escape(f"x contains NaN or Inf features{_NAN_HINT}") + "$"):
+        outlier_threshold(x, 0.9)
+    with pytest.raises(ValueError, match=r"^outlier_threshold needs a quantile in \(0, 1\], got None$"):
+        outlier_threshold(torch.randn(6, 3), None)
+
+
+def test_the_clamp_leaves_an_all_zero_matrix_alone_and_refuses_a_zero_threshold_over_a_sparse_one():
+    from prh_stitch.metrics.outliers import clamp_outliers
+
+    zeros = torch.zeros(8, 4)
+    assert torch.equal(clamp_outliers(zeros, 0.9), zeros)  # nothing to zero
+    sparse = torch.zeros(8, 4)
+    sparse[0, 0] = 3.0
+    with pytest.raises(ValueError, match=r"^x: the 0\.9 quantile of \|x\| is 0 \(more than a fraction 0\.9 of its "
+                                         r"elements are exactly 0, e\.g\. sparse ReLU features\), so clamping would "
+                                         r"set every feature to 0; use a higher quantile or no clamp for this layer$"):
+        clamp_outliers(sparse, 0.9)
