@@ -90,3 +90,12 @@ def test_the_clamp_leaves_an_all_zero_matrix_alone_and_refuses_a_zero_threshold_
                                          r"elements are exactly 0, e\.g\. sparse ReLU features\), so clamping would "
                                          r"set every feature to 0; use a higher quantile or no clamp for this layer$"):
         clamp_outliers(sparse, 0.9)
+
+
+def test_the_threshold_is_exactly_the_rank_th_smallest_of_shuffled_distinct_values():
+    from prh_stitch.metrics.outliers import outlier_threshold
+
+    for seed in range(20):
+        values = torch.randperm(120, generator=torch.Generator().manual_seed(seed)).float() + 1.0
+        for q, want in ((0.5, 60.0), (0.25, 30.0), (0.95, 114.0)):  # ⌈q·120⌉-th smallest of 1..120
+            assert float(outlier_threshold(values.reshape(12, 10), q)) == want
