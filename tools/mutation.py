@@ -30,8 +30,15 @@ mutmut stops a mutant's tests after (estimated test time + 1 s) x 15 x 2 CPU sec
 estimate leaves out module-scoped fixtures (a whole training run), so for tests with heavy fixtures pass e.g.
 ``--timeout-multiplier 200``, or timeouts count as kills that no mutation caused.
 
-With ``--keep`` and ``--only`` a run resumes: mutants already killed are not run again (survivors are, since a test
-may have been added since).
+With ``--keep`` a run resumes: mutants already killed are not run again (survivors and unchecked ones are, since a
+test may have been added since). mutmut itself forgets every verdict when the test selection changes; when the new
+``--tests`` include all of the previous run's, this script puts the earlier kills back for functions whose code is
+unchanged (a test added to the selection cannot revive a killed mutant). With a smaller or different selection the
+earlier kills are dropped and everything runs again. The kills of the last finished run are kept in
+``.mutation/<name>/kills.json``, so a run that fails (e.g. a selected test fails in mutmut's stats pass: mutmut's
+trampolines add a stack frame, so a test of a warning's ``stacklevel`` cannot run under it) loses nothing.
+Limitation: an earlier kill counts as decided while mutmut's stored hash of its function matches; after editing a
+function, its earlier kills are not rerun but reported as "not run" (the function's hash changed), never as kills.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 EQUIVALENTS = REPO / "tools" / "mutation_equivalents.toml"
 KILLED = {"killed", "timeout", "caught by type check"}
+KILLS_FILE = "kills.json"  # in the work copy: the last finished run's kills, for --keep
 
 
 @dataclass
@@ -135,6 +143,97 @@ def _load_equivalents() -> Dict[str, Dict[str, str]]:
 
 def _selected(mutant: str, only: List[str] | None) -> bool:
     return not only or any(fnmatch.fnmatch(mutant, pattern) for pattern in only)
+
+
+@dataclass
+class _Previous:
+    """What an earlier run in the work copy decided: its test selection and, per module, its kills and the hashes
+    of the functions they were decided on."""
+
+    tests: List[str] = field(default_factory=list)
+    kills: Dict[str, Dict[str, int]] = field(default_factory=dict)  # module -> mutant -> exit code (killed only)
+    hashes: Dict[str, Dict[str, str]] = field(default_factory=dict)  # module -> mangled function -> hash
+
+
+def _previous_run(workdir: Path, modules: List[str]) -> _Previous:
+    """The kills of the last run that finished (saved in ``kills.json``; mutmut's own files lose them when a run
+    fails after mutmut reset its verdicts), else what mutmut's files hold."""
+    from mutmut.stats import status_by_exit_code
+
+    previous = _Previous()
+    saved = workdir / KILLS_FILE
+    if saved.exists():
+        data = json.loads(saved.read_text())
+        previous.tests = data["tests"]
+        previous.kills = {m: data["kills"].get(m, {}) for m in modules if m in data["kills"]}
+        previous.hashes = {m: data["hashes"].get(m, {}) for m in modules if m in data["hashes"]}
+        return previous
+    settings = workdir / "pyproject.toml"
+    if settings.exists():
+        previous.tests = tomllib.loads(settings.read_text()).get("tool", {}).get("mutmut", {}).get(
+            "pytest_add_cli_args_test_selection", [])
+    for module in modules:
+        meta = workdir / "mutants" / (module + ".meta")
+        if meta.exists():
+            data = json.loads(meta.read_text())
+            previous.kills[module] = {m: c for m, c in data["exit_code_by_key"].items()
+                                      if c is not None and status_by_exit_code[c] == "killed"}
+            previous.hashes[module] = data.get("hash_by_function_name", {})
+    return previous
+
+
+def _save_kills(workdir: Path, modules: List[str], tests: List[str]) -> None:
+    """Record this finished run's kills (with the function hashes they were decided on) for the next ``--keep``."""
+    from mutmut.stats import status_by_exit_code
+
+    saved = workdir / KILLS_FILE
+    data = json.loads(saved.read_text()) if saved.exists() else {"kills": {}, "hashes": {}}
+    data["tests"] = tests
+    for module in modules:
+        meta = json.loads((workdir / "mutants" / (module + ".meta")).read_text())
+        data["kills"][module] = {m: c for m, c in meta["exit_code_by_key"].items()
+                                 if c is not None and status_by_exit_code[c] == "killed"}
+        data["hashes"][module] = meta.get("hash_by_function_name", {})
+    saved.write_text(json.dumps(data, indent=1))
+
+
+def _function_of(module: str, mutant: str) -> str:
+    return mutant[len(Path(module).with_suffix("").as_posix().replace("/", ".") + "."):].rsplit("__mutmut_", 1)[0]
+
+
+def _restore_kills(workdir: Path, modules: List[str], previous: _Previous) -> int:
+    """Put back the earlier kills that mutmut reset because the test selection grew: only for mutants left unchecked
+    by this run whose function's code (mutmut's per-function hash) is unchanged. Returns how many."""
+    restored = 0
+    for module in modules:
+        meta = workdir / "mutants" / (module + ".meta")
+        if not meta.exists() or module not in previous.kills:
+            continue
+        data = json.loads(meta.read_text())
+        old_hashes, new_hashes = previous.hashes.get(module, {}), data.get("hash_by_function_name", {})
+        for mutant, code in previous.kills[module].items():
+            function = _function_of(module, mutant)
+            if (data["exit_code_by_key"].get(mutant, 0) is None and function in new_hashes
+                    and old_hashes.get(function) == new_hashes[function]):
+                data["exit_code_by_key"][mutant] = code
+                restored += 1
+        meta.write_text(json.dumps(data, indent=4))
+    return restored
+
+
+def _pending_after(workdir: Path, modules: List[str], only: List[str], previous: _Previous) -> List[str] | None:
+    """The selected mutants to run when earlier kills stand: those neither killed in mutmut's files nor among the
+    earlier kills of an unchanged function (hashes as mutmut recorded them when it generated the mutants)."""
+    pending = _pending(workdir, modules, only)
+    if pending is None:
+        return None
+    current = {m: json.loads((workdir / "mutants" / (m + ".meta")).read_text()).get("hash_by_function_name", {})
+               for m in modules}
+    killed = {mutant for module in modules for mutant in previous.kills.get(module, {})
+              if previous.hashes.get(module, {}).get(_function_of(module, mutant))
+              == current[module].get(_function_of(module, mutant))}
+    equivalent = set(_load_equivalents())  # already judged: rerunning a survivor no test can kill only costs time
+    return [mutant for mutant in pending if mutant not in killed and mutant not in equivalent]
 
 
 def _pending(workdir: Path, modules: List[str], only: List[str]) -> List[str] | None:
@@ -226,11 +325,17 @@ def main(argv: List[str] | None = None) -> int:
         if not (REPO / path).exists():
             parser.error(f"no such file: {path} (paths are relative to the repository root)")
     workdir = REPO / ".mutation" / _slug(args.modules)
+    previous = _previous_run(workdir, args.modules) if args.keep else _Previous()
+    # mutmut forgets all verdicts when the selection changes; kills stand only if no earlier test was dropped.
+    keep_kills = args.keep and bool(previous.kills) and set(previous.tests) <= set(args.tests)
     _prepare(workdir, args.modules, args.tests, args.keep, args.timeout_multiplier)
     mutmut = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
-    if args.only:
-        pending = _pending(workdir, args.modules, args.only) if args.keep else None
-        mutmut += args.only if pending is None else pending
+    if args.only or keep_kills:
+        if keep_kills:
+            pending = _pending_after(workdir, args.modules, args.only or ["*"], previous)
+        else:
+            pending = _pending(workdir, args.modules, args.only) if args.keep else None
+        mutmut += (args.only or []) if pending is None else pending
         if pending == []:
             mutmut = []  # every selected mutant already has a result
     # One thread per test process: the CPU-time limit counts every thread, and a shared machine gains nothing from
@@ -246,6 +351,11 @@ def main(argv: List[str] | None = None) -> int:
         print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
         print(f"mutation.py: error: mutmut exited {code} (log: {log})", file=sys.stderr)
         return 2
+    if keep_kills:
+        restored = _restore_kills(workdir, args.modules, previous)
+        if restored:
+            print(f"kept {restored} kills of the previous run (its tests are all in this selection)", flush=True)
+    _save_kills(workdir, args.modules, args.tests)
     results = _collect(workdir, args.modules, args.only)
     _report(results, args.show_equivalent)
     if args.min_rate is not None and any(r.rate < args.min_rate for r in results):

@@ -44,38 +44,38 @@ class NormalEquations:
     def n(self) -> int:
         return int(round(float(self.count)))
 
-    @torch.no_grad()
     def update(self, x: Tensor, y: Tensor) -> "NormalEquations":
         """Add a chunk of paired rows."""
-        if x.ndim != 2 or y.ndim != 2 or x.shape[1] != self.in_dim or y.shape[1] != self.out_dim:
-            raise ValueError(f"expected paired chunks of shape (n, {self.in_dim}) and (n, {self.out_dim}), got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
-        if x.shape[0] != y.shape[0]:
-            raise ValueError(f"paired chunks must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
-        x = x.detach().to(self.xtx.device, torch.float64)
-        y = y.detach().to(self.xtx.device, torch.float64)
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-            raise ValueError("features contain NaN or Inf; a closed-form fit needs finite features")
-        self.count += x.shape[0]
-        self.sum_x += x.sum(0)
-        self.sum_y += y.sum(0)
-        self.sum_yy += y.square().sum(0)
-        if self.precision == "float64":
-            self.xtx.addmm_(x.T, x)
-            self.xty.addmm_(x.T, y)
-            self.yty.addmm_(y.T, y)
+        with torch.no_grad():  # a context, not a decorator: mutmut skips decorated functions
+            if x.ndim != 2 or y.ndim != 2 or x.shape[1] != self.in_dim or y.shape[1] != self.out_dim:
+                raise ValueError(f"expected paired chunks of shape (n, {self.in_dim}) and (n, {self.out_dim}), got "
+                                 f"{tuple(x.shape)} and {tuple(y.shape)}")
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(f"paired chunks must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+            x = x.detach().to(self.xtx.device, torch.float64)
+            y = y.detach().to(self.xtx.device, torch.float64)
+            if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+                raise ValueError("features contain NaN or Inf; a closed-form fit needs finite features")
+            self.count += x.shape[0]
+            self.sum_x += x.sum(0)
+            self.sum_y += y.sum(0)
+            self.sum_yy += y.square().sum(0)
+            if self.precision == "float64":
+                self.xtx.addmm_(x.T, x)
+                self.xty.addmm_(x.T, y)
+                self.yty.addmm_(y.T, y)
+                return self
+            # "mixed": the products of rows centred on the chunk's own (float32-rounded) mean run in float32, where
+            # the entries are small and cancel little, and the exact corrections back to raw sums
+            # (x = d + c  =>  Σxxᵀ = dᵀd + c(Σd)ᵀ + (Σd)cᵀ + n·ccᵀ) are added in float64.
+            n = x.shape[0]
+            cx, cy = x.mean(0).float().double(), y.mean(0).float().double()
+            dx, dy = (x - cx).float(), (y - cy).float()
+            sdx, sdy = dx.double().sum(0), dy.double().sum(0)
+            self.xtx += (dx.T @ dx).double() + torch.outer(cx, sdx) + torch.outer(sdx, cx) + n * torch.outer(cx, cx)
+            self.xty += (dx.T @ dy).double() + torch.outer(cx, sdy) + torch.outer(sdx, cy) + n * torch.outer(cx, cy)
+            self.yty += (dy.T @ dy).double() + torch.outer(cy, sdy) + torch.outer(sdy, cy) + n * torch.outer(cy, cy)
             return self
-        # "mixed": the products of rows centred on the chunk's own (float32-rounded) mean run in float32, where
-        # the entries are small and cancel little, and the exact corrections back to raw sums
-        # (x = d + c  =>  Σxxᵀ = dᵀd + c(Σd)ᵀ + (Σd)cᵀ + n·ccᵀ) are added in float64.
-        n = x.shape[0]
-        cx, cy = x.mean(0).float().double(), y.mean(0).float().double()
-        dx, dy = (x - cx).float(), (y - cy).float()
-        sdx, sdy = dx.double().sum(0), dy.double().sum(0)
-        self.xtx += (dx.T @ dx).double() + torch.outer(cx, sdx) + torch.outer(sdx, cx) + n * torch.outer(cx, cx)
-        self.xty += (dx.T @ dy).double() + torch.outer(cx, sdy) + torch.outer(sdx, cy) + n * torch.outer(cx, cy)
-        self.yty += (dy.T @ dy).double() + torch.outer(cy, sdy) + torch.outer(sdy, cy) + n * torch.outer(cy, cy)
-        return self
 
     @classmethod
     def from_pairs(cls, pairs: Pairs, chunk_rows: int = 16384, precision: str = "float64") -> "NormalEquations":

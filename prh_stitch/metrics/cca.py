@@ -28,12 +28,15 @@ def top_directions(x: Tensor, dim: int, name: str) -> Tensor:
     std = x.std(0, keepdim=True)
     x = torch.where(std > 0, x / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(x))
     n, d = x.shape
-    gram = (x.T @ x if d <= n else x @ x.T).double()
+    # The product itself in float64: a float32 Gram matrix leaves ~1e-7 relative round-off in the directions a
+    # rank-deficient side lacks, which would then pass the rank check and enter the basis as noise.
+    xd = x.double()
+    gram = xd.T @ xd if d <= n else xd @ xd.T
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     evals, evecs = evals.flip(0)[:dim], evecs.flip(1)[:, :dim]
     if not evals[-1] > _RANK_TOL * max(float(evals[0]), 1e-300):
         raise ValueError(f"{name} has fewer than dim={dim} independent directions after z-scoring; lower dim")
-    u = x.double() @ evecs if d <= n else evecs
+    u = xd @ evecs if d <= n else evecs
     return torch.linalg.qr(u).Q
 
 
