@@ -93,6 +93,8 @@ class FigureCache:
         return files
 
     def put(self, key: str, files: Dict[str, bytes]) -> None:
+        """Keep a freshly drawn figure's files (counted in ``draws``)."""
+        self.draws += 1
         for suffix, data in files.items():
             atomic_write_bytes(self.root / f"{key}{suffix}", data)
         # The index goes last: an entry without it (an interrupted put) is simply absent.

@@ -131,7 +131,6 @@ def save_figure(fig, path: str | os.PathLike, board=None, tag: Optional[str] = N
             figure.savefig(buffer, format=suffix[1:], bbox_inches="tight", **options)
             files[suffix] = buffer.getvalue()
         if cache is not None:
-            cache.draws += 1
             cache.put(key, files)
     for suffix, data in files.items():
         atomic_write_bytes(path.with_suffix(suffix), data)
