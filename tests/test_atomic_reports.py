@@ -134,8 +134,14 @@ def test_sigint_while_an_align_report_is_written_keeps_the_previous_report(data,
         return written[-1]
 
     monkeypatch.setattr(reports, "save_figure", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        main(base + ["--metrics", "mutual_knn", "--k", "5"])
+    # Python's own SIGINT handler, whatever this process inherited: a shell starts background jobs with SIGINT
+    # ignored, and Python then leaves it ignored (the SIGINT would be lost and the test would fail).
+    previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(base + ["--metrics", "mutual_knn", "--k", "5"])
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     assert len(written) == 2 and all(not p.exists() for p in written)  # the new figures went to the temporary folder
     assert snapshot(out) == before and siblings(out) == []
 
