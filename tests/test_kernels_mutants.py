@@ -1,10 +1,10 @@
 """Kernel-metric behaviour that the mutation run of metrics/kernels.py showed no test pinned down.
 
 The median bandwidth is checked where its histogram is stressed: middle values in the first bin, in the second
-after a filled first one, or in different bins. Both routes of linear (unbiased) CKA are exact, so a wrong route choice leaves every score unchanged and only
-costs time or memory: O(N·D²) in feature space against O(N²·D) over kernel rows. The ``method`` option names the
-route, so the prepared side is checked for it: a feature-space side carries ‖AᵀA‖²_F (``gram2``), a kernel-rows
-side does not.
+after a filled first one, or in different bins. Both routes of linear (unbiased) CKA are exact, so a wrong route
+choice leaves every score unchanged and only costs time or memory: O(N·D²) in feature space against O(N²·D) over
+kernel rows. The ``method`` option names the route, so the prepared side is checked for it: a feature-space side
+carries ‖AᵀA‖²_F (``gram2``), a kernel-rows side does not.
 """
 
 import numpy as np
