@@ -182,19 +182,7 @@ class FrozenEncoder(nn.Module, ABC):
         return self._dims[key]
 
     def weights_digest(self) -> str:
-        """A cheap digest of the weights: shapes plus a few values of every tensor.
-
-        Hashing every byte of a multi-GB model on each start would cost more than it protects; a different
-        checkpoint differs in these samples with overwhelming probability.
-        """
-        h = hashlib.sha256()
-        for key, tensor in self.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64) if flat.numel() else flat.cpu()
-            h.update(key.encode())
-            h.update(str(tuple(tensor.shape)).encode())
-            h.update(sample.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return module_digest(self)
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the network computes in (its first floating-point parameter's; float32 for none)."""
@@ -218,6 +206,22 @@ class FrozenEncoder(nn.Module, ABC):
         if self.compute_dtype() != torch.float32:
             payload["dtype"] = str(self.compute_dtype()).replace("torch.", "")
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def module_digest(module: nn.Module) -> str:
+    """A cheap digest of a module's weights: shapes plus a few values of every tensor.
+
+    Hashing every byte of a multi-GB model on each start would cost more than it protects; a different
+    checkpoint differs in these samples with overwhelming probability.
+    """
+    h = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64) if flat.numel() else flat.cpu()
+        h.update(key.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def identity(x: Any) -> Any:

@@ -184,6 +184,11 @@ def held_out(ex: Extraction, mapping: StitchMapping, urls: Sequence[str]) -> Hel
 
     specs = (mapping.source_spec, mapping.target_spec)
     encoders = [encoder_from_spec(spec) for spec in specs]
+    if mapping.stitcher is not None:  # a trained map applies only to the features it was trained on
+        from prh_stitch.checkpoint import check_trained_with
+
+        for side, encoder, spec in zip(("source", "target"), encoders, specs):
+            check_trained_with(mapping.stitcher, side, encoder.fingerprint([spec.layer], spec.pooling))
     layers = [extraction_layers(enc, spec.pooling, spec.layer) for enc, spec in zip(encoders, specs)]
     fs = [load_features(ex, enc, urls, spec.pooling, lay) for enc, spec, lay in zip(encoders, specs, layers)]
     names = [enc.layer_names[enc.resolve_layer(spec.layer)] for enc, spec in zip(encoders, specs)]
