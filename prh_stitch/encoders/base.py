@@ -100,6 +100,9 @@ class FrozenEncoder(nn.Module, ABC):
     """Base class. Subclasses set ``modality`` and implement the four abstract hooks below."""
 
     modality: str = ""
+    # The layer the model pools itself (timm's ``pre_logits``, a CLIP tower's ``projection``), if it has one: it
+    # takes pooling None or "head" only, every other layer takes a pooler.
+    head_layer: Optional[str] = None
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -133,6 +136,16 @@ class FrozenEncoder(nn.Module, ABC):
         """A one-sample input batch, used to find feature widths."""
 
     # ---- shared behaviour ----------------------------------------------------------------------
+    def pooled_layers(self, pooling: Optional[str]) -> List[int]:
+        """The layers ``pooling`` applies to: every layer for None (each its natural pooling), the model's own head
+        layer alone for "head", and every layer but that one for an explicit pooler (``mean``, ``cls``, ...)."""
+        names = self.layer_names
+        if pooling is None:
+            return list(range(len(names)))
+        if pooling == "head":
+            return [i for i, name in enumerate(names) if name == self.head_layer]
+        return [i for i, name in enumerate(names) if name != self.head_layer]
+
     def freeze(self) -> "FrozenEncoder":
         self.eval()
         for p in self.parameters():
