@@ -425,6 +425,15 @@ def test_a_stitcher_is_applied_only_to_the_encoders_it_was_trained_on(data, tmp_
                           f"trained on {side} 'tiny_bert' with fingerprint {'0' * 20}", f"now gives {true}", out=out)
 
 
+def test_stitch_refuses_the_papers_protocol_instead_of_clamping_per_layer_under_its_name(data, tmp_path):
+    from prh_stitch.errors import UserError
+    from prh_stitch.evaluation.stitch import evaluate_stitcher
+
+    ckpt = identity_checkpoint(tmp_path / "id.ckpt")
+    with pytest.raises(UserError, match="protocol='paper' applies to align and study only"):
+        evaluate_stitcher(data, ckpt=str(ckpt), protocol="paper", metrics=("cka",))
+
+
 def test_data_without_captions(tmp_path, capsys):
     import io
     import tarfile

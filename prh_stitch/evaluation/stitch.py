@@ -262,6 +262,11 @@ def evaluate_stitcher(data: Optional[Union[str, Sequence[str]]] = None, ckpt: Op
     from prh_stitch.evaluation.splits import resolve_split, train_captions
 
     score_settings = ScoreSettings(**settings).checked()
+    if score_settings.protocol != "prh_stitch":
+        # The paper's protocol is a preset of layer sets and a clamp over all of a model's layers (align, study);
+        # a stitch scores one given layer pair, so it would silently be the per-layer clamp under the paper's name.
+        raise UserError(f"protocol={score_settings.protocol!r} applies to align and study only; stitch evaluation "
+                        "scores one layer pair under prh_stitch's protocol: leave protocol out")
     if (ckpt is None) == (baseline is None):
         raise UserError("give exactly one of --ckpt PATH (a trained stitcher) or --baseline NAME (training-free)")
     inputs = inputs or Inputs()
