@@ -82,23 +82,18 @@ def find_last_checkpoint(root: str | os.PathLike) -> str:
     return str(candidates[-1])
 
 
-def continue_interrupted_run(trainer, ckpt_path: str, logger_version_given: bool) -> Optional[str]:
-    """Point a resumed run at the folders of the run it continues: its checkpoint folder and its TensorBoard version.
+def continue_checkpoint_folder(trainer, ckpt_path: str) -> Optional[str]:
+    """Point the checkpoint callbacks of a resumed run at the folder the interrupted run saved into.
 
-    A resumed run gets a new logger version by default, hence a new checkpoint folder: ModelCheckpoint restores its
-    best score and top-k only when the folder is unchanged ("best" would restart from the first resumed epoch), and
-    TensorBoard would show two runs with half a curve each. So the checkpoint callbacks whose folder the user did
-    not set save where the interrupted run saved, and when that folder is ``<logger root>/version_K/checkpoints``
-    (the default layout) and no logger version was given, the run logs into ``version_K`` again, with
-    ``purge_step`` at the checkpoint's global step: TensorBoard then hides what the interrupted run logged after
-    its last checkpoint, so no step is drawn twice. Reading the checkpoint here (tensors and plain data only) also
-    refuses a file that is not a checkpoint with one clear line, before Lightning loads it.
-    Returns the checkpoint folder continued, or None.
+    A resumed run gets a new logger version, hence by default a new checkpoint folder, and ModelCheckpoint restores
+    its best score and top-k only when the folder is unchanged: "best" would restart from the first resumed epoch.
+    Callbacks whose folder the user set are left alone. Reading the checkpoint here (tensors and plain data only)
+    also refuses a file that is not a checkpoint with one clear line, before Lightning loads it.
+    Returns the folder continued, or None.
     """
     from prh_stitch.checkpoint import read_checkpoint
 
-    checkpoint = read_checkpoint(ckpt_path)
-    states = checkpoint.get("callbacks") or {}
+    states = read_checkpoint(ckpt_path).get("callbacks") or {}
     continued = None
     for callback in (c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)):
         state = states.get(callback.state_key)
@@ -106,16 +101,29 @@ def continue_interrupted_run(trainer, ckpt_path: str, logger_version_given: bool
         if callback.dirpath is None and isinstance(folder, str) and os.path.isdir(folder):
             callback.dirpath = folder
             continued = continued or folder
-    logger = trainer.logger
-    if continued is None or logger_version_given or not isinstance(logger, TensorBoardLogger):
-        return continued
-    run = Path(continued).parent
-    match = re.fullmatch(r"version_(\d+)", run.name)
-    # The writer must not exist yet: it opens its folder (and reads purge_step) on first use.
-    if match and run.parent.resolve() == Path(logger.root_dir).resolve() and logger._experiment is None:
-        logger._version = int(match.group(1))  # TensorBoardLogger(version=K), decided before anything is logged
-        logger._kwargs["purge_step"] = int(checkpoint.get("global_step", 0))  # passed on to SummaryWriter
     return continued
+
+
+def continue_log_version(trainer, checkpoint_dir: str, ckpt_path: str, version_given: bool) -> Optional[int]:
+    """Log a resumed run into the TensorBoard version of the run it continues, not a new one.
+
+    Otherwise TensorBoard shows two runs with half a curve each. Done when the continued checkpoint folder is
+    ``<logger root>/version_K/checkpoints`` (the default layout), the logger is TensorBoard's and no version was
+    given: the logger gets version K and ``purge_step`` at the checkpoint's global step, so TensorBoard hides what
+    the interrupted run logged after its last checkpoint and no step is drawn twice. Returns K, or None.
+    """
+    from prh_stitch.checkpoint import read_checkpoint
+
+    logger = trainer.logger
+    if version_given or not isinstance(logger, TensorBoardLogger) or logger._experiment is not None:
+        return None  # the writer opens its folder (and reads purge_step) on first use: it must not exist yet
+    run = Path(checkpoint_dir).parent
+    match = re.fullmatch(r"version_(\d+)", run.name)
+    if not match or run.parent.resolve() != Path(logger.root_dir).resolve():
+        return None
+    logger._version = int(match.group(1))  # as TensorBoardLogger(version=K), decided before anything is logged
+    logger._kwargs["purge_step"] = int(read_checkpoint(ckpt_path).get("global_step", 0))  # goes to SummaryWriter
+    return logger._version
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -153,7 +161,9 @@ def fit(cli: StitchCLI) -> None:
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path == "last":
         ckpt_path = find_last_checkpoint(trainer.default_root_dir)
-    checkpoint_dir = continue_interrupted_run(trainer, ckpt_path, _logger_version_given(cli)) if ckpt_path else None
+    checkpoint_dir = continue_checkpoint_folder(trainer, ckpt_path) if ckpt_path else None
+    if checkpoint_dir is not None:
+        continue_log_version(trainer, checkpoint_dir, ckpt_path, _logger_version_given(cli))
     log_dir = trainer.log_dir or trainer.default_root_dir
     checkpoint_dir = checkpoint_dir or os.path.join(log_dir, "checkpoints")
     rank_zero_info(f"prh_stitch: logs go to {log_dir}, checkpoints to {checkpoint_dir}")

@@ -1,0 +1,52 @@
+"""Where a resumed run logs: the interrupted run's TensorBoard version, with what it logged after its checkpoint
+purged (the end-to-end check is test_train.py's interrupted-run test; these are the rule's cases, in milliseconds)."""
+
+from types import SimpleNamespace
+
+import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from prh_stitch.cli.train import continue_log_version
+
+
+def _checkpoint(tmp_path, global_step=12):
+    path = tmp_path / "last.ckpt"
+    torch.save({"global_step": global_step, "state_dict": {}}, path)
+    return str(path)
+
+
+def test_the_default_layout_continues_its_version_and_purges_after_the_checkpoint(tmp_path):
+    root = tmp_path / "runs"
+    (root / "lightning_logs" / "version_3" / "checkpoints").mkdir(parents=True)
+    (root / "lightning_logs" / "version_4").mkdir()  # a later version exists: the resumed run must not pick "next"
+    logger = TensorBoardLogger(str(root))
+    trainer = SimpleNamespace(logger=logger)
+    folder = str(root / "lightning_logs" / "version_3" / "checkpoints")
+    assert continue_log_version(trainer, folder, _checkpoint(tmp_path, 12), version_given=False) == 3
+    assert logger.version == 3 and logger.log_dir == str(root / "lightning_logs" / "version_3")
+    assert logger._kwargs["purge_step"] == 12  # what the SummaryWriter is built with
+    assert logger.experiment.log_dir == logger.log_dir
+    logger.finalize("success")
+
+
+def test_the_rule_leaves_the_logger_alone_where_it_does_not_apply(tmp_path):
+    root = tmp_path / "runs"
+    folder = root / "lightning_logs" / "version_3" / "checkpoints"
+    folder.mkdir(parents=True)
+    ckpt = _checkpoint(tmp_path)
+    cases = {
+        "a version was given": (TensorBoardLogger(str(root)), str(folder), True),
+        "not TensorBoard": (CSVLogger(str(root)), str(folder), False),
+        "checkpoints elsewhere": (TensorBoardLogger(str(root)), str(tmp_path / "mine" / "checkpoints"), False),
+        "not a version folder": (TensorBoardLogger(str(root)), str(root / "lightning_logs" / "best" / "checkpoints"),
+                                 False),
+        "another logger root": (TensorBoardLogger(str(tmp_path / "other")), str(folder), False),
+    }
+    for why, (logger, checkpoint_dir, given) in cases.items():
+        assert continue_log_version(SimpleNamespace(logger=logger), checkpoint_dir, ckpt, given) is None, why
+        assert logger._version is None and "purge_step" not in getattr(logger, "_kwargs", {}), why
+    opened = TensorBoardLogger(str(root))
+    opened.experiment  # the writer exists already: its folder cannot change any more
+    assert continue_log_version(SimpleNamespace(logger=opened), str(folder), ckpt, False) is None
+    assert opened.version == 4  # the next free version, as Lightning chose it
+    opened.finalize("success")
