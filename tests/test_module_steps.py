@@ -431,3 +431,50 @@ def test_a_closed_form_run_configures_its_solve_as_the_only_optimizer_step(tmp_p
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(model.stitcher.state_dict()[key], value)
     assert not torch.equal(model.stitcher.core.weight, Stitcher(**model.stitcher.config()).core.weight)
+
+
+# ---------------------------------------------------------------- two processes
+
+class ValidationLoss(Callback):
+    def __init__(self):
+        self.loss, self.state = None, None
+
+    def on_validation_end(self, trainer, pl_module):
+        self.loss = float(trainer.callback_metrics["val/loss"])
+        self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+
+def _ddp_loss_worker(rank, world, root):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        torch.set_num_threads(1)
+        model, data, seen = tiny_module(), small_data(root, n_val=41), ValidationLoss()
+        small_trainer(root, callbacks=[seen], strategy="ddp", devices=world, logger=False).fit(model, datamodule=data)
+        torch.save({"loss": seen.loss, "state": seen.state}, root / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_validation_loss_is_the_row_weighted_mean_over_both_ranks_on_every_rank(tmp_path):
+    """41 validation rows on 2 ranks: rank 0 holds rows 0, 2, ..., 40, rank 1 rows 1, 3, ..., 39 and the sampler's
+    repeat of row 0. The logged loss is synchronised: the same on both ranks, the mean over all 42 rows served."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_loss_worker, args=(2, tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model, data = tiny_module(), small_data(tmp_path / "reference", n_val=41)
+    data.setup_features(*model.feature_requests())
+    model.load_state_dict(ranks[0]["state"])
+    source, target, _, _ = data.datasets["val"].tensors
+    with torch.no_grad():
+        losses = [float(model.objective(model.stitcher.eval()(source[rows]), target[rows]))
+                  for rows in (torch.arange(0, 41, 2), torch.cat([torch.arange(1, 41, 2), torch.tensor([0])]))]
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)  # the ranks' own means differ
+    for rank in ranks:
+        assert rank["loss"] == pytest.approx((losses[0] + losses[1]) / 2, rel=1e-5)
