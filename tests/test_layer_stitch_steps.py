@@ -256,3 +256,27 @@ def test_the_probe_takes_a_constant_feature_and_few_steps():
     assert torch.isfinite(probe.weight).all() and (probe(features).argmax(1) == labels).all()
     short = fit_probe(features, labels, 2, steps=1)  # one L-BFGS iteration: not yet the optimum
     assert not torch.allclose(short.weight, probe.weight, atol=1e-3)
+
+
+# ---------------------------------------------------------------- whole error lines
+
+def test_cuts_of_different_kinds_are_refused_with_the_whole_line():
+    with pytest.raises(ValueError) as error:
+        StitchLayer((8, 4, 4), (16,))
+    assert str(error.value) == ("cannot stitch a map of shape (8, 4, 4) into a vector of shape (16,): both cuts must "
+                                "give spatial maps, both token sequences, or both pooled vectors (pick layers of the "
+                                "same kind)")
+
+
+def test_a_network_that_is_not_timm_is_refused_naming_it():
+    from prh_stitch.layer_stitch.surgery import require_timm
+
+    class Unnamed:
+        def __repr__(self):
+            return "<an unnamed network>"
+
+    for encoder, shown in ((Unnamed(), "<an unnamed network>"), (type("Text", (), {"name": "minilm"})(), "'minilm'")):
+        with pytest.raises(ValueError) as error:
+            require_timm(encoder, "B")
+        assert str(error.value) == (f"model B ({shown}) is not a timm vision network; layer-to-layer stitching needs "
+                                    "two (e.g. efficientnet_lite0, tiny_resnet, tiny_vit)")
