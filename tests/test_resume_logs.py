@@ -50,3 +50,21 @@ def test_the_rule_leaves_the_logger_alone_where_it_does_not_apply(tmp_path):
     assert continue_log_version(SimpleNamespace(logger=opened), str(folder), ckpt, False) is None
     assert opened.version == 4  # the next free version, as Lightning chose it
     opened.finalize("success")
+
+
+def test_a_version_counts_as_given_only_when_the_config_names_one():
+    from jsonargparse import Namespace
+
+    from prh_stitch.cli.train import _logger_version_given
+
+    def config(logger):
+        return SimpleNamespace(config=Namespace(trainer=Namespace(logger=logger)))
+
+    tensorboard = "pytorch_lightning.loggers.TensorBoardLogger"
+    assert _logger_version_given(config(Namespace(class_path=tensorboard, init_args=Namespace(version=7))))
+    assert _logger_version_given(config(Namespace(class_path=tensorboard, init_args=Namespace(version="mine"))))
+    assert _logger_version_given(config(Namespace(class_path=tensorboard, init_args=Namespace(version=0))))
+    assert not _logger_version_given(config(Namespace(class_path=tensorboard, init_args=Namespace(version=None))))
+    assert not _logger_version_given(config(Namespace(class_path=tensorboard)))
+    for default in (True, None, False):  # the trainer's own default logger, or none
+        assert not _logger_version_given(config(default))
