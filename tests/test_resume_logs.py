@@ -10,8 +10,8 @@ from prh_stitch.cli.train import continue_log_version
 
 
 def _checkpoint(tmp_path, global_step=12):
-    path = tmp_path / "last.ckpt"
-    torch.save({"global_step": global_step, "state_dict": {}}, path)
+    path = tmp_path / f"last-{global_step}.ckpt"
+    torch.save({"state_dict": {}, **({} if global_step is None else {"global_step": global_step})}, path)
     return str(path)
 
 
@@ -27,6 +27,10 @@ def test_the_default_layout_continues_its_version_and_purges_after_the_checkpoin
     assert logger._kwargs["purge_step"] == 12  # what the SummaryWriter is built with
     assert logger.experiment.log_dir == logger.log_dir
     logger.finalize("success")
+    # A checkpoint that records no step (written by hand, say) purges nothing it cannot place: from step 0.
+    bare = TensorBoardLogger(str(root))
+    assert continue_log_version(SimpleNamespace(logger=bare), folder, _checkpoint(tmp_path, None), False) == 3
+    assert bare._kwargs["purge_step"] == 0
 
 
 def test_the_rule_leaves_the_logger_alone_where_it_does_not_apply(tmp_path):
@@ -68,3 +72,4 @@ def test_a_version_counts_as_given_only_when_the_config_names_one():
     assert not _logger_version_given(config(Namespace(class_path=tensorboard)))
     for default in (True, None, False):  # the trainer's own default logger, or none
         assert not _logger_version_given(config(default))
+    assert not _logger_version_given(SimpleNamespace(config=Namespace()))  # a config without a trainer section
