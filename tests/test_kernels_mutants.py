@@ -154,3 +154,14 @@ def test_a_bad_block_size_is_refused_by_the_kernel_metrics(fn, block_size):
     for kw in (dict(method="samples"), dict(kernel="rbf"), dict()):
         with pytest.raises(ValueError, match=rf"^block_size must be a positive integer or None, got {block_size!r}$"):
             fn(a, b, block_size=block_size, **kw)
+
+
+def test_unbiased_cka_can_reach_minus_one_and_never_goes_below():
+    """At N = 4 the U-centred kernels span only n(n − 3)/2 = 2 dimensions, so two one-feature sides can be exactly
+    anti-aligned: unbiased CKA is −1 on these integer inputs (found by enumeration), and round-off puts the raw ratio
+    slightly below (−1 − 1.6e-15) on some pair and route. It is a correlation, so it is clipped at −1."""
+    pairs = [([-1.0, 3.0, -2.0, -1.0], [-2.0, 3.0, -1.0, -2.0]), ([-2.0, 3.0, 2.0, 3.0], [3.0, -1.0, -2.0, -1.0])]
+    for a, b in pairs:
+        for method in ("features", "samples"):
+            score = unbiased_cka(torch.tensor(a)[:, None], torch.tensor(b)[:, None], normalize=False, method=method)
+            assert score >= -1.0 and score == pytest.approx(-1.0, abs=1e-12), (a, b, method)
