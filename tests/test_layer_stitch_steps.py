@@ -280,3 +280,24 @@ def test_a_network_that_is_not_timm_is_refused_naming_it():
             require_timm(encoder, "B")
         assert str(error.value) == (f"model B ({shown}) is not a timm vision network; layer-to-layer stitching needs "
                                     "two (e.g. efficientnet_lite0, tiny_resnet, tiny_vit)")
+
+
+@pytest.mark.parametrize("name, cut", [("tiny_resnet", "layer1"), ("tiny_vit", 0)])
+def test_running_a_network_up_to_a_cut_does_not_run_the_layers_after_it(name, cut):
+    """``run_until`` stops at the cut (timm's ``stop_early``): the blocks after it never run."""
+    from prh_stitch.encoders import build_encoder
+
+    encoder = build_encoder(name, True, None, {})
+    later = "layer4" if name == "tiny_resnet" else f"blocks.{len(encoder.model.blocks) - 1}"
+    assert later != encoder.layer_names[encoder.resolve_layer(cut)]
+    ran = []
+    handle = encoder.model.get_submodule(later).register_forward_hook(lambda *args: ran.append(later))
+    try:
+        size = encoder.data_config["input_size"][-1]
+        with torch.no_grad():
+            run_until(encoder, cut, torch.zeros(1, 3, size, size))
+            assert ran == []
+            encoder.model(torch.zeros(1, 3, size, size))  # the hook itself works
+        assert ran == [later]
+    finally:
+        handle.remove()
