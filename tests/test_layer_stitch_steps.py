@@ -301,3 +301,10 @@ def test_running_a_network_up_to_a_cut_does_not_run_the_layers_after_it(name, cu
         assert ran == [later]
     finally:
         handle.remove()
+
+
+def test_the_hyperparameters_are_every_constructor_argument():
+    module = cut(target="labels", init="default", temperature=3.0, lr=0.02, weight_decay=0.5)
+    assert dict(module.hparams) == {"model_a": "tiny_resnet", "model_b": "tiny_resnet", "layer_a": "layer1",
+                                    "layer_b": "layer2", "target": "labels", "temperature": 3.0, "init": "default",
+                                    "lr": 0.02, "weight_decay": 0.5}
