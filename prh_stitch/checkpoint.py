@@ -8,6 +8,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from prh_stitch.encoders.base import EncoderSpec
+from prh_stitch.errors import UserError
 from prh_stitch.stitchers import Stitcher
 
 CHECKPOINT_KEY = "prh_stitch"
@@ -77,7 +78,27 @@ def load_stitcher(path: str | os.PathLike, map_location: str | torch.device = "c
     stitcher.target_spec = EncoderSpec.coerce(meta["target"])
     stitcher.source_layer = meta.get("source_layer")
     stitcher.target_layer = meta.get("target_layer")
+    stitcher.source_fingerprint = meta.get("source_fingerprint")
+    stitcher.target_fingerprint = meta.get("target_fingerprint")
     return stitcher.to(map_location).eval()
+
+
+def check_trained_with(stitcher: Stitcher, side: str, fingerprint: str) -> None:
+    """Refuse to apply a stitcher to a ``side`` ("source" / "target") whose features it was not trained on.
+
+    ``fingerprint`` is what the encoder (or language model) built now gives for the stitched layer and pooling;
+    the stitcher carries the one recorded at training (None in files written before fingerprints: not checked).
+    A mismatch means other weights (a hub model updated, a local file replaced), other preprocessing, layer or
+    pooling: the stitcher would map features it never saw and report a meaningless score.
+    """
+    recorded = getattr(stitcher, f"{side}_fingerprint", None)
+    if recorded is not None and recorded != fingerprint:
+        spec = getattr(stitcher, f"{side}_spec", None)
+        name = getattr(spec, "name", None) or "?"
+        raise UserError(f"the stitcher was trained on {side} {name!r} with fingerprint {recorded}, but that {side} "
+                        f"now gives {fingerprint}: its weights, preprocessing, layer or pooling differ, so the "
+                        f"stitcher would map features it never saw. Use the {side} weights it was trained with "
+                        "(its spec's weights/revision), or train a stitcher for these ones")
 
 
 def _looks_like_hub_id(text: str) -> bool:

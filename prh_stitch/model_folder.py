@@ -72,6 +72,8 @@ class HubStitcher(
         stitcher.target_spec = EncoderSpec.coerce(config["target"])
         stitcher.source_layer = config.get("source_layer")
         stitcher.target_layer = config.get("target_layer")
+        stitcher.source_fingerprint = config.get("source_fingerprint")
+        stitcher.target_fingerprint = config.get("target_fingerprint")
         return stitcher.eval()
 
     # ---- the mixin's two hooks ------------------------------------------------------------------------

@@ -142,10 +142,12 @@ def val_thumbnails(dm, n: int, side: int) -> Optional[torch.Tensor]:
     a, b = sets[("val", "source")], sets[("val", "target")]
     idx_a, _ = align_by_key(a, b)
     wanted = [a.keys[i] for i in idx_a[:n].tolist()]
-    found = {}
+    looked_for, found = set(wanted), {}
+    # The store sorts rows by key and writers number keys in shard order, so the first rows' images are usually in
+    # the first shards: the scan stops once every one is found.
     for url in dm.shard_urls("val"):
         for raw in read_shard(url):
-            if PROBLEM in raw or raw.get("__key__") not in wanted or raw["__key__"] in found:
+            if PROBLEM in raw or raw.get("__key__") not in looked_for or raw["__key__"] in found:
                 continue
             sample = decode_sample(raw, "RGB")
             if "image" in sample:

@@ -351,3 +351,43 @@ def test_training_runs_with_every_family(zoo, tmp_path, pair, target_layer):
     assert "last.ckpt" in {p.name for p in tmp_path.glob("**/*.ckpt")}
     assert cli.trainer.global_step == 2  # 64 training scenes in batches of 32: both batches ran
     assert all(torch.isfinite(p).all() for p in cli.model.stitcher.parameters())
+
+
+# ------------------------------------------------------------------------------- which layers a pooling applies to
+@pytest.mark.parametrize("family", ["vit", "clip_vision", "clip_text", "oc_vision", "oc_text"])
+def test_pooled_layers_are_exactly_the_layers_that_take_the_pooling(zoo, family):
+    """``pooled_layers(p)`` lists every layer ``encode`` accepts with pooling ``p``, and only those: the model's
+    own head layer takes None or "head", every other layer None or an explicit pooler."""
+    encoder = build_encoder(zoo[family])
+    batch = _batch(encoder, _images() if encoder.modality == "image" else CAPTIONS)
+    everything = list(range(encoder.num_layers))
+    explicit = "mean"
+    assert encoder.pooled_layers(None) == everything
+    head = [i for i, name in enumerate(encoder.layer_names) if name == encoder.head_layer]
+    assert (family == "vit") == (head == [])  # a plain ViT has no head layer; the CLIP towers end in their projection
+    assert encoder.pooled_layers("head") == head and encoder.pooled_layers(explicit) == [i for i in everything if i not in head]
+    for pooling in (None, "head", explicit):
+        taken = encoder.pooled_layers(pooling)
+        if taken:
+            assert len(encoder.encode(batch, taken, pooling)) == len(taken)
+        for layer in set(everything) - set(taken):
+            with pytest.raises(ValueError, match="pool"):
+                encoder.encode(batch, [layer], pooling)
+
+
+def test_align_with_an_explicit_text_pooling_scores_every_layer_it_applies_to(zoo, tmp_path):
+    """A CLIP text tower mean-pooled (as the paper's protocol pools text) is scored on its hidden states; its
+    projection, which the model pools itself, is left out instead of failing the run."""
+    from prh_stitch.alignment.align import align
+    from prh_stitch.alignment.settings import Inputs
+    from prh_stitch.data.shards import write_shards
+    from prh_stitch.data.sources import scenes
+
+    write_shards(list(scenes(32, seed=3, size=48, split="val")), tmp_path / "data", prefix="val", samples_per_shard=32)
+    text = build_encoder(zoo["clip_text"])
+    result = align({"vision": [zoo["vit"]], "text": [{"name": zoo["clip_text"], "pooling": "mean"}]},
+                   str(tmp_path / "data" / "val-*.tar"), ("mutual_knn",), k=5, permutations=2, bootstrap=2,
+                   max_null=1, inputs=Inputs(cache_dir=str(tmp_path / "cache"), device="cpu", progress=False))
+    (record,) = result.records
+    assert record["layers_b"] == [n for n in text.layer_names if n != "projection"]
+    assert len(record["matrix"][0]) == text.num_layers - 1

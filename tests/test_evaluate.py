@@ -58,8 +58,9 @@ def ordered_names(fs):
     return list(fs.info["layers"])
 
 
-def identity_checkpoint(path, name="tiny_bert", objective="contrastive", scale=20.0):
-    """A StitchingModule-style checkpoint whose stitcher is exactly the identity."""
+def identity_checkpoint(path, name="tiny_bert", objective="contrastive", scale=20.0, fingerprints=None):
+    """A StitchingModule-style checkpoint whose stitcher is exactly the identity (``fingerprints``: the encoders'
+    recorded ones, {"source_fingerprint": ..., "target_fingerprint": ...}; none recorded by default)."""
     dim = build_encoder(name).feature_dim(-1, None)
     stitcher = Stitcher("linear", dim, dim, "none", "none")
     with torch.no_grad():
@@ -71,7 +72,7 @@ def identity_checkpoint(path, name="tiny_bert", objective="contrastive", scale=2
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state, "global_step": 7, CHECKPOINT_KEY: {
         "format": 1, "version": "0.1.0", "stitcher": stitcher.config(), "source": spec, "target": dict(spec),
-        "source_layer": "layers.1", "target_layer": "layers.1",
+        "source_layer": "layers.1", "target_layer": "layers.1", **(fingerprints or {}),
         "objective": {"name": objective, "options": {}}}}, path)
     return path
 
@@ -405,6 +406,32 @@ def test_checkpoint_encoders_that_differ_from_the_requested_ones(data, tmp_path,
                                "tiny_vit", *FAST], "tiny_bert", "tiny_vit", "--source", out=out)
     assert_user_error(capsys, ["stitch", "--ckpt", str(ckpt), "--data", data, "--out", str(out), "--target",
                                "minilm_l6", *FAST], "tiny_bert", "minilm_l6", "--target", out=out)
+
+
+def test_a_stitcher_is_applied_only_to_the_encoders_it_was_trained_on(data, tmp_path, capsys):
+    """The checkpoint records each encoder's fingerprint (weights, preprocessing, layer, pooling); evaluation builds
+    the encoders again and refuses, with one line naming the side, when one gives another fingerprint."""
+    true = build_encoder("tiny_bert").fingerprint([-1], None)
+    good = identity_checkpoint(tmp_path / "good.ckpt", fingerprints={"source_fingerprint": true,
+                                                                      "target_fingerprint": true})
+    assert main(["stitch", "--ckpt", str(good), "--data", data, "--out", str(tmp_path / "good"), "--metrics",
+                 "cka", *FAST]) == 0
+    capsys.readouterr()
+    for side in ("source", "target"):
+        ckpt = identity_checkpoint(tmp_path / f"{side}.ckpt", fingerprints={
+            "source_fingerprint": true, "target_fingerprint": true, f"{side}_fingerprint": "0" * 20})
+        out = tmp_path / side
+        assert_user_error(capsys, ["stitch", "--ckpt", str(ckpt), "--data", data, "--out", str(out), *FAST],
+                          f"trained on {side} 'tiny_bert' with fingerprint {'0' * 20}", f"now gives {true}", out=out)
+
+
+def test_stitch_refuses_the_papers_protocol_instead_of_clamping_per_layer_under_its_name(data, tmp_path):
+    from prh_stitch.errors import UserError
+    from prh_stitch.evaluation.stitch import evaluate_stitcher
+
+    ckpt = identity_checkpoint(tmp_path / "id.ckpt")
+    with pytest.raises(UserError, match="protocol='paper' applies to align and study only"):
+        evaluate_stitcher(data, ckpt=str(ckpt), protocol="paper", metrics=("cka",))
 
 
 def test_data_without_captions(tmp_path, capsys):

@@ -381,3 +381,47 @@ def test_a_failure_before_any_unit_is_done_leaves_no_entry(tmp_path, dataset, ti
     with pytest.raises(ValueError, match="no_such_pooling"):
         FeatureStore(tmp_path / "store").get(tiny_vit, urls[:1], layers=[0], pooling="no_such_pooling", progress=False)
     assert list((tmp_path / "store").iterdir()) == []
+
+
+# -- repeated captions are encoded once per unit ---------------------------------------------------------
+
+
+def test_a_text_encoder_encodes_each_caption_once_per_unit_and_every_row_equals_its_own_encoding(tmp_path):
+    """Captions repeat (templated scenes, one caption per class). A text encoder's output is a function of the
+    caption, so the store encodes each distinct caption once per unit and gives its repeats the same rows: the
+    entry equals each caption encoded alone, and the model sees only the distinct captions of each unit."""
+    words = ["a red circle", "two blue squares", "a red circle", "one star", "two blue squares", "a red circle",
+             "one star", "a green cross", "a red circle", "a red circle"]
+    samples = [(f"k{i:02d}", scene(0, i), caption, {"label": i % 3}) for i, caption in enumerate(words)]
+    manifest = write_shards(samples, tmp_path / "data", prefix="text", samples_per_shard=len(words),
+                            image_format="png")
+    url = str(tmp_path / "data" / manifest["pattern"])
+    encoder = build_encoder("tiny_bert")
+    seen_rows = []
+    original = encoder._encode
+
+    def counting(batch, layers, pooling):
+        seen_rows.append(int(batch["input_ids"].shape[0]))
+        return original(batch, layers, pooling)
+
+    encoder._encode = counting
+    layers = list(range(encoder.num_layers))
+    chunk = 6  # two units: captions 0-5 (3 distinct) and 6-9 (3 distinct)
+    stored = FeatureStore(tmp_path / "store", chunk_size=chunk).get(encoder, [url], layers=layers, batch_size=4,
+                                                                     progress=False)
+    assert sum(seen_rows) == 3 + 3
+    run = stored.info["extraction"]
+    assert run["samples_encoded"] == 10 and run["captions_reused"] == 4
+    encoder._encode = original
+    for name in stored.features:
+        layer = encoder.layer_names.index(name)
+        for row, key in enumerate(stored.keys):
+            alone = encoder.encode(encoder.collate([encoder.transform(words[int(key[1:])])]), [layer])[0][0]
+            torch.testing.assert_close(stored.features[name][row], alone, rtol=1e-5, atol=1e-5)
+    # An image encoder's samples are all encoded (its input is the image, not the caption).
+    vit_rows = []
+    vit = build_encoder("tiny_vit")
+    vit_original = vit._encode
+    vit._encode = lambda batch, layers, pooling: (vit_rows.append(batch.shape[0]), vit_original(batch, layers, pooling))[1]
+    FeatureStore(tmp_path / "store_vit", chunk_size=chunk).get(vit, [url], batch_size=4, progress=False)
+    assert sum(vit_rows) == 10

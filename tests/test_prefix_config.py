@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from prh_stitch.cli.evaluate import main as evaluate_main
 from prh_stitch.cli.train import main as train_main
 
@@ -32,3 +34,18 @@ def test_prefix_config_trains_saves_a_stitcher_folder_and_evaluates(tmp_path, ca
     assert "interval" in report and "control" in report and "protocol" in report
     assert (out / "prefix.md").is_file() and (out / "prefix_captions.csv").read_text().count("\n") == 17
     assert "evaluate.py prefix: bits per byte on 16 captions" in capsys.readouterr().out
+
+    # The checkpoint records the LM it was trained against; a map is not evaluated with another one.
+    from prh_stitch.checkpoint import read_checkpoint
+    from prh_stitch.prefix import load_language_model
+
+    checkpoint = read_checkpoint(best)
+    recorded = checkpoint["prh_stitch"]["target_fingerprint"]
+    assert recorded == load_language_model("tiny_gpt2").fingerprint() != load_language_model("tiny_gpt2", seed=1).fingerprint()
+    checkpoint["prh_stitch"]["target_fingerprint"] = load_language_model("tiny_gpt2", seed=1).fingerprint()
+    other = tmp_path / "other_lm.ckpt"
+    torch.save(checkpoint, other)
+    assert evaluate_main(["prefix", "--ckpt", str(other), "--out", str(tmp_path / "other"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on target 'tiny_gpt2'" in err and "Traceback" not in err
+    assert not (tmp_path / "other").exists()

@@ -343,18 +343,20 @@ def test_interrupted_run_resumes_with_ckpt_path_last_and_ends_where_an_uninterru
     straight = build_cli(tiny_args(tmp_path / "straight", "--trainer.max_epochs=4"))
     fit(straight)
 
-    class CrashAtEpoch2(Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            if trainer.current_epoch == 2:
+    class CrashInEpoch2(Callback):  # after three of its steps: logged, but after the last checkpoint
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 2 and batch_idx == 3:
                 raise _Crash("simulated interruption")
 
     interrupted = build_cli(tiny_args(tmp_path / "resumed", "--trainer.max_epochs=4"))
     first = Recorder()
-    interrupted.trainer.callbacks += [first, CrashAtEpoch2()]
+    interrupted.trainer.callbacks += [first, CrashInEpoch2()]
     with pytest.raises(_Crash):
         fit(interrupted)
     steps_per_epoch = 256 // 64
-    assert first.epochs == [0, 1, 2] and first.steps == list(range(2 * steps_per_epoch))
+    assert first.epochs == [0, 1, 2] and first.steps == list(range(2 * steps_per_epoch + 4))
+    first_log = Path(interrupted.trainer.log_dir)
+    assert max(_logged_steps(first_log, "train/loss_step")) >= 2 * steps_per_epoch  # logged past the checkpoint
     saved = torch.load(next(Path(tmp_path / "resumed").glob("**/last.ckpt")), map_location="cpu", weights_only=True)
     assert saved["epoch"] == 1 and saved["global_step"] == 2 * steps_per_epoch
 
@@ -374,12 +376,33 @@ def test_interrupted_run_resumes_with_ckpt_path_last_and_ends_where_an_uninterru
     expected = straight.model.stitcher.state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(final["state_dict"][f"stitcher.{key}"], value)
-    # And the TensorBoard log of the resumed run continues the step count instead of starting again at 0.
+    # And the TensorBoard log of the resumed run continues the step count instead of starting again at 0, in the
+    # interrupted run's own version folder: TensorBoard shows one run whose steps are each drawn once (what the
+    # interrupted run logged after its checkpoint is purged).
     resumed_log = Path(resumed.trainer.log_dir)
-    assert min(_logged_steps(resumed_log, "train/loss_step")) >= 2 * steps_per_epoch
+    assert resumed_log == first_log
+    per_file = sorted(_file_steps(resumed_log, "train/loss_step"))  # [the interrupted run's, the resumed run's]
+    assert len(per_file) == 2 and per_file[0][0] == 1 and per_file[1][0] >= 2 * steps_per_epoch, per_file
+    steps = _logged_steps(first_log, "train/loss_step")
+    assert len(steps) == len(set(steps)) and max(steps) == 4 * steps_per_epoch - 1, steps
+    assert len(steps) == len(_logged_steps(tmp_path / "straight", "train/loss_step"))
 
 
 def _logged_steps(log_dir, tag):
+    """Steps of ``tag`` as TensorBoard shows the run: one accumulator over the folder's events files, which is where
+    TensorBoard applies a restarted writer's purge."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = next(Path(log_dir).glob("**/events.out.tfevents.*")).parent
+    accumulator = EventAccumulator(str(run))
+    accumulator.Reload()
+    steps = [s.step for s in accumulator.Scalars(tag)] if tag in accumulator.Tags()["scalars"] else []
+    assert steps, f"no {tag} in {log_dir}"
+    return steps
+
+
+def _file_steps(log_dir, tag):
+    """Steps of ``tag`` in each events file of ``log_dir`` that has it, each file read on its own (no purge)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     steps = []
@@ -387,7 +410,7 @@ def _logged_steps(log_dir, tag):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         if tag in accumulator.Tags()["scalars"]:
-            steps += [s.step for s in accumulator.Scalars(tag)]
+            steps.append([s.step for s in accumulator.Scalars(tag)])
     assert steps, f"no {tag} in {log_dir}"
     return steps
 

@@ -24,14 +24,15 @@ class Extraction:
 
 
 def extraction_layers(encoder, pooling: Optional[str], layer: Optional[int] = None) -> List[int]:
-    """Every layer in one pass where one pooling fits them all; else just the requested layer.
-
-    A timm model's ``pre_logits`` is pooled by its own head, so an explicit block pooling (``cls``/``mean``)
-    cannot apply to all of an image model's layers; text poolings apply to every hidden state.
-    """
-    if pooling is None or encoder.modality == "text" or layer is None:
-        return list(range(encoder.num_layers))
-    return [encoder.resolve_layer(layer)]
+    """The layers extracted together in one pass: every layer ``pooling`` applies to (an explicit pooling leaves out
+    the layer the model pools itself, e.g. ``pre_logits`` or a CLIP tower's ``projection``; see
+    :meth:`~prh_stitch.encoders.base.FrozenEncoder.pooled_layers`). A requested ``layer`` outside them comes alone
+    (the encoder then refuses the pooling with the fix)."""
+    fits = encoder.pooled_layers(pooling)
+    if layer is None:
+        return fits
+    index = encoder.resolve_layer(layer)
+    return fits if index in fits else [index]
 
 
 def load_features(ex: Extraction, encoder, urls: Sequence[str], pooling: Optional[str] = None,
@@ -39,7 +40,7 @@ def load_features(ex: Extraction, encoder, urls: Sequence[str], pooling: Optiona
     """Features of ``encoder`` on ``urls`` from the store (extracted on ``ex.device`` when absent)."""
     from prh_stitch.data.features import BadFeatures, data_fingerprint
 
-    layers = list(range(encoder.num_layers)) if layers is None else layers
+    layers = extraction_layers(encoder, pooling) if layers is None else layers
     encoder.to(ex.device)
     try:
         feature_set = ex.store.get(encoder, list(urls), layers=layers, pooling=pooling, batch_size=ex.batch_size,

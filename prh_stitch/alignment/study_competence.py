@@ -61,7 +61,7 @@ def probe_urls(block: Any, root) -> Tuple[List[str], List[str]]:
 def probe_competence(block: Any, models: List[Any], ex: Any, cache: Any) -> Tuple[Dict[str, float], List[str],
                                                                                  Dict[str, Any]]:
     """Linear-probe top-1 (%) per vision model label, notes for models left out, and each probe's details."""
-    from prh_stitch.alignment.features import encoder_record, layer_names, load_features
+    from prh_stitch.alignment.features import encoder_record, extraction_layers, layer_names, load_features
     from prh_stitch.encoders import encoder_from_spec
     from prh_stitch.evaluation.linear_probe import DEFAULT_GRID, linear_probe
 
@@ -73,7 +73,8 @@ def probe_competence(block: Any, models: List[Any], ex: Any, cache: Any) -> Tupl
     p = block.probe
     for m in models:
         encoder = encoder_from_spec(m.spec)
-        train = load_features(ex, encoder, train_urls, m.spec.pooling, [encoder.num_layers - 1])
+        deepest = extraction_layers(encoder, m.spec.pooling)[-1:]  # the deepest layer the pooling applies to
+        train = load_features(ex, encoder, train_urls, m.spec.pooling, deepest)
         test = load_features(ex, encoder, test_urls, m.spec.pooling)  # every layer: shared with the study's dataset
         del encoder
         last = layer_names(train)[-1]

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import List, Optional
 
 from pytorch_lightning import LightningDataModule, LightningModule
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from prh_stitch.cli.common import argv_of, run_command, with_shipped_configs
@@ -102,6 +104,28 @@ def continue_checkpoint_folder(trainer, ckpt_path: str) -> Optional[str]:
     return continued
 
 
+def continue_log_version(trainer, checkpoint_dir: str, ckpt_path: str, version_given: bool) -> Optional[int]:
+    """Log a resumed run into the TensorBoard version of the run it continues, not a new one.
+
+    Otherwise TensorBoard shows two runs with half a curve each. Done when the continued checkpoint folder is
+    ``<logger root>/version_K/checkpoints`` (the default layout), the logger is TensorBoard's and no version was
+    given: the logger gets version K and ``purge_step`` at the checkpoint's global step, so TensorBoard hides what
+    the interrupted run logged after its last checkpoint and no step is drawn twice. Returns K, or None.
+    """
+    from prh_stitch.checkpoint import read_checkpoint
+
+    logger = trainer.logger
+    if version_given or not isinstance(logger, TensorBoardLogger) or logger._experiment is not None:
+        return None  # the writer opens its folder (and reads purge_step) on first use: it must not exist yet
+    run = Path(checkpoint_dir).parent
+    match = re.fullmatch(r"version_(\d+)", run.name)
+    if not match or run.parent.resolve() != Path(logger.root_dir).resolve():
+        return None
+    logger._version = int(match.group(1))  # as TensorBoardLogger(version=K), decided before anything is logged
+    logger._kwargs["purge_step"] = int(read_checkpoint(ckpt_path).get("global_step", 0))  # goes to SummaryWriter
+    return logger._version
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``train.py``; returns the exit status (2 for bad input, with one line on stderr)."""
     from prh_stitch.encoders.base import keep_large_allocations_in_heap
@@ -137,8 +161,10 @@ def fit(cli: StitchCLI) -> None:
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path == "last":
         ckpt_path = find_last_checkpoint(trainer.default_root_dir)
-    log_dir = trainer.log_dir or trainer.default_root_dir
     checkpoint_dir = continue_checkpoint_folder(trainer, ckpt_path) if ckpt_path else None
+    if checkpoint_dir is not None:
+        continue_log_version(trainer, checkpoint_dir, ckpt_path, _logger_version_given(cli))
+    log_dir = trainer.log_dir or trainer.default_root_dir
     checkpoint_dir = checkpoint_dir or os.path.join(log_dir, "checkpoints")
     rank_zero_info(f"prh_stitch: logs go to {log_dir}, checkpoints to {checkpoint_dir}")
     rank_zero_info(f"prh_stitch: if interrupted, resume with --ckpt_path last "
@@ -175,6 +201,13 @@ def fit(cli: StitchCLI) -> None:
         )
         if tested is not None:
             print(f"  {tested}")
+
+
+def _logger_version_given(cli: StitchCLI) -> bool:
+    """Whether the config names a logger version (then a resumed run logs where it says, not into the old one)."""
+    logger = cli.config.get("trainer", {}).get("logger")
+    init_args = logger.get("init_args") if hasattr(logger, "get") else None
+    return bool(init_args is not None and init_args.get("version") is not None)
 
 
 def test_json_path(trainer, selected: Optional[str]) -> Path:

@@ -274,4 +274,5 @@ def extract_features(
         "chunks_computed": run["chunks_computed"],
         "chunks_reused": run["chunks_reused"],
         "samples_encoded": run["samples_encoded"],
+        "captions_reused": run.get("captions_reused", 0),
     }

@@ -148,16 +148,36 @@ class UnitReader(IterableDataset):
 
 def unit_batches(items: Iterable[Any], batch_size: int, encoder: FrozenEncoder) -> Iterator[Tuple[str, Any]]:
     """The worker side of extraction: ``("batch", batch)`` of prepared samples, never spanning two units, and
-    ``("done", UnitDone)`` once a unit's samples are all in batches."""
-    prepare, batch = Prepare({"encoder": encoder}), []
+    ``("done", UnitDone)`` once a unit's samples are all in batches.
+
+    A text encoder's output depends on the caption alone, so a caption already seen in the unit is not prepared
+    or encoded again: its sample travels in the batch with ``repeat`` True and no model input, and the main
+    process copies the rows of its first occurrence (captions repeat: templated scenes, one caption per class).
+    """
+    prepare, batch, seen = Prepare({"encoder": encoder}), [], set()
+    by_caption = encoder.modality == "text"
     for item in items:
         if isinstance(item, UnitDone) or len(batch) == batch_size:
             if batch:
-                yield "batch", collate(batch, {"encoder": encoder})
+                yield "batch", _collate_new(batch, encoder)
             batch = []
         if isinstance(item, UnitDone):
+            seen = set()
             yield "done", item
+        elif by_caption and item["caption"] in seen:
+            item.pop("image", None)
+            batch.append(dict(item, repeat=True))
         else:
-            batch.append(prepare(item))
+            seen.add(item["caption"])
+            batch.append(dict(prepare(item), repeat=False))
     if batch:
-        yield "batch", collate(batch, {"encoder": encoder})
+        yield "batch", _collate_new(batch, encoder)
+
+
+def _collate_new(samples: List[Dict[str, Any]], encoder: FrozenEncoder) -> Dict[str, Any]:
+    """Every sample's fields as lists; the model input of the samples that are not repeats only."""
+    new = [s for s in samples if not s["repeat"]]
+    batch = collate(new, {"encoder": encoder}) if new else {"inputs": {}}
+    for name in ("key", "caption", "label", "unit", "repeat"):
+        batch[name] = [s[name] for s in samples]
+    return batch

@@ -101,7 +101,8 @@ class ExtractionReport:
     status: str = "hit"  # hit | extracted | resumed
     chunks_computed: int = 0
     chunks_reused: int = 0  # units already on disk when this call started
-    samples_encoded: int = 0
+    samples_encoded: int = 0  # samples whose features this call produced
+    captions_reused: int = 0  # of those, text samples whose caption was encoded earlier in the same unit
     seconds: float = 0.0
 
 
@@ -253,11 +254,20 @@ class FeatureStore:
             for kind, item in loader:
                 if kind == "batch":
                     # One device-to-host copy per batch; the rows wait on the CPU until their unit is complete.
-                    outputs = [out.cpu() for out in encoder.encode(item["inputs"]["encoder"], layers, pooling)]
-                    for row, (key, caption, label, unit) in enumerate(zip(item["key"], item["caption"], item["label"], item["unit"])):
-                        rows = pending.setdefault(tuple(unit), {"samples": [], "outputs": []})
+                    outputs = ([out.cpu() for out in encoder.encode(item["inputs"]["encoder"], layers, pooling)]
+                               if not all(item["repeat"]) else [])
+                    row = 0
+                    for key, caption, label, unit, repeat in zip(item["key"], item["caption"], item["label"],
+                                                                  item["unit"], item["repeat"]):
+                        rows = pending.setdefault(tuple(unit), {"samples": [], "outputs": [], "by_caption": {}})
                         rows["samples"].append({"key": key, "caption": caption, "label": label})
-                        rows["outputs"].append([out[row] for out in outputs])
+                        if repeat:  # a caption met earlier in this unit (text encoders): the same rows
+                            rows["outputs"].append(rows["by_caption"][caption])
+                            report.captions_reused += 1
+                        else:
+                            rows["outputs"].append([out[row] for out in outputs])
+                            rows["by_caption"].setdefault(caption, rows["outputs"][-1])
+                            row += 1
                     report.samples_encoded += len(item["key"])
                     bar.update(len(item["key"]))
                 else:

@@ -100,6 +100,9 @@ class FrozenEncoder(nn.Module, ABC):
     """Base class. Subclasses set ``modality`` and implement the four abstract hooks below."""
 
     modality: str = ""
+    # The layer the model pools itself (timm's ``pre_logits``, a CLIP tower's ``projection``), if it has one: it
+    # takes pooling None or "head" only, every other layer takes a pooler.
+    head_layer: Optional[str] = None
 
     def __init__(self, name: str) -> None:
         super().__init__()
@@ -133,6 +136,16 @@ class FrozenEncoder(nn.Module, ABC):
         """A one-sample input batch, used to find feature widths."""
 
     # ---- shared behaviour ----------------------------------------------------------------------
+    def pooled_layers(self, pooling: Optional[str]) -> List[int]:
+        """The layers ``pooling`` applies to: every layer for None (each its natural pooling), the model's own head
+        layer alone for "head", and every layer but that one for an explicit pooler (``mean``, ``cls``, ...)."""
+        names = self.layer_names
+        if pooling is None:
+            return list(range(len(names)))
+        if pooling == "head":
+            return [i for i, name in enumerate(names) if name == self.head_layer]
+        return [i for i, name in enumerate(names) if name != self.head_layer]
+
     def freeze(self) -> "FrozenEncoder":
         self.eval()
         for p in self.parameters():
@@ -182,19 +195,7 @@ class FrozenEncoder(nn.Module, ABC):
         return self._dims[key]
 
     def weights_digest(self) -> str:
-        """A cheap digest of the weights: shapes plus a few values of every tensor.
-
-        Hashing every byte of a multi-GB model on each start would cost more than it protects; a different
-        checkpoint differs in these samples with overwhelming probability.
-        """
-        h = hashlib.sha256()
-        for key, tensor in self.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64) if flat.numel() else flat.cpu()
-            h.update(key.encode())
-            h.update(str(tuple(tensor.shape)).encode())
-            h.update(sample.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return module_digest(self)
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the network computes in (its first floating-point parameter's; float32 for none)."""
@@ -218,6 +219,22 @@ class FrozenEncoder(nn.Module, ABC):
         if self.compute_dtype() != torch.float32:
             payload["dtype"] = str(self.compute_dtype()).replace("torch.", "")
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def module_digest(module: nn.Module) -> str:
+    """A cheap digest of a module's weights: shapes plus a few values of every tensor.
+
+    Hashing every byte of a multi-GB model on each start would cost more than it protects; a different
+    checkpoint differs in these samples with overwhelming probability.
+    """
+    h = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.float64) if flat.numel() else flat.cpu()
+        h.update(key.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def identity(x: Any) -> Any:

@@ -48,6 +48,7 @@ def check_head_pooling(names: List[str], layers: List[int], pooling: Optional[st
 
 
 class HFTextEncoder(KeepsDeviceMapPlacement, FrozenEncoder):
+    head_layer = PROJECTION_LAYER
     modality = "text"
 
     def __init__(

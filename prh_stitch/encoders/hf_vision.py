@@ -39,6 +39,7 @@ def prefix_token_count(hidden: Tensor, image_size: Sequence[int], patch_size: An
 
 
 class HFVisionEncoder(KeepsDeviceMapPlacement, FrozenEncoder):
+    head_layer = PROJECTION_LAYER
     modality = "image"
 
     def __init__(

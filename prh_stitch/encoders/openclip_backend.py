@@ -50,6 +50,8 @@ def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
 
 
 class OpenCLIPEncoder(FrozenEncoder):
+    head_layer = PROJECTION_LAYER
+
     def __init__(
         self,
         model_id: str,

@@ -86,6 +86,7 @@ def split_pixel_transform(transform: Any) -> Tuple[Any, Optional[Tuple[Sequence[
 
 
 class TimmEncoder(FrozenEncoder):
+    head_layer = HEAD_LAYER
     modality = "image"
 
     def __init__(

@@ -22,6 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TorchvisionEncoder(FrozenEncoder):
+    head_layer = HEAD_LAYER
     modality = "image"
 
     def __init__(

@@ -184,6 +184,11 @@ def held_out(ex: Extraction, mapping: StitchMapping, urls: Sequence[str]) -> Hel
 
     specs = (mapping.source_spec, mapping.target_spec)
     encoders = [encoder_from_spec(spec) for spec in specs]
+    if mapping.stitcher is not None:  # a trained map applies only to the features it was trained on
+        from prh_stitch.checkpoint import check_trained_with
+
+        for side, encoder, spec in zip(("source", "target"), encoders, specs):
+            check_trained_with(mapping.stitcher, side, encoder.fingerprint([spec.layer], spec.pooling))
     layers = [extraction_layers(enc, spec.pooling, spec.layer) for enc, spec in zip(encoders, specs)]
     fs = [load_features(ex, enc, urls, spec.pooling, lay) for enc, spec, lay in zip(encoders, specs, layers)]
     names = [enc.layer_names[enc.resolve_layer(spec.layer)] for enc, spec in zip(encoders, specs)]
@@ -257,6 +262,11 @@ def evaluate_stitcher(data: Optional[Union[str, Sequence[str]]] = None, ckpt: Op
     from prh_stitch.evaluation.splits import resolve_split, train_captions
 
     score_settings = ScoreSettings(**settings).checked()
+    if score_settings.protocol != "prh_stitch":
+        # The paper's protocol is a preset of layer sets and a clamp over all of a model's layers (align, study);
+        # a stitch scores one given layer pair, so it would silently be the per-layer clamp under the paper's name.
+        raise UserError(f"protocol={score_settings.protocol!r} applies to align and study only; stitch evaluation "
+                        "scores one layer pair under prh_stitch's protocol: leave protocol out")
     if (ckpt is None) == (baseline is None):
         raise UserError("give exactly one of --ckpt PATH (a trained stitcher) or --baseline NAME (training-free)")
     inputs = inputs or Inputs()

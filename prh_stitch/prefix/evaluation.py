@@ -120,6 +120,7 @@ def evaluate_prefix(ckpt: str, split: str = "test", data: Optional[str] = None, 
         cache_dir: the feature store's cache (default ``$PRH_STITCH_CACHE`` or ``~/.cache/prh_stitch``).
         progress: progress lines.
     """
+    from prh_stitch.checkpoint import check_trained_with
     from prh_stitch.data.features import FeatureStore, default_cache_dir
     from prh_stitch.data.shards import expand_urls
     from prh_stitch.encoders import encoder_from_spec
@@ -132,6 +133,7 @@ def evaluate_prefix(ckpt: str, split: str = "test", data: Optional[str] = None, 
     urls = expand_urls(pattern)
     spec = prefix_map.source_spec
     encoder = encoder_from_spec(spec)
+    check_trained_with(prefix_map.stitcher, "source", encoder.fingerprint([spec.layer], spec.pooling))
     store = FeatureStore(Path(cache_dir or default_cache_dir()) / "features")
     features_set = store.get(encoder, urls, [spec.layer], spec.pooling, progress=progress, device=device)
     features = features_set.layer(encoder.layer_names[encoder.resolve_layer(spec.layer)]).float()
@@ -145,6 +147,7 @@ def evaluate_prefix(ckpt: str, split: str = "test", data: Optional[str] = None, 
     shuffled = derangement(len(rows), generator)
 
     lm = load_language_model(prefix_map.language_model, **prefix_map.stitcher.target_spec.options).to(device)
+    check_trained_with(prefix_map.stitcher, "target", lm.fingerprint())
     tokens = tokenize_captions(lm, captions)
     nats = {c: torch.empty(len(rows), dtype=torch.float64) for c in CONDITIONS}
     seconds = {}

@@ -7,6 +7,9 @@ scenes' vocabulary, for tests and for checking an installation; ``hf:<hub id or 
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,6 +39,15 @@ class FrozenLanguageModel:
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
+
+    def fingerprint(self) -> str:
+        """Identity of what a prefix map was trained against: the weights (sampled digest) and the tokenizer."""
+        from prh_stitch.encoders.base import module_digest
+
+        vocabulary = hashlib.sha256(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()).hexdigest()
+        payload = {"name": self.name, "weights": module_digest(self.model), "vocabulary": vocabulary,
+                   "start_id": self.start_id, "end_id": self.end_id}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     def to(self, device: torch.device | str) -> "FrozenLanguageModel":
         self.model.to(device)

@@ -201,7 +201,7 @@ class PrefixStitchingModule(pl.LightningModule):
             "source_layer": encoder.layer_names[encoder.resolve_layer(self.source_spec.layer)],
             "target_layer": "input_embeddings",
             "source_fingerprint": encoder.fingerprint([self.source_spec.layer], self.source_spec.pooling),
-            "target_fingerprint": None,
+            "target_fingerprint": self.lm.fingerprint(),
             "objective": objective_record(self.hparams.language_model, self.n_prefix, self.lm.embed_dim),
             "fit": {"method": "gradient", "init": None, "closed_form": None},
             "data": {**patterns, "choices_made_on": "val"},
