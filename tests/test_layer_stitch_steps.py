@@ -308,3 +308,6 @@ def test_the_hyperparameters_are_every_constructor_argument():
     assert dict(module.hparams) == {"model_a": "tiny_resnet", "model_b": "tiny_resnet", "layer_a": "layer1",
                                     "layer_b": "layer2", "target": "labels", "temperature": 3.0, "init": "default",
                                     "lr": 0.02, "weight_decay": 0.5}
+    defaults = LayerStitchingModule("tiny_resnet", "tiny_resnet", "layer1", "layer2").hparams
+    assert (defaults["target"], defaults["temperature"], defaults["init"], defaults["lr"], defaults["weight_decay"]) \
+        == ("soft", 1.0, "lstsq", 1e-3, 0.0)
