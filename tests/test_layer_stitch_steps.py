@@ -311,3 +311,8 @@ def test_the_hyperparameters_are_every_constructor_argument():
     defaults = LayerStitchingModule("tiny_resnet", "tiny_resnet", "layer1", "layer2").hparams
     assert (defaults["target"], defaults["temperature"], defaults["init"], defaults["lr"], defaults["weight_decay"]) \
         == ("soft", 1.0, "lstsq", 1e-3, 0.0)
+
+
+def test_a_model_a_that_is_not_timm_is_refused_as_model_a():
+    with pytest.raises(ValueError, match=r"^model A \('minilm_l6'\) is not a timm vision network"):
+        LayerStitchingModule("minilm_l6", "tiny_resnet", 0, "layer2")
