@@ -280,3 +280,39 @@ def test_a_network_that_is_not_timm_is_refused_naming_it():
             require_timm(encoder, "B")
         assert str(error.value) == (f"model B ({shown}) is not a timm vision network; layer-to-layer stitching needs "
                                     "two (e.g. efficientnet_lite0, tiny_resnet, tiny_vit)")
+
+
+@pytest.mark.parametrize("name, cut", [("tiny_resnet", "layer1"), ("tiny_vit", 0)])
+def test_running_a_network_up_to_a_cut_does_not_run_the_layers_after_it(name, cut):
+    """``run_until`` stops at the cut (timm's ``stop_early``): the blocks after it never run."""
+    from prh_stitch.encoders import build_encoder
+
+    encoder = build_encoder(name, True, None, {})
+    later = "layer4" if name == "tiny_resnet" else f"blocks.{len(encoder.model.blocks) - 1}"
+    assert later != encoder.layer_names[encoder.resolve_layer(cut)]
+    ran = []
+    handle = encoder.model.get_submodule(later).register_forward_hook(lambda *args: ran.append(later))
+    try:
+        size = encoder.data_config["input_size"][-1]
+        with torch.no_grad():
+            run_until(encoder, cut, torch.zeros(1, 3, size, size))
+            assert ran == []
+            encoder.model(torch.zeros(1, 3, size, size))  # the hook itself works
+        assert ran == [later]
+    finally:
+        handle.remove()
+
+
+def test_the_hyperparameters_are_every_constructor_argument():
+    module = cut(target="labels", init="default", temperature=3.0, lr=0.02, weight_decay=0.5)
+    assert dict(module.hparams) == {"model_a": "tiny_resnet", "model_b": "tiny_resnet", "layer_a": "layer1",
+                                    "layer_b": "layer2", "target": "labels", "temperature": 3.0, "init": "default",
+                                    "lr": 0.02, "weight_decay": 0.5}
+    defaults = LayerStitchingModule("tiny_resnet", "tiny_resnet", "layer1", "layer2").hparams
+    assert (defaults["target"], defaults["temperature"], defaults["init"], defaults["lr"], defaults["weight_decay"]) \
+        == ("soft", 1.0, "lstsq", 1e-3, 0.0)
+
+
+def test_a_model_a_that_is_not_timm_is_refused_as_model_a():
+    with pytest.raises(ValueError, match=r"^model A \('minilm_l6'\) is not a timm vision network"):
+        LayerStitchingModule("minilm_l6", "tiny_resnet", 0, "layer2")

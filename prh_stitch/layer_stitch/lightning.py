@@ -74,7 +74,11 @@ class LayerStitchingModule(pl.LightningModule):
             raise ValueError(f"unknown stitching target {target!r}; choose one of {', '.join(TARGETS)}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.save_hyperparameters()
+        # Named explicitly rather than read from the caller's frame: the same hparams, also when a tool (mutmut)
+        # runs this body as a function defined outside the class.
+        self.save_hyperparameters({"model_a": model_a, "model_b": model_b, "layer_a": layer_a, "layer_b": layer_b,
+                                   "target": target, "temperature": temperature, "init": init, "lr": lr,
+                                   "weight_decay": weight_decay})
         a = require_timm(build_encoder(model_a, True, None, {}), "A")
         b = a if model_b == model_a else require_timm(build_encoder(model_b, True, None, {}), "B")
         self.frozen = _Frozen(a, b)
