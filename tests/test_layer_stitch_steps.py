@@ -316,3 +316,11 @@ def test_the_hyperparameters_are_every_constructor_argument():
 def test_a_model_a_that_is_not_timm_is_refused_as_model_a():
     with pytest.raises(ValueError, match=r"^model A \('minilm_l6'\) is not a timm vision network"):
         LayerStitchingModule("minilm_l6", "tiny_resnet", 0, "layer2")
+
+
+def test_the_default_module_stitches_lite0_block_3_into_lite2_block_3():
+    """The defaults (what configs/layer_stitch_lite0_to_lite2.yaml trains) are the documented pair and cut."""
+    module = LayerStitchingModule()
+    assert (module.hparams["model_a"], module.hparams["model_b"]) == ("efficientnet_lite0", "efficientnet_lite2")
+    assert (module.layer_a, module.layer_b) == ("blocks.3", "blocks.3")
+    assert (module.frozen.a.name, module.frozen.b.name) == ("efficientnet_lite0", "efficientnet_lite2")
