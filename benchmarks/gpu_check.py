@@ -502,7 +502,8 @@ def part_training(ctx: Ctx) -> None:
     # configs/tiny.yaml with a pretrained source (tiny random encoders barely beat chance), as tests/test_train.py
     # runs it: the config plus overrides, through train.py's own command line.
     base = ["--config", str(REPO / "configs" / "tiny.yaml"), "--model.source.name", "efficientnet_lite0",
-            f"--data.scenes.n_train={n_train}", f"--data.scenes.n_val={n_val}", f"--trainer.max_epochs={epochs}",
+            f"--data.scenes.n_train={n_train}", f"--data.scenes.n_val={n_val}", f"--data.scenes.n_test={n_val}",
+            f"--trainer.max_epochs={epochs}",
             f"--data.num_workers={workers}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false"]
     runs = [  # name, extra arguments, cache (a second cache makes the DDP run extract on its own)
@@ -563,6 +564,7 @@ def part_training(ctx: Ctx) -> None:
         for spec in (stitcher.source_spec, stitcher.target_spec):
             if spec.name not in encoders:
                 encoders[spec.name] = build_encoder(spec.name, spec.pretrained, spec.checkpoint, spec.options)
+        # The run's scenes exactly (n_test too: the split sizes name the scenes' folder, which keys the store).
         dm = StitchingDataModule(scenes=SceneData(n_train=n_train, n_val=n_val, n_test=n_val, seed=0, image_size=64), cache_dir=str(cache))
         dm.setup_features(FeatureRequest(encoders[stitcher.source_spec.name], stitcher.source_spec.layer, stitcher.source_spec.pooling),
                           FeatureRequest(encoders[stitcher.target_spec.name], stitcher.target_spec.layer, stitcher.target_spec.pooling))
