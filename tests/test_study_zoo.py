@@ -274,3 +274,5 @@ def test_the_paper_figure_gives_a_text_model_one_colour_in_every_panel_and_names
     legend = fig.axes[1].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == text
     assert [h.get_color() for h in legend.legend_handles] == [colours[0][t] for t in text]
+    # The competence axis is named once for the figure, not under each panel where long names collide.
+    assert fig.get_supxlabel() == "top-1" and [ax.get_xlabel() for ax in fig.axes[:2]] == ["", ""]

@@ -156,8 +156,8 @@ def _draw_paper_figure(panels: Sequence[Dict[str, Any]], models: Sequence[Sequen
             ax.annotate(model, (competence, ax.get_ylim()[0]), fontsize=6, rotation=90, alpha=0.6,
                         textcoords="offset points", xytext=(2, 4))
         ax.set_title(panel["title"], fontsize=8)
-        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
+    fig.supxlabel(xlabel, fontsize=9)  # once: the panels share the competence axis, and long labels would collide
     axes[0].set_ylabel(f"{metric} alignment to the text model")
     from matplotlib.lines import Line2D
 
