@@ -49,3 +49,31 @@ def test_prefix_config_trains_saves_a_stitcher_folder_and_evaluates(tmp_path, ca
     err = capsys.readouterr().err
     assert "trained on target 'tiny_gpt2'" in err and "Traceback" not in err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_checkpoint_from_another_machine_is_evaluated_on_its_scenes_regenerated_here(tmp_path, capsys):
+    """A checkpoint records absolute shard paths; the built-in scenes it names are remade in this machine's cache
+    (the same seeded images and captions), so its report is the one the training machine would write."""
+    from prh_stitch.checkpoint import read_checkpoint
+
+    root = tmp_path / "run"
+    assert train_main(["--config", "prefix_smollm2", *SHRINK, "--trainer.default_root_dir", str(root)]) == 0
+    best = next((root / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
+    here = tmp_path / "here"
+    assert evaluate_main(["prefix", "--ckpt", str(best), "--out", str(here), "--generate", "2", "--bootstrap", "20",
+                          "--no-progress"]) == 0
+    checkpoint = read_checkpoint(best)
+    recorded = checkpoint["prh_stitch"]["data"]
+    cache = recorded["test"].split("/scenes/")[0]
+    checkpoint["prh_stitch"]["data"] = {k: v.replace(cache, "/elsewhere/cache") if isinstance(v, str) else v
+                                        for k, v in recorded.items()}
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+    other_cache = tmp_path / "other_cache"
+    there = tmp_path / "there"
+    assert evaluate_main(["prefix", "--ckpt", str(moved), "--out", str(there), "--generate", "2", "--bootstrap", "20",
+                          "--cache_dir", str(other_cache), "--no-progress"]) == 0
+    a, b = (json.loads((folder / "prefix.json").read_text()) for folder in (here, there))
+    assert b["split"]["pattern"].startswith(str(other_cache / "scenes"))
+    assert b["bits_per_byte"] == a["bits_per_byte"] and b["generated"] == a["generated"]
+    capsys.readouterr()

@@ -176,3 +176,47 @@ def test_write_adds_a_test_series_from_the_scenes_test_stream_and_interleaves_fi
     assert sorted(sum(series.values(), [])) == sorted(f"caption {i}" for i in range(10))  # each row exactly once
     with pytest.raises(ValueError, match="--test-fraction must be in"):
         write_shards("scenes", str(tmp_path / "bad"), n=10, val_fraction=0.5, test_fraction=0.5)
+
+
+def _members(urls):
+    """Every file member of the shards, name and bytes, in order: equal lists are the same samples."""
+    import tarfile
+
+    out = []
+    for url in urls:
+        with tarfile.open(url) as tf:
+            out += [(m.name, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    assert out
+    return out
+
+
+def test_a_recorded_scenes_split_from_another_cache_is_regenerated_here_with_the_same_samples(tmp_path):
+    from prh_stitch.data.shards import ensure_scene_splits, expand_urls
+    from prh_stitch.evaluation.splits import local_scene_pattern, local_split_record
+
+    there = ensure_scene_splits(tmp_path / "there" / "scenes", {"train": 6, "val": 3, "test": 4}, seed=1, size=16)
+    moved = {k: v.replace(str(tmp_path / "there"), "/elsewhere/cache") for k, v in there.items()}
+    here = local_split_record({**moved, "choices_made_on": "val"}, tmp_path / "here")
+    assert here["choices_made_on"] == "val"
+    for split in ("train", "val", "test"):
+        assert here[split].startswith(str(tmp_path / "here" / "scenes"))
+        assert _members(expand_urls(here[split])) == _members(expand_urls(there[split]))
+    # Splits named by tag (any other choice of splits) are remade too.
+    tagged = ensure_scene_splits(tmp_path / "there" / "scenes", {"train": 5, "test": 3}, seed=0, size=16)["test"]
+    remade = local_scene_pattern(tagged.replace(str(tmp_path / "there"), "/elsewhere"), tmp_path / "here")
+    assert "train5-test3" in remade and _members(expand_urls(remade)) == _members(
+        expand_urls(tagged))
+
+
+def test_patterns_that_are_not_missing_built_in_scenes_come_back_unchanged(tmp_path):
+    from prh_stitch.data.scenes import SCENES_VERSION
+    from prh_stitch.data.shards import ensure_scene_splits
+    from prh_stitch.evaluation.splits import local_scene_pattern
+
+    existing = ensure_scene_splits(tmp_path / "scenes", {"train": 4, "val": 2}, seed=0, size=16)["val"]
+    other_version = f"/elsewhere/scenes/scenes-v{SCENES_VERSION + 1}-4-2-s0-16px/val-{{000000..000000}}.tar"
+    for pattern in (existing, "/elsewhere/my_shards/test-{000000..000003}.tar", other_version,
+                    f"/elsewhere/scenes-v{SCENES_VERSION}-4-2-s0-16px/test-000000.tar",  # no test split in that folder
+                    "https://example.org/shards/test-{0000..0009}.tar", "pipe:cat x.tar", None):
+        assert local_scene_pattern(pattern, tmp_path / "here") == pattern
+    assert not (tmp_path / "here").exists()  # nothing was generated for them

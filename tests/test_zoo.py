@@ -318,6 +318,56 @@ def test_gguf_llama_conversion_recovers_the_weights_and_the_tokenizer(tmp_path, 
     assert tokenizer.decode(ids, skip_special_tokens=True) == "the cat"
 
 
+def test_gguf_special_tokens_come_from_the_file_whatever_transformers_rebuilds(tmp_path, monkeypatch):
+    """transformers 5.17 rebuilt SmolLM2's end token as <|im_start|> (5.24: <|im_end|>, as the file says); the
+    converter sets every special token from the file's ids, so both convert to one tokenizer."""
+    import transformers
+
+    from prh_stitch.zoo.converters.gguf_llama import gguf_special_token_ids
+
+    source = tmp_path / "src" / "llm_pkg" / "tiny.gguf"
+    source.parent.mkdir(parents=True)
+    _tiny_llama_gguf(source, q4_1=False)
+    stated = gguf_special_token_ids(source)
+    assert stated == {"bos": 260, "eos": 260}  # what _tiny_llama_gguf writes: <|endoftext|>, the last token
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def rebuilt_otherwise(*args, **kwargs):  # a version that picks another end token
+        tokenizer = real(*args, **kwargs)
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(5)
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", rebuilt_otherwise)
+    out = tmp_path / "out"
+    out.mkdir()
+    details = CONVERTERS.get("gguf_llama")(tmp_path / "src", out, {"gguf_glob": "llm_pkg/tiny.gguf"})
+    monkeypatch.undo()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (260, 260)
+    assert len(details["tokenizer_digest"]) == 64
+
+
+def test_a_tokenizer_converted_otherwise_than_recorded_is_refused_and_nothing_is_written(tmp_path):
+    from prh_stitch.zoo.converters.gguf_llama import load_gguf_causal_lm, tokenizer_digest
+
+    source = tmp_path / "src" / "llm_pkg" / "tiny.gguf"
+    source.parent.mkdir(parents=True)
+    _tiny_llama_gguf(source, q4_1=False)
+    _, tokenizer = load_gguf_causal_lm(source)
+    good = tokenizer_digest(tokenizer)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(5)
+    assert tokenizer_digest(tokenizer) != good  # the digest sees the special ids, not only the vocabulary
+    options = {"gguf_glob": "llm_pkg/tiny.gguf", "tokenizer_digest": good}
+    out = tmp_path / "ok"
+    out.mkdir()
+    assert CONVERTERS.get("gguf_llama")(tmp_path / "src", out, options)["tokenizer_digest"] == good
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(ValueError, match=r"converts tiny.gguf's tokenizer differently .*nothing was installed"):
+        CONVERTERS.get("gguf_llama")(tmp_path / "src", bad, dict(options, tokenizer_digest="0" * 64))
+    assert list(bad.iterdir()) == []
+
+
 def test_gguf_conversion_is_deterministic(tmp_path):
     source = tmp_path / "src" / "llm_pkg" / "tiny.gguf"
     source.parent.mkdir(parents=True)

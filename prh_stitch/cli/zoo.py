@@ -35,7 +35,9 @@ def list_table() -> str:
         rows.append((entry.name, entry.modality, str(entry.layers), str(entry.dim), entry.licence, score,
                      "yes" if read_manifest(entry.name) else "no"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    notes = [f"{entry.name}: {entry.notes}" for entry in ENTRIES if entry.notes]
+    return "\n".join(["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+                     + (["", "notes:"] + notes if notes else []))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -10,7 +10,9 @@ without saying so, and none scores the data it was fitted to.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from prh_stitch.errors import UserError
@@ -87,6 +89,54 @@ def resolve_split(data: Optional[str], split: str, ckpt_meta: Optional[Dict[str,
         made = ", ".join(c["choice"] for c in choices if c["split"] == name)
         warning = f"choices were made on the {name} split ({made}): these numbers are not held-out; report test"
     return EvaluatedSplit(name, pattern, source, train, choices, warning)
+
+
+_SCENES_FOLDER = re.compile(r"scenes-v(?P<version>\d+)-(?P<counts>[a-z0-9-]+?)-s(?P<seed>\d+)-(?P<size>\d+)px")
+
+
+def local_scene_pattern(pattern: Optional[str], cache_root: Path) -> Optional[str]:
+    """A recorded split of the built-in scenes, made on another machine (its cache elsewhere), as this machine's.
+
+    A checkpoint records absolute shard paths. The scenes are generated, seeded and named by their parameters
+    (``scenes-v{version}-{counts}-s{seed}-{size}px``, see ``ensure_scene_splits``), so a recorded scenes split
+    that is missing here is regenerated under ``cache_root`` and its local pattern returned: the same images and
+    captions when the scene generator's version matches. Any other pattern (shards of your own, existing
+    scenes, another generator version) comes back unchanged, and a missing one fails where it is read.
+    """
+    from prh_stitch.data.scenes import SCENES_VERSION
+    from prh_stitch.data.shards import ensure_scene_splits, expand_urls
+    from prh_stitch.data.sources import SCENE_SPLITS
+
+    if not pattern or "://" in pattern or pattern.startswith("pipe:"):
+        return pattern
+    try:
+        expand_urls(pattern)
+        return pattern
+    except ValueError:
+        pass
+    path = Path(pattern)
+    match = _SCENES_FOLDER.fullmatch(path.parent.name)
+    split = path.name.split("-")[0]
+    if match is None or int(match["version"]) != SCENES_VERSION or split not in SCENE_SPLITS:
+        return pattern
+    parts = match["counts"].split("-")
+    if all(p.isdigit() for p in parts):  # train-val(-test), counts only
+        counts = dict(zip(("train", "val", "test"), map(int, parts)))
+    else:  # each count tagged with its split, e.g. train256-test256
+        tagged = [re.fullmatch(r"([a-z]+)(\d+)", p) for p in parts]
+        if not all(tagged):
+            return pattern
+        counts = {m[1]: int(m[2]) for m in tagged}
+    if len(parts) != len(counts) or split not in counts or not set(counts) <= set(SCENE_SPLITS):
+        return pattern
+    local = ensure_scene_splits(Path(cache_root) / "scenes", counts, seed=int(match["seed"]), size=int(match["size"]))
+    return local[split]
+
+
+def local_split_record(recorded: Dict[str, Any], cache_root: Path) -> Dict[str, Any]:
+    """A checkpoint's split record with each scenes split made available here (see ``local_scene_pattern``)."""
+    return {k: local_scene_pattern(v, cache_root) if k in ("train", "val", "test") and isinstance(v, str) else v
+            for k, v in recorded.items()}
 
 
 def train_captions(split: EvaluatedSplit) -> Optional[frozenset]:

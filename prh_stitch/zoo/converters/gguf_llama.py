@@ -8,6 +8,8 @@ Tensors are kept in float32: the dequantised values (scale * q + min) are not al
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
@@ -16,13 +18,46 @@ import torch
 from prh_stitch.zoo.converters.files import find_one, save_tensors
 
 
+# Texts whose encoding and decoding, with the vocabulary and the special ids, make a converted tokenizer's digest.
+TOKENIZER_PROBES = ("a small red circle to the left of a large blue square on a gray background",
+                    "  Two spaces, UTF-8: café, naïve, 東京 — and 1,234!\n")
+_SPECIAL_ROLES = {"bos": "bos_token", "eos": "eos_token", "unknown": "unk_token", "padding": "pad_token"}
+
+
+def gguf_special_token_ids(gguf_path: Path) -> Dict[str, int]:
+    """The special token ids the GGUF file states ({bos, eos, unknown, padding}: those present)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    found = {}
+    for role in _SPECIAL_ROLES:
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            found[role] = int(field.parts[field.data[0]][0])
+    return found
+
+
 def load_gguf_causal_lm(gguf_path: Path) -> Tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # transformers versions rebuild the special tokens differently (5.17 made SmolLM2's <|im_start|> its end token,
+    # 5.24 <|im_end|>, as the file says): the file's own ids decide, so every version converts to one tokenizer.
+    for role, token_id in gguf_special_token_ids(gguf_path).items():
+        setattr(tokenizer, _SPECIAL_ROLES[role], tokenizer.convert_ids_to_tokens(token_id))
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """What the project uses of a tokenizer, hashed: the vocabulary, the special ids, and how the probe texts encode
+    and decode. Two conversions with one digest tokenize and detokenize captions alike."""
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in TOKENIZER_PROBES]
+    payload = {"vocabulary": sorted(tokenizer.get_vocab().items()), "encoded": encoded,
+               "decoded": [tokenizer.decode(ids) for ids in encoded],
+               "special": {role: getattr(tokenizer, f"{attr}_id") for role, attr in _SPECIAL_ROLES.items()}}
+    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def untied_state_dict(model: Any) -> Dict[str, torch.Tensor]:
@@ -37,7 +72,18 @@ def untied_state_dict(model: Any) -> Dict[str, torch.Tensor]:
 def convert_gguf_llama(sources: Path, out: Path, options: Dict[str, Any]) -> Dict[str, Any]:
     gguf_path = find_one(sources, options["gguf_glob"])
     model, tokenizer = load_gguf_causal_lm(gguf_path)
+    digest = tokenizer_digest(tokenizer)
+    recorded = options.get("tokenizer_digest")
+    if recorded and digest != recorded:
+        import transformers
+
+        # The weights' sha256 cannot see this: the tokenizer is rebuilt from the file's metadata by transformers.
+        raise ValueError(f"transformers {transformers.__version__} converts {gguf_path.name}'s tokenizer differently "
+                         f"(digest {digest[:12]}..., the project records {recorded[:12]}...): it would tokenize or "
+                         "decode captions otherwise; fetch again with a transformers version the zoo entry names as verified "
+                         "(python -m prh_stitch.zoo list); nothing was installed")
     save_tensors(untied_state_dict(model), Path(out) / "model.safetensors")
     model.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    return {"gguf": gguf_path.name, "parameters": int(sum(p.numel() for p in model.parameters()))}
+    return {"gguf": gguf_path.name, "parameters": int(sum(p.numel() for p in model.parameters())),
+            "tokenizer_digest": digest}
