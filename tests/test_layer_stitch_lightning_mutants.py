@@ -1,16 +1,19 @@
 """The layer-stitching module's wiring, fast: which weights it asks for, what it reads from the data module, and
-where setup and attach put things.
+where setup and attach put things; and the label probe on a hard set, against SciPy.
 
 Without an accelerator a device cannot be told from the CPU by the results, so the device hand-over is checked on the
 calls themselves: what ``setup`` passes to ``attach``, and what ``attach`` passes to ``.to`` of the frozen networks and
 the probe.
 """
 
+import numpy as np
+import pytest
 import timm
 import torch
 
 import prh_stitch.layer_stitch.lightning as lightning
 from prh_stitch.layer_stitch import LayerStitchingModule
+from prh_stitch.layer_stitch.probe import fit_probe
 from test_layer_stitch_steps import cut, data, trainer
 
 
@@ -116,3 +119,48 @@ def test_a_steps_inputs_and_references_and_the_probe_features_go_to_the_modules_
         module._step(batch, "train")
         assert _MoveRecordingTensor.moves[:1] == [(module.device,)], inputs
         monkeypatch.setattr(module, inputs, plain)
+
+
+# ---------------------------------------------------------------- the probe
+
+def _probe_objective(features, labels, num_classes, weight_decay):
+    """fit_probe's objective in float64 (mean cross-entropy + weight_decay·|W|² on standardised features), as a
+    function of the standardised-space parameters, with its SciPy minimum."""
+    from scipy.optimize import minimize
+
+    x = features.double().numpy()
+    mean, std = x.mean(0), np.maximum(x.std(0, ddof=1), 1e-6)
+    z, onehot, d = (x - mean) / std, np.eye(num_classes)[labels.numpy()], x.shape[1]
+
+    def objective(w, b):
+        logits = z @ w.T + b
+        logits = logits - logits.max(1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        return -(onehot * log_p).sum(1).mean() + weight_decay * (w ** 2).sum(), np.exp(log_p)
+
+    def value_and_gradient(theta):
+        w, b = theta[:num_classes * d].reshape(num_classes, d), theta[num_classes * d:]
+        value, p = objective(w, b)
+        grad_logits = (p - onehot) / len(z)
+        return value, np.concatenate([(grad_logits.T @ z + 2 * weight_decay * w).ravel(), grad_logits.sum(0)])
+
+    best = minimize(value_and_gradient, np.zeros(num_classes * (d + 1)), jac=True, method="L-BFGS-B",
+                    options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 5000}).fun
+
+    def of_probe(probe):  # the raw-feature layer back in standardised space: W·std, b + W_raw·mean
+        w_raw, b_raw = probe.weight.double().numpy(), probe.bias.double().numpy()
+        return objective(w_raw * std, b_raw + w_raw @ mean)[0]
+
+    return of_probe, best
+
+
+@pytest.mark.parametrize("seed, rows, width, classes", [(30, 100, 5, 4), (19, 30, 30, 3)])
+def test_the_probe_reaches_the_optimum_when_one_row_lies_a_thousand_deviations_out(seed, rows, width, classes):
+    """Standardising does not tame an outlier row: the objective is far from quadratic there, and plain unit
+    L-BFGS steps overshoot on these sets (their objective ends in the hundreds); the line search keeps to the optimum."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (rows,), generator=g)
+    features = torch.randn(rows, width, generator=g)
+    features[0] *= 1000
+    of_probe, best = _probe_objective(features, labels, classes, 1e-5)
+    assert of_probe(fit_probe(features, labels, classes, 1e-5)) - best < 1e-4
