@@ -156,8 +156,9 @@ def _probe_objective(features, labels, num_classes, weight_decay):
 
 @pytest.mark.parametrize("seed, rows, width, classes", [(30, 100, 5, 4), (19, 30, 30, 3)])
 def test_the_probe_reaches_the_optimum_when_one_row_lies_a_thousand_deviations_out(seed, rows, width, classes):
-    """Standardising does not tame an outlier row: the objective is far from quadratic there, and plain unit
-    L-BFGS steps overshoot on these sets (their objective ends in the hundreds); the line search keeps to the optimum."""
+    """Standardising does not tame an outlier row: the objective is far from quadratic there. Plain unit L-BFGS
+    steps overshoot on these sets (objective 61591 and 134 instead of 1.30 and 0.52); the line search reaches the
+    optimum."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, classes, (rows,), generator=g)
     features = torch.randn(rows, width, generator=g)
