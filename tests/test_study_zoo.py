@@ -232,7 +232,8 @@ def test_the_shipped_zoo_config_names_the_zoo_and_both_competences_per_side():
     assert [(b.name, (b.scenes or b.fashion_mnist).split) for b in cfg.data] == [("scenes", "test"),
                                                                                  ("fashion_mnist", "test")]
     sides = {key: (b.side, b.measure) for key, b in cfg.competence.items()}
-    assert sides == {"vision": ("vision", None), "vision_probe": ("vision", "linear_probe"), "text": ("text", None),
+    assert sides == {"vision": ("vision", None), "vision_probe": ("vision", "linear_probe"),
+                     "vision_probe_full": ("vision", None), "text": ("text", None),
                      "text_bpb": ("text", "bits_per_byte")}
     # The probe's test images are the study's Fashion-MNIST items: one feature-store entry serves both.
     assert cfg.competence["vision_probe"].probe.n_test == cfg.data[1].fashion_mnist.n
