@@ -106,8 +106,8 @@ def part_probe(ctx: Ctx) -> None:
         values, excluded, details = probe_competence(block, models, ex, cache)
         seconds = time.perf_counter() - start
         label = models[0].label
-        results["models"][name] = dict(details.get(label, {}), top1_percent=values.get(label), seconds=round(seconds, 1),
-                                       excluded=excluded)
+        results["models"][name] = dict(details.get(label, {}), top1_percent=values.get(label),
+                                       seconds=round(seconds, 1), excluded=excluded)
         ok = r.check(f"{name}: probe top-1 measured and above chance", label in values and values[label] > 10.0 + 1.0,
                      f"{values.get(label, float('nan')):.2f} % in {seconds:.0f} s (chance 10 %)")
         if ok:

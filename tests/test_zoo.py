@@ -348,12 +348,12 @@ def test_gguf_special_tokens_come_from_the_file_whatever_transformers_rebuilds(t
 
 
 def test_a_tokenizer_converted_otherwise_than_recorded_is_refused_and_nothing_is_written(tmp_path):
-    from prh_stitch.zoo.converters.gguf_llama import load_gguf_causal_lm, tokenizer_digest
+    from prh_stitch.zoo.converters.gguf_llama import load_gguf_tokenizer, tokenizer_digest
 
     source = tmp_path / "src" / "llm_pkg" / "tiny.gguf"
     source.parent.mkdir(parents=True)
     _tiny_llama_gguf(source, q4_1=False)
-    _, tokenizer = load_gguf_causal_lm(source)
+    tokenizer = load_gguf_tokenizer(source)
     good = tokenizer_digest(tokenizer)
     tokenizer.eos_token = tokenizer.convert_ids_to_tokens(5)
     assert tokenizer_digest(tokenizer) != good  # the digest sees the special ids, not only the vocabulary

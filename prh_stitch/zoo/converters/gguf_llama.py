@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import torch
 
@@ -37,17 +37,22 @@ def gguf_special_token_ids(gguf_path: Path) -> Dict[str, int]:
     return found
 
 
-def load_gguf_causal_lm(gguf_path: Path) -> Tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_gguf_tokenizer(gguf_path: Path) -> Any:
+    from transformers import AutoTokenizer
 
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # transformers versions rebuild the special tokens differently (5.17 made SmolLM2's <|im_start|> its end token,
     # 5.24 <|im_end|>, as the file says): the file's own ids decide, so every version converts to one tokenizer.
     for role, token_id in gguf_special_token_ids(gguf_path).items():
         setattr(tokenizer, _SPECIAL_ROLES[role], tokenizer.convert_ids_to_tokens(token_id))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval(), tokenizer
+    return tokenizer
+
+
+def load_gguf_model(gguf_path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.eval()
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -71,7 +76,7 @@ def untied_state_dict(model: Any) -> Dict[str, torch.Tensor]:
 
 def convert_gguf_llama(sources: Path, out: Path, options: Dict[str, Any]) -> Dict[str, Any]:
     gguf_path = find_one(sources, options["gguf_glob"])
-    model, tokenizer = load_gguf_causal_lm(gguf_path)
+    tokenizer = load_gguf_tokenizer(gguf_path)  # checked first: dequantising the weights takes tens of seconds
     digest = tokenizer_digest(tokenizer)
     recorded = options.get("tokenizer_digest")
     if recorded and digest != recorded:
@@ -80,8 +85,9 @@ def convert_gguf_llama(sources: Path, out: Path, options: Dict[str, Any]) -> Dic
         # The weights' sha256 cannot see this: the tokenizer is rebuilt from the file's metadata by transformers.
         raise ValueError(f"transformers {transformers.__version__} converts {gguf_path.name}'s tokenizer differently "
                          f"(digest {digest[:12]}..., the project records {recorded[:12]}...): it would tokenize or "
-                         "decode captions otherwise; fetch again with a transformers version the zoo entry names as verified "
-                         "(python -m prh_stitch.zoo list); nothing was installed")
+                         "decode captions otherwise; fetch again with a transformers version the zoo entry names "
+                         "as verified (python -m prh_stitch.zoo list); nothing was installed")
+    model = load_gguf_model(gguf_path)
     save_tensors(untied_state_dict(model), Path(out) / "model.safetensors")
     model.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
