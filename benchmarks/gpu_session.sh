@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session of prh_stitch, in stages that fit the device tool's calls: each call carries at most 64 MiB, so the
 # offline weights and data travel in parts (git-ignored .devcarry/<part>/) that are gathered in /root/keep, which
-# lasts while the machine stays warm (build the parts with benchmarks/gpu_carry.sh). Stages: gather (only collect the carried part) | gpu_check | prefix | probe VISION_MODELS. Writes into $OUT.
+# lasts while the machine stays warm (build the parts with benchmarks/gpu_carry.sh). Stages: gather (only collect
+# the carried part) | gpu_check | prefix | probe VISION_MODELS. Writes into $OUT.
 #   bash benchmarks/gpu_session.sh gpu_check
 set -uo pipefail
 stage=${1:?stage: gather, gpu_check, prefix or probe}
