@@ -154,7 +154,7 @@ def measure(source: EncoderSpec, target: EncoderSpec, image_size: int, n_batches
     return {"source": source.name, "target": target.name, "device": str(dev), "precision": precision,
             "batch_size": batch_size, "timed_batches": timed, "bare_samples_per_s": timed * batch_size / bare,
             "bare_before_s": bare_before, "bare_after_s": bare_after, "train_samples_per_s": timed * batch_size / train,
-            "train_s": train, "train_vs_bare": bare / train, "target": TARGET, "stream_workers": workers,
+            "train_s": train, "train_vs_bare": bare / train, "target_ratio": TARGET, "stream_workers": workers,
             "stream_samples_per_s": data_rate}
 
 
