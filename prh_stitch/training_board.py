@@ -68,7 +68,8 @@ class TrainingBoard(Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         scores = getattr(pl_module, "test_scores", None)
-        if scores is not None and trainer.is_global_zero:
+        # Retrieval scores only: a prefix map's test scores are bits per byte, and its hp_metric stays validation's.
+        if scores is not None and "a2b/recall@1" in scores and trainer.is_global_zero:
             _log_hp_metric(trainer, float(scores["a2b/recall@1"]))
 
     # ---- the embedding projector ----------------------------------------------------------------------
