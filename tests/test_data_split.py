@@ -5,9 +5,9 @@ from collections import Counter
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from prh_stitch.data.split import consumer_of, current_consumer, owner, split_mode, unit_size
+from prh_stitch.data.split import consumer_of, contiguous_owner, current_consumer, owner, split_mode, unit_size
 
 
 def test_consumer_indices_number_every_rank_and_worker_once():
@@ -73,21 +73,65 @@ def test_every_item_has_exactly_one_owner_and_shares_differ_by_at_most_one():
         assert owners == [p % count for p in range(items)]  # round robin in the common order
 
 
-def test_units_shrink_only_when_the_shards_give_fewer_units_than_consumers():
+def test_units_are_an_eighth_of_a_share_at_most_never_below_a_batch_nor_above_the_chunk():
     assert unit_size(1024, None, 8) == 1024  # unknown counts: the default
-    assert unit_size(1024, [5000, 3000], 8) == 1024  # 5 + 3 units: enough
-    assert unit_size(1024, [1000], 4) == 250
-    assert unit_size(4, [8], 3) == 2  # 8 // 3
+    assert unit_size(1024, [10], 1) == 1024  # one consumer: nothing to balance
+    assert unit_size(1024, [5000, 3000], 8) == 125  # 8000 // (8 x 8)
+    assert unit_size(1024, [5000, 3000], 8, batch_size=300) == 300  # never below a batch
+    assert unit_size(1024, [5000, 3000], 8, batch_size=2000) == 1000  # nor above a share
+    assert unit_size(512, [5000, 3000], 8, batch_size=2000) == 512  # nor above the chunk
+    assert unit_size(1024, [500] * 100, 2) == 1024  # plenty of work: the chunk
     assert unit_size(4, [2, 1], 8) == 1  # fewer samples than consumers: one sample a unit
-    assert unit_size(4, [4, 4], 2) == 4  # exactly as many units as consumers
-    for chunk, consumers in itertools.product((1, 3, 4, 16), range(1, 9)):
-        for counts in itertools.product((1, 2, 5, 9), repeat=2):
-            size = unit_size(chunk, list(counts), consumers)
-            assert 1 <= size <= chunk
-            units = sum(-(-n // size) for n in counts)
-            assert units >= min(consumers, sum(counts))  # every consumer has work when there is enough
-            if sum(-(-n // chunk) for n in counts) >= consumers:
+    for chunk, consumers, batch in itertools.product((1, 3, 16), range(1, 9), (1, 4)):
+        for counts in itertools.product((0, 1, 5, 40), repeat=2):
+            size = unit_size(chunk, list(counts), consumers, batch)
+            assert 1 <= size <= chunk and size >= min(chunk, batch, sum(counts) // consumers)
+            if consumers == 1:
                 assert size == chunk
+            elif max(1, min(chunk, batch, sum(counts) // consumers)) < size < chunk:
+                assert size == sum(counts) // (8 * consumers)
+
+
+def _runs(counts, size, consumers):
+    """Samples per consumer when the units of ``counts`` (blocks of ``size``) are dealt by contiguous_owner."""
+    units = [min(size, n - b * size) for n in counts for b in range(max(1, -(-n // size)))]
+    total, start, load, owners = sum(units), 0, [0] * consumers, []
+    for n in units:
+        owners.append(contiguous_owner(start, n, total, consumers))
+        load[owners[-1]] += n
+        start += n
+    return owners, load, max(units)
+
+
+def test_contiguous_runs_give_every_consumer_its_share_to_within_one_unit():
+    for consumers in range(1, 9):
+        for counts in itertools.product((0, 3, 7, 64, 500), repeat=3):
+            size = unit_size(1024, list(counts), consumers)
+            owners, load, largest = _runs(counts, size, consumers)
+            assert owners == sorted(owners) and all(0 <= o < consumers for o in owners)  # contiguous runs
+            share = sum(counts) / consumers
+            assert all(abs(n - share) <= largest for n in load)
+            if sum(counts) >= 8 * consumers:  # enough work for the eighth-share units
+                assert sum(counts) / consumers / max(load) >= 8 / 9  # every consumer busy >= 8/9 of the time
+    assert contiguous_owner(0, 0, 0, 3) == 0 and contiguous_owner(10, 0, 10, 3) == 2  # units of no samples
+
+
+def test_the_layout_that_kept_half_the_workers_idle_is_balanced():
+    """4,096 scenes in shards of 500 for 12 workers: round robin over units of total // consumers kept half the
+    workers idle for half the time (5 of them had two units of 341); contiguous runs of eighth-share units do not."""
+    counts = [500] * 8 + [96]
+    _, load, _ = _runs(counts, unit_size(1024, counts, 12), 12)
+    assert sum(counts) / 12 / max(load) >= 8 / 9
+
+
+class _WorkerTagged(IterableDataset):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        worker = get_worker_info().id
+        for item in self.inner:
+            yield worker, item
 
 
 def test_unit_split_feeds_every_worker_with_few_shards(tmp_path):
@@ -100,13 +144,44 @@ def test_unit_split_feeds_every_worker_with_few_shards(tmp_path):
     urls = [str(tmp_path / manifest["pattern"])]
     assert samples_per_shard(urls) == [8]
     assert samples_per_shard([str(tmp_path / "elsewhere.tar")]) is None
-    size = unit_size(1024, samples_per_shard(urls), 4)
+    counts = samples_per_shard(urls)
+    size = unit_size(1024, counts, 4)
     torch.manual_seed(0)
-    got = {}
+    got, per_consumer = {}, Counter()
     for rank in range(2):
-        reader = UnitReader(urls, size, set(), {}, rank=rank, world=2)
-        loader = DataLoader(reader, batch_size=None, num_workers=2, collate_fn=lambda x: x)
-        for item in loader:
+        reader = UnitReader(urls, size, set(), {}, rank=rank, world=2, counts=counts)
+        loader = DataLoader(_WorkerTagged(reader), batch_size=None, num_workers=2, collate_fn=lambda x: x)
+        for worker, item in loader:
             if not isinstance(item, UnitDone):
                 got.setdefault(item["unit"], []).append(item["key"])
-    assert sorted(got) == [(0, b) for b in range(4)] and sorted(sum(got.values(), [])) == [f"train-{i:08d}" for i in range(8)]
+                per_consumer[(rank, worker)] += 1
+    assert sorted(got) == [(0, b) for b in range(8)] and sorted(sum(got.values(), [])) == [f"train-{i:08d}" for i in range(8)]
+    assert sorted(per_consumer.values()) == [2, 2, 2, 2]  # every rank x worker: its share, no more
+
+
+def test_a_consumer_reads_only_the_shards_of_its_run_and_stops_one_sample_past_it(tmp_path, monkeypatch):
+    from prh_stitch.data import extraction_units
+    from prh_stitch.data.features import UnitDone, UnitReader
+    from prh_stitch.data.shards import expand_urls, samples_per_shard, write_shards
+    from prh_stitch.data.sources import scenes
+
+    manifest = write_shards(scenes(32, size=16), tmp_path, prefix="s", samples_per_shard=8)
+    urls = expand_urls(str(tmp_path / manifest["pattern"]))
+    counts = samples_per_shard(urls)
+    read, original = Counter(), extraction_units.read_shard
+
+    def counting(url):
+        for item in original(url):
+            read[url] += 1
+            yield item
+
+    monkeypatch.setattr(extraction_units, "read_shard", counting)
+    for world, size, expected in ((4, 2, {0: {0: 8}, 1: {1: 8}, 2: {2: 8}, 3: {3: 8}}),  # a shard each
+                                  (8, 1, {0: {0: 5}, 1: {0: 8}, 6: {3: 5}, 7: {3: 8}})):  # half a shard each
+        for rank in range(world):
+            read.clear()
+            done = [item for item in UnitReader(urls, size, set(), {}, rank=rank, world=world, counts=counts)
+                    if isinstance(item, UnitDone)]
+            assert sum(d.raw for d in done) == 32 // world
+            if rank in expected:
+                assert {urls.index(url): n for url, n in read.items()} == expected[rank], (world, rank)

@@ -182,25 +182,42 @@ def mapped_ranges(path):
     return ranges
 
 
-@pytest.mark.parametrize("world, consumers", [(1, 1), (2, 1), (3, 2)])
+# Raw samples per shard of ``build_dataset`` (shard 3 holds 4 before its cut, shard 4 none), and manifests that
+# overstate or understate them: a stale count must not lose or repeat a sample, a unit or a shard's end.
+RAW_COUNTS = {"none": None, "true": [7, 5, 5, 4, 0], "over": [9, 5, 6, 6, 2], "under": [5, 3, 5, 2, 0]}
+
+
+@pytest.mark.parametrize("counts", sorted(RAW_COUNTS))
+@pytest.mark.parametrize("world", [1, 2, 3, 6])
 @pytest.mark.parametrize("shards", ["many", "few"])
-def test_units_split_over_ranks_are_disjoint_and_cover_everything(dataset, world, consumers, shards):
-    """Brute force over the reader alone (no encoder): every raw sample decoded by exactly one consumer."""
+def test_units_split_over_ranks_are_disjoint_and_cover_everything(dataset, world, shards, counts):
+    """Brute force over the reader alone (no encoder): every raw sample decoded by exactly one consumer, every unit
+    ended once, each shard's end (``last``) and problems counted once; with counts, in contiguous runs."""
     urls, good, skips = dataset
     urls = urls if shards == "many" else urls[:2]  # 2 shards for up to 6 consumers: blocks are split instead
-    seen, units, counted = Counter(), Counter(), Counter()
+    counts = None if RAW_COUNTS[counts] is None else RAW_COUNTS[counts][:len(urls)]
+    seen, units, counted, ends = Counter(), Counter(), Counter(), Counter()
+    runs = []
     for rank in range(world):
-        reader = UnitReader(urls, chunk_size=2, done=set(), finished_shards=set(), rank=rank, world=world)
+        reader = UnitReader(urls, chunk_size=2, done=set(), finished_shards={}, rank=rank, world=world, counts=counts)
+        mine = []
         for item in reader:
             if isinstance(item, UnitDone):
                 units[(item.shard, item.block)] += 1
+                ends[item.shard] += item.last
                 counted.update(item.skipped)
+                mine.append((item.shard, item.block))
             else:
                 seen[item["key"]] += 1
+        runs.append(mine)
     expected = {k for k in good if shards == "many" or k.startswith(("s0", "s1"))}
     assert set(seen) == expected and set(seen.values()) == {1}
     assert set(units.values()) == {1}
+    assert ends == Counter(range(len(urls)))  # one unit ends each shard
     assert counted == (Counter(skips) if shards == "many" else Counter())
+    if counts is not None:  # contiguous runs: rank r's units all come before rank r + 1's
+        flat = [unit for mine in runs for unit in mine]
+        assert flat == sorted(flat)
 
 
 # -- resuming after SIGKILL, through the command line ---------------------------------------------------

@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
+from contextlib import closing
+
 from torch.utils.data import IterableDataset
 
 from prh_stitch.data.batches import Prepare, collate
-from prh_stitch.data.split import current_consumer, owner, split_mode
+from prh_stitch.data.split import contiguous_owner, current_consumer, owner, split_mode
 from prh_stitch.data.store_entry import BadFeatures, EntryMismatch, IncompleteShards
 from prh_stitch.data.stream import PROBLEM, SkipStats, count_problem, decoded, read_shard
 from prh_stitch.encoders.base import FrozenEncoder
@@ -94,21 +96,32 @@ def _label(meta: Any) -> int:
 class UnitReader(IterableDataset):
     """Reads this consumer's units of the shards, skipping done ones; yields samples and ``UnitDone`` events.
 
-    The split is ``split.py``'s rule: whole shards when there are at least as many as consumers, else units
-    (numbered over all shards in order). Samples (decoded, tagged with their ``unit``) come in shard order; each unit
-    this consumer owns ends with a ``UnitDone`` carrying its skip counts by reason, so counts reach the main process
-    with the data even from DataLoader workers. Shard-level problems count in the unit that ends the shard.
-    ``finished_shards``: {shard: its number of units} of shards done in an earlier run (not read again).
+    The split is ``split.py``'s rule. With ``counts`` (samples per shard, from the manifests) the units still to do
+    are dealt in contiguous runs of equal sample counts (``contiguous_owner``): a consumer reads a shard only if its
+    run lies in it, and only up to the end of its run (one sample further, to learn whether its last unit ends the
+    shard); the owner of a shard's last planned unit reads to the end, so a shard longer than its manifest still
+    ends in one unit. Without counts: whole shards when there are at least as many as consumers, else units
+    (numbered over all shards in order) round robin. Samples (decoded, tagged with their ``unit``) come in shard
+    order; each unit this consumer owns ends with a ``UnitDone`` carrying its skip counts by reason, so counts reach
+    the main process with the data even from DataLoader workers. Shard-level problems count in the unit that ends
+    the shard. ``finished_shards``: {shard: its number of units} of shards done in an earlier run (not read again).
     """
 
     def __init__(self, urls: Sequence[str], chunk_size: int, done: Set[Tuple[int, int]],
-                 finished_shards: Dict[int, int], rank: int = 0, world: int = 1) -> None:
+                 finished_shards: Dict[int, int], rank: int = 0, world: int = 1,
+                 counts: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         self.urls, self.chunk_size, self.done, self.finished = list(urls), int(chunk_size), set(done), dict(finished_shards)
         self.rank, self.world = rank, world
+        self.counts = None if counts is None else list(counts)
+        if self.counts is not None and len(self.counts) != len(self.urls):
+            raise ValueError(f"counts gives {len(self.counts)} shards' sample counts for {len(self.urls)} shards")
 
     def __iter__(self) -> Iterator[Any]:
         index, count = current_consumer(True, True, self.rank, self.world)
+        if self.counts is not None:
+            yield from self._planned(index, count)
+            return
         by_shard = split_mode("auto", len(self.urls), count) == "shard"
         units_before = 0  # units of the shards before this one: the running unit number of the "sample" split
         for shard, url in enumerate(self.urls):
@@ -123,22 +136,49 @@ class UnitReader(IterableDataset):
 
             units_before += yield from self._shard(shard, url, mine)
 
-    def _shard(self, shard: int, url: str, mine: Callable[[int], bool]):
-        """The shard's samples and unit ends; returns its number of units."""
+    def _planned(self, index: int, count: int) -> Iterator[Any]:
+        """This consumer's contiguous run of the units still to do (see the class docstring)."""
+        size = self.chunk_size
+        plan = [(shard, block, min(size, n - block * size))
+                for shard, n in enumerate(self.counts) if shard not in self.finished
+                for block in range(max(1, -(-n // size))) if (shard, block) not in self.done]
+        total, start, owned = sum(n for _, _, n in plan), 0, set()
+        for shard, block, n in plan:
+            if contiguous_owner(start, n, total, count) == index:
+                owned.add((shard, block))
+            start += n
+        for shard, url in enumerate(self.urls):
+            blocks = [block for s, block in owned if s == shard]
+            if not blocks:
+                continue
+            final = max(0, -(-self.counts[shard] // size) - 1)  # the last planned block: its owner reads to the end
+            to_end = (shard, final) in owned
+
+            def mine(block: int, shard: int = shard, final: int = final, to_end: bool = to_end) -> bool:
+                return (shard, block) in owned or (to_end and block > final)
+
+            yield from self._shard(shard, url, mine, None if to_end else (max(blocks) + 1) * size)
+
+    def _shard(self, shard: int, url: str, mine: Callable[[int], bool], stop: Optional[int] = None):
+        """The shard's samples and unit ends; returns its number of units. With ``stop``, reading ends at the first
+        sample at or past position ``stop`` (that it exists says the unit before it does not end the shard)."""
         block, position, stats = 0, 0, SkipStats()
         problems = []
-        for item in read_shard(url):
-            if PROBLEM in item:
-                problems.append(item)
-                continue
-            if position // self.chunk_size != block:
-                if mine(block):
-                    yield UnitDone(shard, block, url, self.chunk_size, False, stats.good, dict(stats.skipped))
-                block, stats = position // self.chunk_size, SkipStats()
-            position += 1
-            if mine(block):  # else not decoded: someone else's unit, or one finished in an earlier run
-                for sample in decoded([item], stats, "RGB"):
-                    yield dict(sample, unit=(shard, block), label=_label(sample["meta"]))
+        with closing(read_shard(url)) as items:  # closed when stopping early: a command is killed, a file closed
+            for item in items:
+                if PROBLEM in item:
+                    problems.append(item)
+                    continue
+                if position // self.chunk_size != block:
+                    if mine(block):
+                        yield UnitDone(shard, block, url, self.chunk_size, False, stats.good, dict(stats.skipped))
+                    block, stats = position // self.chunk_size, SkipStats()
+                if stop is not None and position >= stop:
+                    return block
+                position += 1
+                if mine(block):  # else not decoded: someone else's unit, or one finished in an earlier run
+                    for sample in decoded([item], stats, "RGB"):
+                        yield dict(sample, unit=(shard, block), label=_label(sample["meta"]))
         if mine(block):
             for problem in problems:
                 count_problem(problem, stats)

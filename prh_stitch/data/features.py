@@ -5,10 +5,11 @@ are a pure function of (encoder weights, preprocessing, layers, pooling, sample)
 fingerprint of those, the shards and the storage dtype. Its on-disk format is ``store_entry.py``'s, the units of
 work and the ranks sharing them ``extraction_units.py``'s, locks and dead writers' files ``store_safety.py``'s.
 
-Splitting the work: units go to consumers (rank x DataLoader worker) by ``split.py``'s one rule, shrunk (from the
-manifests' sample counts, fixed when the entry is created) until each consumer has one. Each rank extracts its
-units, all ranks meet, rank 0 commits. A batch never spans two units, so the features -- bit for bit on a given
-machine and thread count -- do not depend on how many ranks or workers did the work.
+Splitting the work: units go to consumers (rank x DataLoader worker) by ``split.py``'s rules: with the manifests'
+sample counts, in contiguous runs of equal work, the unit size (fixed when the entry is created) small enough to
+balance them; without, round robin. Each rank extracts its units, all ranks meet, rank 0 commits. A batch never
+spans two units, so the features -- bit for bit on a given machine and thread count -- do not depend on how many
+ranks or workers did the work.
 
 Reading: ``np.load(mmap_mode="c")`` reads rows straight from the page cache, nothing up front, writes private to
 the process. The first open in a process checks every file against the index's hashes (one sequential read,
@@ -238,13 +239,16 @@ class FeatureStore:
         # Units small enough that every rank x worker gets one (fixed when the entry is created; batches never
         # span units, so the features depend on the unit size, not on how many consumers share the work).
         counts = samples_per_shard(urls)
-        chunk_size = open_entry(entry, identity, unit_size(self.chunk_size, counts, ranks.world * max(1, num_workers)))
+        consumers = ranks.world * max(1, num_workers)
+        chunk_size = open_entry(entry, identity, unit_size(self.chunk_size, counts, consumers, batch_size))
         (entry / "parts").mkdir(exist_ok=True)
         units = units_on_disk(entry)
         report = ExtractionReport(status="resumed" if units else "extracted", chunks_reused=len(units))
-        reader = UnitReader(urls, chunk_size, set(units), finished_shards(units), ranks.rank, ranks.world)
+        reader = UnitReader(urls, chunk_size, set(units), finished_shards(units), ranks.rank, ranks.world, counts)
+        # Out of order: the main process takes whichever worker's batch is ready (rows wait per unit below), so a
+        # worker with a unit more never holds the others up.
         loader = DataLoader(wds.DataPipeline(reader, lambda items: unit_batches(items, batch_size, encoder)),
-                            batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+                            batch_size=None, num_workers=num_workers, collate_fn=_as_is, in_order=False)
         cut: Dict[str, str] = {}  # shards not read to their end: url -> why
         pending: Dict[Tuple[int, int], Dict[str, list]] = {}
         # A total (hence an ETA) where the manifests give it and this process encodes everything from scratch.

@@ -11,8 +11,11 @@ items in the same order, and item ``i`` belongs to consumer ``i mod count`` (``o
 * ``"auto"`` (the default): "shard" when there are at least as many shards as consumers, else "sample", so no
   consumer idles and nothing is dropped or duplicated.
 
-The feature store's units of work (blocks of a shard) follow the same rule: unit ``u``, numbered over all shards
-in order, belongs to consumer ``u mod count``; ``unit_size`` picks blocks small enough that every consumer gets one.
+The feature store's units of work (blocks of a shard) follow the same rule when the shards' sample counts are
+unknown: unit ``u``, numbered over all shards in order, belongs to consumer ``u mod count``. When the manifests give
+the counts, units are dealt in contiguous runs of equal sample counts instead (``contiguous_owner``): every consumer
+gets the same work to within one unit, and reads only the shards its run lies in. ``unit_size`` picks blocks small
+enough for that balance (and never smaller than a batch).
 """
 
 from __future__ import annotations
@@ -64,15 +67,30 @@ def owner(position: int, consumers: int) -> int:
     return position % consumers
 
 
-def unit_size(chunk_size: int, samples_per_shard: Optional[Sequence[int]], consumers: int) -> int:
-    """Samples per unit of work: ``chunk_size``, or fewer when the shards would give fewer units than consumers.
+def unit_size(chunk_size: int, samples_per_shard: Optional[Sequence[int]], consumers: int, batch_size: int = 1) -> int:
+    """Samples per unit of work: ``chunk_size``, or fewer so that the work balances over the consumers.
 
     ``samples_per_shard`` comes from the shards' manifests (None when unknown: ``pipe:`` URLs, shards written
-    elsewhere); with ``total`` samples, units of ``total // consumers`` give at least ``consumers`` units.
+    elsewhere: then ``chunk_size``). Units are dealt in contiguous runs (``contiguous_owner``), so a consumer's work
+    is its share to within one unit: units of at most an eighth of a share (``total // (8 x consumers)``) keep every
+    consumer busy at least 8/9 of the time. They stay at least ``batch_size`` (batches never span units, and
+    smaller batches would waste an accelerator more than the imbalance does) unless a batch is more than a share,
+    and at least one sample.
     """
-    if samples_per_shard is None:
+    if samples_per_shard is None or consumers == 1:  # one consumer is balanced with any units: the largest
         return chunk_size
-    units = sum(-(-n // chunk_size) for n in samples_per_shard)
-    if units >= consumers:
-        return chunk_size
-    return max(1, min(chunk_size, sum(samples_per_shard) // consumers))
+    total = sum(samples_per_shard)
+    floor = min(batch_size, total // consumers)  # a batch, unless that is more than a share
+    return max(1, min(chunk_size, max(total // (8 * consumers), floor)))
+
+
+def contiguous_owner(start: int, size: int, total: int, consumers: int) -> int:
+    """The consumer of the unit of ``size`` samples whose first sample is number ``start`` of ``total``.
+
+    Consumer ``c`` owns the units whose middle lies in ``[c total / consumers, (c + 1) total / consumers)``:
+    contiguous runs of equal sample counts, each boundary off by at most half a unit. (Units of no samples go
+    where they start.)
+    """
+    if total <= 0:
+        return 0
+    return min(consumers - 1, (2 * start + size) * consumers // (2 * total))
