@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from prh_stitch.atomic import atomic_write_bytes
+from prh_stitch.last_used import mark_used
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class FigureCache:
             log.warning("figure cache entry %s does not match its digests; drawing the figure again", index)
             return None
         self.hits += 1
+        mark_used(index)
         return files
 
     def put(self, key: str, files: Dict[str, bytes]) -> None:

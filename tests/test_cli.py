@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import List, Optional, Tuple, Union
 
 import pytest
 import yaml
@@ -109,3 +110,15 @@ def test_evaluate_and_scoring_never_import_lightning_or_torchmetrics():
             "print('torchmetrics' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["[]", "True"]
+
+
+def _optional_options(listed: Optional[List[str]] = None, flag: Optional[bool] = None,
+                      either: Union[Tuple[str, ...], str] = "a", plain: Optional[int] = None) -> None:
+    """Options of the kinds option_kinds tells apart."""
+
+
+def test_an_optional_list_or_flag_is_spelled_as_its_inner_type_and_other_unions_as_values():
+    kinds = option_kinds(_optional_options)
+    assert kinds == {"listed": "list", "flag": "bool", "either": "value", "plain": "value"}
+    assert standard_spelling(["--listed", "a", "b", "--flag", "--either", "x"], kinds) == [
+        "--listed", "[a, b]", "--flag", "true", "--either", "x"]

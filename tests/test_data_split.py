@@ -114,6 +114,11 @@ def test_contiguous_runs_give_every_consumer_its_share_to_within_one_unit():
             if sum(counts) >= 8 * consumers:  # enough work for the eighth-share units
                 assert sum(counts) / consumers / max(load) >= 8 / 9  # every consumer busy >= 8/9 of the time
     assert contiguous_owner(0, 0, 0, 3) == 0 and contiguous_owner(10, 0, 10, 3) == 2  # units of no samples
+    for total, consumers in itertools.product(range(1, 12), range(1, 6)):  # the middle's consumer, by brute force
+        for start, size in itertools.product(range(total), range(1, 4)):
+            middle = start + size / 2
+            expected = min(c for c in range(consumers) if middle < (c + 1) * total / consumers or c == consumers - 1)
+            assert contiguous_owner(start, size, total, consumers) == expected, (start, size, total, consumers)
 
 
 def test_the_layout_that_kept_half_the_workers_idle_is_balanced():

@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 from prh_stitch import reports
 from prh_stitch.alignment.features import encoder_record
 from prh_stitch.alignment.settings import ScoreSettings
+from prh_stitch.last_used import mark_used
 
 log = logging.getLogger("prh_stitch.alignment")
 
@@ -52,6 +53,7 @@ class ScoreCache:
         if _checksum(record) != checksum:
             log.warning("score cache record %s does not match its checksum; computing it again", path)
             return None
+        mark_used(path)
         return record
 
     def put(self, key: str, record: Dict[str, Any]) -> None:

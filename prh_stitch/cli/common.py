@@ -87,6 +87,9 @@ def option_kinds(*signatures: Callable) -> Dict[str, str]:
         hints = typing.get_type_hints(obj)
         for name in inspect.signature(obj).parameters:
             hint = hints.get(name)
+            members = typing.get_args(hint) if typing.get_origin(hint) is typing.Union else ()
+            if len(members) == 2 and type(None) in members:  # Optional[X] is spelled as X
+                hint = next(a for a in members if a is not type(None))
             origin = typing.get_origin(hint)
             if hint is bool:
                 kinds[name] = "bool"

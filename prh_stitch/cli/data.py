@@ -1,4 +1,4 @@
-"""``python -m prh_stitch.data write|check|extract`` (``prh-data``): argument parsing and nothing else.
+"""``python -m prh_stitch.data write|check|extract|verify|cache|prune`` (``prh-data``): argument parsing and nothing else.
 
     python -m prh_stitch.data write --source scenes --out data/scenes --n 10000 --val-fraction 0.1
     python -m prh_stitch.data write --source folder --captions pairs.csv --out data/mine
@@ -7,11 +7,14 @@
     python -m prh_stitch.data extract --encoder efficientnet_lite0 --layers -1 3 \
         --data "data/scenes/train-{000000..000009}.tar" --out ~/.cache/prh_stitch/features --workers 2
     python -m prh_stitch.data verify --repair
+    python -m prh_stitch.data cache
+    python -m prh_stitch.data prune --unused-days 30 --dry-run
 
 Each subcommand prints one JSON object: the written series (:func:`~prh_stitch.data.commands.write_shards`),
 the scan report (:func:`~prh_stitch.data.commands.check_shards`), the feature-store entry
-(:func:`~prh_stitch.data.commands.extract_features`) or the store check
-(:func:`~prh_stitch.data.commands.verify_store`); ``SUBCOMMAND --help`` lists the options, ``--config FILE``
+(:func:`~prh_stitch.data.commands.extract_features`), the store check
+(:func:`~prh_stitch.data.commands.verify_store`), the cache's inventory or what pruning deleted
+(:mod:`prh_stitch.cache_inventory`); ``SUBCOMMAND --help`` lists the options, ``--config FILE``
 reads them from YAML and ``--print_config`` prints one. Exit status: 0 success (``check``: some good samples,
 skips allowed; ``verify``: no damaged entry left), 1 a finding (``check``: no good sample or repeated keys;
 ``verify``: damaged entries, not repaired), 2 bad input, printed as one line ``python -m prh_stitch.data: error:
@@ -42,6 +45,7 @@ def build_parser():
     """The parser of every subcommand; write's and extract's options are the library functions' signatures."""
     from jsonargparse import ArgumentParser
 
+    from prh_stitch.cache_inventory import cache_inventory, prune_cache
     from prh_stitch.data.commands import extract_features, verify_store, write_shards
     from prh_stitch.data.sources import SOURCES
 
@@ -60,15 +64,23 @@ def build_parser():
     verify = _subparser("Check every entry of the feature store against its recorded hashes.")
     verify.add_function_arguments(verify_store, None)
     commands.add_subcommand("verify", verify, help="check every feature store entry against its recorded hashes")
+    cache = _subparser("List what the cache holds: bytes per folder, feature store entries and their last use.")
+    cache.add_function_arguments(cache_inventory, None)
+    commands.add_subcommand("cache", cache, help="list what the cache holds and when each entry was last used")
+    prune = _subparser("Delete feature store entries, scores and figures not used for some days (computed again "
+                       "when next needed).")
+    prune.add_function_arguments(prune_cache, None)
+    commands.add_subcommand("prune", prune, help="delete cached features, scores and figures not used for N days")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m prh_stitch.data`` / ``prh-data``; returns the exit status."""
+    from prh_stitch.cache_inventory import cache_inventory, prune_cache
     from prh_stitch.data.commands import extract_features, verify_store, write_shards
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
-    kinds = option_kinds(write_shards, extract_features, verify_store)
+    kinds = option_kinds(write_shards, extract_features, verify_store, cache_inventory, prune_cache)
     args = [_listed(arg) for arg in argv_of(argv)]
     return run_command(PROG, lambda: _run(with_shipped_configs(standard_spelling(args, kinds))))
 
@@ -80,6 +92,7 @@ def _listed(arg: str) -> str:
 
 
 def _run(args: List[str]) -> int:
+    from prh_stitch.cache_inventory import cache_inventory, prune_cache
     from prh_stitch.data.commands import check_failure_line, check_shards, extract_features, verify_store, write_shards
 
     namespace = build_parser().parse_args(args)
@@ -105,8 +118,8 @@ def _run(args: List[str]) -> int:
                       f"{PROG} verify --repair --out {report['root']}", file=sys.stderr)
                 return 1
             return 0
-        run = write_shards if command == "write" else extract_features
-        print(json.dumps(run(**options)))
+        run = {"write": write_shards, "extract": extract_features, "cache": cache_inventory, "prune": prune_cache}
+        print(json.dumps(run[command](**options)))
         return 0
     except OSError as exc:  # a file the system refused (permissions, a full disk): the user's to fix, one line
         if isinstance(exc, FileNotFoundError):

@@ -49,6 +49,7 @@ from prh_stitch.data.store_entry import (  # noqa: F401
 )
 from prh_stitch.data.store_safety import entry_lock, remove_dead_temp_files, unwritable_store
 from prh_stitch.encoders.base import FrozenEncoder, Layer
+from prh_stitch.last_used import ENTRY_MARKER, mark_used
 
 log = logging.getLogger("prh_stitch.data")
 
@@ -303,6 +304,7 @@ class FeatureStore:
         if _VERIFIED.get(str(entry.resolve())) != (stamp.st_ino, stamp.st_mtime_ns):
             verify_entry(entry, index)  # once per process and entry: every byte against its recorded hash
             _VERIFIED[str(entry.resolve())] = (stamp.st_ino, stamp.st_mtime_ns)
+        mark_used(entry / ENTRY_MARKER, create=True)  # what pruning unused entries goes by
         features = {}
         n = len(index["keys"])
         for layer in index["layers"]:

@@ -36,16 +36,17 @@ def unwritable_store(folder: Path, exc: OSError) -> UserError:
 
 
 @contextlib.contextmanager
-def entry_lock(entry: Path, needed: bool = True) -> Iterator[None]:
+def entry_lock(entry: Path, needed: bool = True, wait: bool = True) -> Iterator[bool]:
     """Hold the entry's lock (waiting for another holder). Where it cannot be created (a read-only store) a
-    complete entry is read without it; anything else is the one-line ``UserError`` of an unwritable store."""
+    complete entry is read without it; anything else is the one-line ``UserError`` of an unwritable store.
+    Without ``wait``, an entry another process holds is not waited for: the block runs unlocked, told so by False."""
     if not needed:
-        yield
+        yield True
         return
     path = entry.parent / f".{entry.name}.lock"
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        fd = _locked(path)
+        fd = _locked(path, wait)
     except OSError as exc:
         if exc.errno not in _UNWRITABLE:
             raise
@@ -53,20 +54,27 @@ def entry_lock(entry: Path, needed: bool = True) -> Iterator[None]:
             yield  # nothing will be written: a read-only store of finished entries is fine
             return
         raise unwritable_store(entry.parent, exc) from None
+    if fd is None:
+        yield False
+        return
     try:
-        yield
+        yield True
     finally:
         path.unlink(missing_ok=True)  # while still held: a waiter then finds its file gone and locks afresh
         os.close(fd)
 
 
-def _locked(path: Path) -> int:
-    """An open descriptor of ``path`` holding its exclusive lock (the file still at that path, not an unlinked one)."""
+def _locked(path: Path, wait: bool = True) -> Optional[int]:
+    """An open descriptor of ``path`` holding its exclusive lock (the file still at that path, not an unlinked one);
+    None when another process holds it and ``wait`` is False."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                return None
             log.info("waiting for another process working on %s", path.name[1:-5])
             fcntl.flock(fd, fcntl.LOCK_EX)
         try:

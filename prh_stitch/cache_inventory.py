@@ -1,0 +1,167 @@
+"""What the cache holds and when it was last used; pruning what has not been used for a while.
+
+The cache (``$PRH_STITCH_CACHE``, default ``~/.cache/prh_stitch``) only grows: every encoder, layer set and data set
+adds a feature store entry, every scored pair a score record, every figure drawn a figure entry. Three of its folders
+hold items that are recomputed when missing, so they can be pruned by last use (:mod:`prh_stitch.last_used`):
+
+* ``features/``: feature store entries (a folder each; last use: its ``last-used`` file, else its index; an
+  unfinished extraction: its newest file). An entry another process holds (extracting, or reading under the lock)
+  is left alone, never waited for.
+* ``scores/``: score records (``KEY.json``).
+* ``figures/``: drawn figures (``KEY.json`` with ``KEY.png`` and ``KEY.pdf``).
+
+The other folders (built-in scenes and data sets, offline model weights) are listed with their sizes and never
+pruned here: they are inputs, some of them downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from prh_stitch.data.store_entry import IDENTITY, INDEX, default_cache_dir
+from prh_stitch.data.store_safety import entry_lock
+from prh_stitch.errors import UserError
+from prh_stitch.figure_cache import SUFFIXES
+from prh_stitch.last_used import ENTRY_MARKER
+
+PRUNABLE = ("features", "scores", "figures")
+DAY = 86400.0
+
+
+def _bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _iso(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds")
+
+
+def _root(root: Optional[str | os.PathLike]) -> Path:
+    folder = Path(root) if root is not None else default_cache_dir()
+    if not folder.is_dir():
+        raise UserError(f"no cache folder at {folder}; give it with --root (default $PRH_STITCH_CACHE or "
+                        "~/.cache/prh_stitch)")
+    return folder
+
+
+def _entries(features: Path) -> List[Path]:
+    if not features.is_dir():
+        return []
+    return sorted(p for p in features.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def entry_last_used(entry: Path) -> float:
+    """Seconds since the epoch of an entry's last use (see the module docstring)."""
+    for name in (ENTRY_MARKER, INDEX):
+        if (entry / name).is_file():
+            return (entry / name).stat().st_mtime
+    times = [p.stat().st_mtime for p in entry.rglob("*") if p.is_file()]
+    return max(times, default=entry.stat().st_mtime)
+
+
+def _describe(entry: Path) -> Dict[str, Any]:
+    """One entry's line of the inventory: what it is features of, how many, how big, when last used."""
+    record: Dict[str, Any] = {"entry": entry.name, "complete": (entry / INDEX).is_file(), "bytes": _bytes(entry),
+                              "last_used": _iso(entry_last_used(entry))}
+    try:
+        if record["complete"]:
+            index = json.loads((entry / INDEX).read_text())
+            identity, samples = index["identity"], len(index["keys"])
+        else:
+            identity, samples = json.loads((entry / IDENTITY).read_text())["identity"], None
+        record.update(encoder=identity["encoder"], layers=identity["layers"], pooling=identity["pooling"],
+                      dtype=identity["dtype"], shards=identity["shards"], samples=samples)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        record["unreadable"] = f"{type(exc).__name__}: {exc}"  # `python -m prh_stitch.data verify` says more
+    return record
+
+
+def _keyed(folder: Path, index_suffix: str = ".json") -> Iterator[Tuple[str, Path]]:
+    """(key, index file) of a keyed cache folder (``KEY.json`` per item)."""
+    if folder.is_dir():
+        for path in sorted(folder.glob(f"*{index_suffix}")):
+            if not path.name.startswith("."):
+                yield path.name[: -len(index_suffix)], path
+
+
+def cache_inventory(root: Optional[str] = None) -> Dict[str, Any]:
+    """What the cache holds: bytes per folder, and every feature store entry with its encoder, layers and last use.
+
+    Args:
+        root: the cache folder (default $PRH_STITCH_CACHE, else ~/.cache/prh_stitch)
+
+    Returns:
+        root, total bytes, folders (bytes, items, prunable), feature store entries.
+    """
+    folder = _root(root)
+    folders = {}
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        items = (len(_entries(child)) if child.name == "features" else
+                 sum(1 for _ in _keyed(child)) if child.name in ("scores", "figures") else None)
+        folders[child.name] = {"bytes": _bytes(child), "items": items, "prunable": child.name in PRUNABLE}
+    return {"root": str(folder), "bytes": sum(f["bytes"] for f in folders.values()), "folders": folders,
+            "features": [_describe(entry) for entry in _entries(folder / "features")]}
+
+
+def prune_cache(unused_days: float, root: Optional[str] = None, only: Optional[List[str]] = None,
+                dry_run: bool = False) -> Dict[str, Any]:
+    """Delete cached items not used for ``unused_days`` days; they are computed again when next needed.
+
+    Args:
+        unused_days: delete what was last used more than this many days ago (0: everything not in use)
+        root: the cache folder (default $PRH_STITCH_CACHE, else ~/.cache/prh_stitch)
+        only: which folders to prune, of features, scores and figures (default: all three)
+        dry_run: report what would be deleted, delete nothing
+
+    Returns:
+        root, cutoff, what was (or would be) deleted per folder, the bytes freed, entries left alone as in use.
+    """
+    if not unused_days >= 0:
+        raise UserError(f"--unused-days must be a number of days >= 0, got {unused_days}")
+    only = list(PRUNABLE) if only is None else list(only)
+    unknown = sorted(set(only) - set(PRUNABLE))
+    if unknown:
+        raise UserError(f"cannot prune {unknown}: choose from {', '.join(PRUNABLE)} (the other folders are inputs)")
+    folder = _root(root)
+    cutoff = time.time() - unused_days * DAY
+    removed: Dict[str, List[str]] = {name: [] for name in only}
+    report: Dict[str, Any] = {"root": str(folder), "unused_days": unused_days, "cutoff": _iso(cutoff),
+                              "dry_run": dry_run, "removed": removed, "freed_bytes": 0, "in_use": []}
+    if "features" in only:
+        for entry in _entries(folder / "features"):
+            if entry_last_used(entry) >= cutoff:
+                continue
+            # Not waited for: a holder is using the entry right now; deleting under the lock, a reader that comes
+            # later finds no entry and extracts it again (a process that has it memory-mapped keeps its pages).
+            with entry_lock(entry, wait=False) as held:
+                if not held:
+                    report["in_use"].append(entry.name)
+                    continue
+                size = _bytes(entry)
+                if not dry_run:
+                    shutil.rmtree(entry)
+            removed["features"].append(entry.name)
+            report["freed_bytes"] += size
+    for name in ("scores", "figures"):
+        if name not in only:
+            continue
+        for key, index in _keyed(folder / name):
+            if index.stat().st_mtime >= cutoff:
+                continue
+            # The index first: without it the item is absent, so a reader never meets half an item.
+            files = [index] + ([index.with_suffix(s) for s in SUFFIXES] if name == "figures" else [])
+            for path in files:
+                if path.is_file():
+                    report["freed_bytes"] += path.stat().st_size
+                    if not dry_run:
+                        path.unlink(missing_ok=True)
+            removed[name].append(key)
+    return report

@@ -1,0 +1,162 @@
+"""The cache's inventory and pruning by last use (prh_stitch/cache_inventory.py, `python -m prh_stitch.data cache|prune`)."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prh_stitch.alignment.score_cache import ScoreCache
+from prh_stitch.cache_inventory import DAY, cache_inventory, entry_last_used, prune_cache
+from prh_stitch.cli.data import main as data_main
+from prh_stitch.data.features import FeatureStore
+from prh_stitch.data.shards import expand_urls, write_shards
+from prh_stitch.data.sources import scenes
+from prh_stitch.data.store_safety import entry_lock
+from prh_stitch.encoders import build_encoder
+from prh_stitch.errors import UserError
+from prh_stitch.figure_cache import FigureCache
+from prh_stitch.last_used import ENTRY_MARKER
+
+
+def _age(path: Path, days: float) -> None:
+    """Make ``path`` look last used ``days`` ago."""
+    when = time.time() - days * DAY
+    os.utime(path, (when, when))
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    """A cache folder with two feature entries (one encoder, two data sets), two scores, two figures, and an input
+    folder (scenes) that pruning must never touch."""
+    root = tmp_path / "cache"
+    urls = []
+    for i in range(2):
+        manifest = write_shards(scenes(6, seed=i, size=16), root / "scenes" / f"set{i}", prefix="train")
+        urls.append(expand_urls(str(root / "scenes" / f"set{i}" / manifest["pattern"])))
+    store = FeatureStore(root / "features")
+    encoder = build_encoder("tiny_vit")
+    entries = [Path(store.get(encoder, u, progress=False).info["entry"]) for u in urls]
+    scores = ScoreCache(root / "scores")
+    for key in ("a" * 24, "b" * 24):
+        scores.put(key, {"score": 0.5})
+    figures = FigureCache(root / "figures")
+    for key in ("c" * 64, "d" * 64):
+        figures.put(key, {".png": b"png bytes", ".pdf": b"pdf bytes"})
+    return root, store, encoder, urls, entries
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_the_inventory_lists_every_folder_and_entry_with_its_true_size(cache):
+    root, _, _, _, entries = cache
+    report = cache_inventory(str(root))
+    assert set(report["folders"]) == {"features", "scenes", "scores", "figures"}
+    for name, folder in report["folders"].items():
+        assert folder["bytes"] == _tree_bytes(root / name) and folder["prunable"] == (name != "scenes")
+    assert report["bytes"] == _tree_bytes(root)
+    assert [report["folders"][n]["items"] for n in ("features", "scores", "figures")] == [2, 2, 2]
+    listed = {e["entry"]: e for e in report["features"]}
+    assert set(listed) == {e.name for e in entries}
+    for entry in entries:
+        record = listed[entry.name]
+        assert record["complete"] and record["encoder"] == "tiny_vit" and record["samples"] == 6
+        assert record["bytes"] == _tree_bytes(entry) and record["shards"] == 1
+        assert "unreadable" not in record
+
+
+def test_every_cache_hit_records_its_use(cache):
+    root, store, encoder, urls, entries = cache
+    _age(entries[0] / ENTRY_MARKER, 40)
+    score = root / "scores" / f"{'a' * 24}.json"
+    figure = root / "figures" / f"{'c' * 64}.json"
+    _age(score, 40)
+    _age(figure, 40)
+    before = time.time() - 60
+    store.get(encoder, urls[0], progress=False)
+    assert store.hits == 1 and entry_last_used(entries[0]) > before
+    assert ScoreCache(root / "scores").get("a" * 24) == {"score": 0.5} and score.stat().st_mtime > before
+    assert FigureCache(root / "figures").get("c" * 64) is not None and figure.stat().st_mtime > before
+    assert ScoreCache(root / "scores").get("e" * 24) is None  # a miss records nothing and fails nothing
+
+
+def test_pruning_deletes_exactly_what_was_not_used_and_it_comes_back_the_same(cache):
+    root, store, encoder, urls, entries = cache
+    features_before = store.get(encoder, urls[1], progress=False).features
+    _age(entries[1] / ENTRY_MARKER, 40)
+    _age(root / "scores" / f"{'b' * 24}.json", 40)
+    _age(root / "figures" / f"{'d' * 64}.json", 40)
+    sizes = (_tree_bytes(entries[1]) + (root / "scores" / f"{'b' * 24}.json").stat().st_size
+             + sum((root / "figures" / f"{'d' * 64}{s}").stat().st_size for s in (".json", ".png", ".pdf")))
+    untouched = {p: p.read_bytes() for p in (root / "scenes").rglob("*") if p.is_file()}
+
+    dry = prune_cache(30, str(root), dry_run=True)
+    assert dry["removed"] == {"features": [entries[1].name], "scores": ["b" * 24], "figures": ["d" * 64]}
+    assert dry["freed_bytes"] == sizes and entries[1].is_dir()  # a dry run deletes nothing
+
+    report = prune_cache(30, str(root))
+    assert report["removed"] == dry["removed"] and report["freed_bytes"] == sizes and report["in_use"] == []
+    assert not entries[1].exists() and entries[0].is_dir()
+    assert sorted(p.name for p in (root / "scores").iterdir()) == [f"{'a' * 24}.json"]
+    assert sorted(p.name for p in (root / "figures").iterdir()) == [f"{'c' * 64}{s}" for s in (".json", ".pdf", ".png")]
+    assert {p: p.read_bytes() for p in (root / "scenes").rglob("*") if p.is_file()} == untouched
+    assert ScoreCache(root / "scores").get("b" * 24) is None and FigureCache(root / "figures").get("d" * 64) is None
+
+    extractions = store.extractions
+    again = store.get(encoder, urls[1], progress=False)  # computed again, identically
+    assert store.extractions == extractions + 1
+    for name, tensor in features_before.items():
+        torch.testing.assert_close(again.features[name], tensor, rtol=0, atol=0)
+
+
+def test_an_entry_in_use_is_left_alone_and_only_the_folders_asked_for_are_pruned(cache):
+    root, _, _, _, entries = cache
+    for entry in entries:
+        _age(entry / ENTRY_MARKER, 40)
+    _age(root / "scores" / f"{'a' * 24}.json", 40)
+    with entry_lock(entries[0]):  # another extraction or reader holds it
+        report = prune_cache(30, str(root), only=["features"])
+    assert report["in_use"] == [entries[0].name] and report["removed"] == {"features": [entries[1].name]}
+    assert entries[0].is_dir() and (root / "scores" / f"{'a' * 24}.json").is_file()
+    # An unfinished extraction goes by its newest file: kept while recent, pruned once that file is old.
+    unfinished = root / "features" / "unfinished"
+    (unfinished / "parts").mkdir(parents=True)
+    (unfinished / "parts" / "s000000-b000000.safetensors").write_bytes(b"x")
+    assert entry_last_used(unfinished) > time.time() - 60
+    assert prune_cache(1, str(root))["removed"]["features"] == [entries[0].name]  # no longer held: pruned now
+    for path in (unfinished / "parts" / "s000000-b000000.safetensors", unfinished / "parts", unfinished):
+        _age(path, 5)
+    assert prune_cache(1, str(root))["removed"]["features"] == ["unfinished"]
+
+
+def test_bad_requests_are_one_line_errors(cache, tmp_path, capsys):
+    root = cache[0]
+    with pytest.raises(UserError, match=r"--unused-days must be a number of days >= 0"):
+        prune_cache(-1, str(root))
+    with pytest.raises(UserError, match=r"cannot prune \['zoo'\]: choose from features, scores, figures"):
+        prune_cache(3, str(root), only=["zoo"])
+    with pytest.raises(UserError, match="no cache folder at"):
+        cache_inventory(str(tmp_path / "missing"))
+    for argv in (["prune", "--unused-days", "-1", "--root", str(root)],
+                 ["prune", "--unused-days", "3", "--only", "zoo", "scores", "--root", str(root)],
+                 ["cache", "--root", str(tmp_path / "missing")]):
+        assert data_main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_commands_print_the_reports(cache, capsys):
+    root, _, _, _, entries = cache
+    _age(entries[0] / ENTRY_MARKER, 10)
+    assert data_main(["cache", "--root", str(root)]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed == cache_inventory(str(root))
+    assert data_main(["prune", "--unused-days", "7", "--only", "features", "scores", "--dry-run", "--root",
+                      str(root)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dry_run"] and report["removed"] == {"features": [entries[0].name], "scores": []}
+    assert entries[0].is_dir()
