@@ -220,6 +220,27 @@ def test_units_split_over_ranks_are_disjoint_and_cover_everything(dataset, world
         assert flat == sorted(flat)
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_a_resumed_run_with_a_short_manifest_still_reads_past_it_exactly_once(dataset, world):
+    """Shard 0 holds 7 samples (blocks 0-3 of 2) but its manifest says 5 (blocks 0-2), and block 2 was done in an
+    earlier run: the units left, block 3 past the manifest's end included, are each done once."""
+    urls, good, _ = dataset
+    urls, done = urls[:2], {(0, 2)}
+    seen, units, ends = Counter(), Counter(), Counter()
+    for rank in range(world):
+        reader = UnitReader(urls, chunk_size=2, done=done, finished_shards={}, rank=rank, world=world, counts=[5, 3])
+        for item in reader:
+            if isinstance(item, UnitDone):
+                units[(item.shard, item.block)] += 1
+                ends[item.shard] += item.last
+            else:
+                seen[item["key"]] += 1
+    assert set(units) == {(0, 0), (0, 1), (0, 3), (1, 0), (1, 1), (1, 2)} and set(units.values()) == {1}
+    assert ends == Counter({0: 1, 1: 1})
+    assert set(seen) == {k for k in good if k.startswith(("s0", "s1")) and k not in ("s0-004", "s0-005")}
+    assert set(seen.values()) == {1}
+
+
 # -- resuming after SIGKILL, through the command line ---------------------------------------------------
 
 

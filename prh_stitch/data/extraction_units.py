@@ -99,8 +99,8 @@ class UnitReader(IterableDataset):
     The split is ``split.py``'s rule. With ``counts`` (samples per shard, from the manifests) the units still to do
     are dealt in contiguous runs of equal sample counts (``contiguous_owner``): a consumer reads a shard only if its
     run lies in it, and only up to the end of its run (one sample further, to learn whether its last unit ends the
-    shard); the owner of a shard's last planned unit reads to the end, so a shard longer than its manifest still
-    ends in one unit. Without counts: whole shards when there are at least as many as consumers, else units
+    shard); the owner of a shard's last unit still to do reads to the end, so a shard longer than its manifest
+    still ends in one unit. Without counts: whole shards when there are at least as many as consumers, else units
     (numbered over all shards in order) round robin. Samples (decoded, tagged with their ``unit``) come in shard
     order; each unit this consumer owns ends with a ``UnitDone`` carrying its skip counts by reason, so counts reach
     the main process with the data even from DataLoader workers. Shard-level problems count in the unit that ends
@@ -147,15 +147,18 @@ class UnitReader(IterableDataset):
             if contiguous_owner(start, n, total, count) == index:
                 owned.add((shard, block))
             start += n
+        last_planned = {shard: block for shard, block, _ in plan}  # the plan is in order: each shard's last wins
         for shard, url in enumerate(self.urls):
             blocks = [block for s, block in owned if s == shard]
             if not blocks:
                 continue
-            final = max(0, -(-self.counts[shard] // size) - 1)  # the last planned block: its owner reads to the end
+            # The owner of the shard's last unit still to do reads to the end, and owns any unit past it not done yet
+            # (a shard longer than its manifest says still ends in one unit).
+            final = last_planned[shard]
             to_end = (shard, final) in owned
 
             def mine(block: int, shard: int = shard, final: int = final, to_end: bool = to_end) -> bool:
-                return (shard, block) in owned or (to_end and block > final)
+                return (shard, block) in owned or (to_end and block > final and (shard, block) not in self.done)
 
             yield from self._shard(shard, url, mine, None if to_end else (max(blocks) + 1) * size)
 
