@@ -190,3 +190,67 @@ def test_a_consumer_reads_only_the_shards_of_its_run_and_stops_one_sample_past_i
             assert sum(d.raw for d in done) == 32 // world
             if rank in expected:
                 assert {urls.index(url): n for url, n in read.items()} == expected[rank], (world, rank)
+
+
+def _scene_shards(folder, sizes, image=None):
+    """Shards of ``sizes`` samples each (tiny scenes, or one ``image`` repeated), their URLs and manifest counts."""
+    from prh_stitch.data.shards import samples_per_shard, write_shards
+    from prh_stitch.data.sources import scenes
+
+    urls = []
+    for i, n in enumerate(sizes):
+        samples = scenes(n, seed=i, size=16) if image is None else (
+            (f"k{i}-{j}", image, f"caption {j}", {}) for j in range(n))
+        manifest = write_shards(samples, folder / f"set{i}", prefix="s", samples_per_shard=max(1, n),
+                                image_format="png")
+        urls.append(str(folder / f"set{i}" / manifest["pattern"]))
+    return urls, samples_per_shard(urls)
+
+
+def _unit_ends(urls, size, world, counts):
+    from prh_stitch.data.features import UnitDone, UnitReader
+
+    return {rank: [item for item in UnitReader(urls, size, set(), {}, rank=rank, world=world, counts=counts)
+                   if isinstance(item, UnitDone)] for rank in range(world)}
+
+
+def test_the_reader_deals_exactly_the_runs_the_rule_computes(tmp_path):
+    """Uneven shards (one of a single sample, one smaller than a unit): each consumer's raw samples are its load
+    under contiguous_owner, computed from the counts alone."""
+    urls, counts = _scene_shards(tmp_path, [7, 1, 5, 3])
+    for world in range(1, 6):
+        ends = _unit_ends(urls, 2, world, counts)
+        units = [min(2, n - b * 2) for n in counts for b in range(max(1, -(-n // 2)))]
+        expected, start = [0] * world, 0
+        for n in units:
+            expected[contiguous_owner(start, n, sum(units), world)] += n
+            start += n
+        assert [sum(d.raw for d in ends[rank]) for rank in range(world)] == expected, world
+
+
+def test_without_counts_unit_u_over_all_shards_goes_to_consumer_u_mod_count(tmp_path):
+    urls, _ = _scene_shards(tmp_path, [7, 5])  # 4 + 3 units of 2; 2 shards for 3 consumers: the "sample" split
+    ends = _unit_ends(urls, 2, 3, None)
+    numbered = {(0, b): b for b in range(4)} | {(1, b): 4 + b for b in range(3)}
+    got = {(d.shard, d.block): rank for rank, done in ends.items() for d in done}
+    assert got == {unit: u % 3 for unit, u in numbered.items()}
+
+
+def test_the_reader_defaults_to_one_process_and_checks_its_counts(tmp_path):
+    from prh_stitch.data.features import UnitDone, UnitReader
+
+    urls, counts = _scene_shards(tmp_path, [3, 2])
+    alone = [i for i in UnitReader(urls, 2, set(), {}, counts=counts) if isinstance(i, UnitDone)]
+    assert sum(d.raw for d in alone) == 5 and sum(d.last for d in alone) == 2
+    with pytest.raises(ValueError, match=r"^counts gives 1 shards' sample counts for 2 shards$"):
+        UnitReader(urls, 2, set(), {}, counts=[3])
+
+
+def test_images_reach_the_encoders_as_rgb_whatever_their_mode(tmp_path):
+    from PIL import Image
+
+    from prh_stitch.data.features import UnitDone, UnitReader
+
+    urls, counts = _scene_shards(tmp_path, [2], image=Image.new("L", (8, 8), 77))
+    samples = [i for i in UnitReader(urls, 4, set(), {}, counts=counts) if not isinstance(i, UnitDone)]
+    assert [s["image"].mode for s in samples] == ["RGB", "RGB"]
