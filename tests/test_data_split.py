@@ -78,6 +78,7 @@ def test_units_are_an_eighth_of_a_share_at_most_never_below_a_batch_nor_above_th
     assert unit_size(1024, [10], 1) == 1024  # one consumer: nothing to balance
     assert unit_size(1024, [5000, 3000], 8) == 125  # 8000 // (8 x 8)
     assert unit_size(1024, [5000, 3000], 8, batch_size=300) == 300  # never below a batch
+    assert unit_size(1024, [5000, 3000], 8, batch_size=32) == 96  # whole batches: 125 would end in a sliver
     assert unit_size(1024, [5000, 3000], 8, batch_size=2000) == 1000  # nor above a share
     assert unit_size(512, [5000, 3000], 8, batch_size=2000) == 512  # nor above the chunk
     assert unit_size(1024, [500] * 100, 2) == 1024  # plenty of work: the chunk
@@ -89,7 +90,9 @@ def test_units_are_an_eighth_of_a_share_at_most_never_below_a_batch_nor_above_th
             if consumers == 1:
                 assert size == chunk
             elif max(1, min(chunk, batch, sum(counts) // consumers)) < size < chunk:
-                assert size == sum(counts) // (8 * consumers)
+                floor = min(batch, sum(counts) // consumers)
+                balanced = sum(counts) // (8 * consumers)
+                assert size == balanced - balanced % floor and size % floor == 0
 
 
 def _runs(counts, size, consumers):

@@ -75,13 +75,16 @@ def unit_size(chunk_size: int, samples_per_shard: Optional[Sequence[int]], consu
     is its share to within one unit: units of at most an eighth of a share (``total // (8 x consumers)``) keep every
     consumer busy at least 8/9 of the time. They stay at least ``batch_size`` (batches never span units, and
     smaller batches would waste an accelerator more than the imbalance does) unless a batch is more than a share,
-    and at least one sample.
+    a whole number of batches when larger, and at least one sample.
     """
     if samples_per_shard is None or consumers == 1:  # one consumer is balanced with any units: the largest
         return chunk_size
     total = sum(samples_per_shard)
     floor = min(batch_size, total // consumers)  # a batch, unless that is more than a share
-    return max(1, min(chunk_size, max(total // (8 * consumers), floor)))
+    balanced = total // (8 * consumers)
+    if balanced > floor:  # whole batches, so that a unit does not end in a sliver of a batch
+        balanced -= balanced % floor
+    return max(1, min(chunk_size, max(balanced, floor)))
 
 
 def contiguous_owner(start: int, size: int, total: int, consumers: int) -> int:
