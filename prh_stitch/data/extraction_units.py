@@ -142,15 +142,15 @@ class UnitReader(IterableDataset):
         plan = [(shard, block, min(size, n - block * size))
                 for shard, n in enumerate(self.counts) if shard not in self.finished
                 for block in range(max(1, -(-n // size))) if (shard, block) not in self.done]
-        total, start, owned = sum(n for _, _, n in plan), 0, set()
+        total, start, owned, last_block = sum(n for _, _, n in plan), 0, set(), {}
         for shard, block, n in plan:
             if contiguous_owner(start, n, total, count) == index:
                 owned.add((shard, block))
+                last_block[shard] = block  # the plan is in order: each shard's last owned block wins
             start += n
-        last_planned = {shard: block for shard, block, _ in plan}  # the plan is in order: each shard's last wins
+        last_planned = {shard: block for shard, block, _ in plan}
         for shard, url in enumerate(self.urls):
-            blocks = [block for s, block in owned if s == shard]
-            if not blocks:
+            if shard not in last_block:
                 continue
             # The owner of the shard's last unit still to do reads to the end, and owns any unit past it not done yet
             # (a shard longer than its manifest says still ends in one unit).
@@ -160,7 +160,7 @@ class UnitReader(IterableDataset):
             def mine(block: int, shard: int = shard, final: int = final, to_end: bool = to_end) -> bool:
                 return (shard, block) in owned or (to_end and block > final and (shard, block) not in self.done)
 
-            yield from self._shard(shard, url, mine, None if to_end else (max(blocks) + 1) * size)
+            yield from self._shard(shard, url, mine, None if to_end else (last_block[shard] + 1) * size)
 
     def _shard(self, shard: int, url: str, mine: Callable[[int], bool], stop: Optional[int] = None):
         """The shard's samples and unit ends; returns its number of units. With ``stop``, reading ends at the first
