@@ -116,7 +116,7 @@ def prune_cache(unused_days: float, root: Optional[str] = None, only: Optional[L
     """Delete cached items not used for ``unused_days`` days; they are computed again when next needed.
 
     Args:
-        unused_days: delete what was last used more than this many days ago (0: everything not in use)
+        unused_days: delete what was last used more than this many days ago (0: everything not held right now)
         root: the cache folder (default $PRH_STITCH_CACHE, else ~/.cache/prh_stitch)
         only: which folders to prune, of features, scores and figures (default: all three)
         dry_run: report what would be deleted, delete nothing

@@ -51,7 +51,7 @@ def entry_lock(entry: Path, needed: bool = True, wait: bool = True) -> Iterator[
         if exc.errno not in _UNWRITABLE:
             raise
         if (entry / INDEX).is_file():
-            yield  # nothing will be written: a read-only store of finished entries is fine
+            yield True  # nothing will be written: a read-only store of finished entries is fine
             return
         raise unwritable_store(entry.parent, exc) from None
     if fd is None:
