@@ -1,4 +1,4 @@
-"""What the cache holds and when it was last used; pruning what has not been used for a while.
+"""What the cache holds and when it was last used; pruning what has not been used for a while, or down to a size.
 
 The cache (``$PRH_STITCH_CACHE``, default ``~/.cache/prh_stitch``) only grows: every encoder, layer set and data set
 adds a feature store entry, every scored pair a score record, every figure drawn a figure entry. Three of its folders
@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -92,6 +93,11 @@ def _keyed(folder: Path, index_suffix: str = ".json") -> Iterator[Tuple[str, Pat
                 yield path.name[: -len(index_suffix)], path
 
 
+def _folders(root: Path) -> List[Path]:
+    """The cache's folders, as the inventory lists and counts them (hidden ones are lock and temporary files)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def cache_inventory(root: Optional[str] = None) -> Dict[str, Any]:
     """What the cache holds: bytes per folder, and every feature store entry with its encoder, layers and last use.
 
@@ -103,7 +109,7 @@ def cache_inventory(root: Optional[str] = None) -> Dict[str, Any]:
     """
     folder = _root(root)
     folders = {}
-    for child in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for child in _folders(folder):
         items = (len(_entries(child)) if child.name == "features" else
                  sum(1 for _ in _keyed(child)) if child.name in ("scores", "figures") else None)
         folders[child.name] = {"bytes": _bytes(child), "items": items, "prunable": child.name in PRUNABLE}
@@ -111,57 +117,97 @@ def cache_inventory(root: Optional[str] = None) -> Dict[str, Any]:
             "features": [_describe(entry) for entry in _entries(folder / "features")]}
 
 
-def prune_cache(unused_days: float, root: Optional[str] = None, only: Optional[List[str]] = None,
-                dry_run: bool = False) -> Dict[str, Any]:
-    """Delete cached items not used for ``unused_days`` days; they are computed again when next needed.
+@dataclass(frozen=True)
+class _Item:
+    """One prunable item: a feature store entry (a folder), or a score or figure (its index first, then its files)."""
+
+    folder: str  # features, scores or figures
+    name: str
+    last_used: float
+    bytes: int
+    paths: Tuple[Path, ...]
+
+
+def _items(root: Path, only: List[str]) -> List[_Item]:
+    items = []
+    if "features" in only:
+        for entry in _entries(root / "features"):
+            items.append(_Item("features", entry.name, entry_last_used(entry), _bytes(entry), (entry,)))
+    for name in ("scores", "figures"):
+        if name in only:
+            for key, index in _keyed(root / name):
+                # The index first: without it the item is absent, so a reader never meets half an item.
+                files = (index,) + (tuple(index.with_suffix(s) for s in SUFFIXES) if name == "figures" else ())
+                present = tuple(f for f in files if f.is_file())
+                items.append(_Item(name, key, index.stat().st_mtime, sum(f.stat().st_size for f in present), present))
+    return items
+
+
+def _remove(item: _Item, dry_run: bool) -> bool:
+    """Delete one item (not when ``dry_run``); False when another process holds it (a feature entry's lock)."""
+    if item.folder != "features":
+        for path in item.paths:
+            if not dry_run:
+                path.unlink(missing_ok=True)
+        return True
+    # Not waited for: a holder is using the entry right now; deleting under the lock, a reader that comes later
+    # finds no entry and extracts it again (a process that has it memory-mapped keeps its pages).
+    with entry_lock(item.paths[0], wait=False) as held:
+        if held and not dry_run:
+            shutil.rmtree(item.paths[0])
+        return held
+
+
+def prune_cache(unused_days: Optional[float] = None, root: Optional[str] = None, only: Optional[List[str]] = None,
+                dry_run: bool = False, max_gb: Optional[float] = None) -> Dict[str, Any]:
+    """Delete cached items not used for a while, or the least recently used until the cache fits a size.
+
+    Deleted items are computed again when next needed. Give ``unused_days``, ``max_gb`` or both: the age rule goes
+    first, then the least recently used of what is left go, oldest first, until the whole cache folder (inputs
+    included, as ``cache`` counts it) holds at most ``max_gb``. Inputs and items in use are never deleted, so the
+    size may stay over; the report then says ``fits: false``.
 
     Args:
         unused_days: delete what was last used more than this many days ago (0: everything not held right now)
         root: the cache folder (default $PRH_STITCH_CACHE, else ~/.cache/prh_stitch)
         only: which folders to prune, of features, scores and figures (default: all three)
         dry_run: report what would be deleted, delete nothing
+        max_gb: keep the cache folder at most this many gigabytes (10^9 bytes), least recently used first
 
     Returns:
-        root, cutoff, what was (or would be) deleted per folder, the bytes freed, entries left alone as in use.
+        root, the rules, what was (or would be) deleted per folder, the bytes freed, the cache's bytes after,
+        whether it fits ``max_gb``, entries left alone as in use.
     """
-    if not unused_days >= 0:
+    if unused_days is None and max_gb is None:
+        raise UserError("say what to prune: --unused-days N (not used for N days), --max-gb G (least recently used "
+                        "until the cache holds G gigabytes), or both")
+    if unused_days is not None and not unused_days >= 0:
         raise UserError(f"--unused-days must be a number of days >= 0, got {unused_days}")
+    if max_gb is not None and not max_gb >= 0:
+        raise UserError(f"--max-gb must be a number of gigabytes >= 0, got {max_gb}")
     only = list(PRUNABLE) if only is None else list(only)
     unknown = sorted(set(only) - set(PRUNABLE))
     if unknown:
         raise UserError(f"cannot prune {unknown}: choose from {', '.join(PRUNABLE)} (the other folders are inputs)")
     folder = _root(root)
-    cutoff = time.time() - unused_days * DAY
+    cutoff = None if unused_days is None else time.time() - unused_days * DAY
+    budget = None if max_gb is None else round(max_gb * 1e9)  # whole bytes: 0.063035 GB is 63,035 bytes, not fewer
     removed: Dict[str, List[str]] = {name: [] for name in only}
-    report: Dict[str, Any] = {"root": str(folder), "unused_days": unused_days, "cutoff": _iso(cutoff),
+    report: Dict[str, Any] = {"root": str(folder), "unused_days": unused_days,
+                              "cutoff": None if cutoff is None else _iso(cutoff), "max_bytes": budget,
                               "dry_run": dry_run, "removed": removed, "freed_bytes": 0, "in_use": []}
-    if "features" in only:
-        for entry in _entries(folder / "features"):
-            if entry_last_used(entry) >= cutoff:
-                continue
-            # Not waited for: a holder is using the entry right now; deleting under the lock, a reader that comes
-            # later finds no entry and extracts it again (a process that has it memory-mapped keeps its pages).
-            with entry_lock(entry, wait=False) as held:
-                if not held:
-                    report["in_use"].append(entry.name)
-                    continue
-                size = _bytes(entry)
-                if not dry_run:
-                    shutil.rmtree(entry)
-            removed["features"].append(entry.name)
-            report["freed_bytes"] += size
-    for name in ("scores", "figures"):
-        if name not in only:
+    total = sum(_bytes(child) for child in _folders(folder))
+    # Oldest first, so the size rule deletes the least recently used; ties in a fixed order.
+    for item in sorted(_items(folder, only), key=lambda i: (i.last_used, i.folder, i.name)):
+        too_old = cutoff is not None and item.last_used < cutoff
+        too_big = budget is not None and total - report["freed_bytes"] > budget
+        if not (too_old or too_big):
             continue
-        for key, index in _keyed(folder / name):
-            if index.stat().st_mtime >= cutoff:
-                continue
-            # The index first: without it the item is absent, so a reader never meets half an item.
-            files = [index] + ([index.with_suffix(s) for s in SUFFIXES] if name == "figures" else [])
-            for path in files:
-                if path.is_file():
-                    report["freed_bytes"] += path.stat().st_size
-                    if not dry_run:
-                        path.unlink(missing_ok=True)
-            removed[name].append(key)
+        if not _remove(item, dry_run):
+            report["in_use"].append(item.name)
+            continue
+        removed[item.folder].append(item.name)
+        report["freed_bytes"] += item.bytes
+    report["bytes_after"] = total - report["freed_bytes"]
+    report["fits"] = None if budget is None else report["bytes_after"] <= budget
     return report

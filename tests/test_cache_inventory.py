@@ -160,3 +160,64 @@ def test_the_commands_print_the_reports(cache, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["dry_run"] and report["removed"] == {"features": [entries[0].name], "scores": []}
     assert entries[0].is_dir()
+
+
+def _aged_items(root: Path, entries) -> list:
+    """Give the six prunable items distinct last uses (the oldest first in the returned list) with their sizes."""
+    items = [("figures", "d" * 64, [root / "figures" / f"{'d' * 64}{s}" for s in (".json", ".png", ".pdf")]),
+             ("features", entries[1].name, [entries[1]]),
+             ("scores", "a" * 24, [root / "scores" / f"{'a' * 24}.json"]),
+             ("features", entries[0].name, [entries[0]]),
+             ("figures", "c" * 64, [root / "figures" / f"{'c' * 64}{s}" for s in (".json", ".png", ".pdf")]),
+             ("scores", "b" * 24, [root / "scores" / f"{'b' * 24}.json"])]
+    aged = []
+    for days, (folder, name, paths) in zip((50, 40, 30, 20, 10, 5), items):
+        _age(paths[0] / ENTRY_MARKER if folder == "features" else paths[0], days)
+        size = sum(_tree_bytes(p) if p.is_dir() else p.stat().st_size for p in paths)
+        aged.append((folder, name, size))
+    return aged
+
+
+def test_a_size_budget_deletes_the_least_recently_used_until_the_cache_fits(cache):
+    root, _, _, _, entries = cache
+    aged = _aged_items(root, entries)
+    total = _tree_bytes(root)
+    inputs = _tree_bytes(root / "scenes")
+    # Brute force: the budget is met by deleting the shortest oldest-first prefix that brings the total under it.
+    cuts = [total - sum(size for _, _, size in aged[:k]) for k in range(len(aged) + 1)]
+    for budget in sorted({c + d for c in cuts for d in (-1, 0, 1)} | {0, inputs, total * 2}):
+        k = next((k for k, c in enumerate(cuts) if c <= budget), len(aged))
+        report = prune_cache(root=str(root), max_gb=budget / 1e9, dry_run=True)
+        expected = {name: [n for f, n, _ in aged[:k] if f == name] for name in ("features", "scores", "figures")}
+        assert report["removed"] == expected, budget
+        assert report["freed_bytes"] == total - cuts[k] and report["bytes_after"] == cuts[k]
+        assert report["fits"] == (cuts[k] <= budget) and report["in_use"] == []
+    assert _tree_bytes(root) == total  # dry runs delete nothing
+
+    # Real: a budget that needs the three oldest gone; the age rule alone would take only the two oldest.
+    with entry_lock(entries[1]):  # the second oldest is in use: left alone, and the next oldest goes instead
+        report = prune_cache(35, str(root), max_gb=cuts[3] / 1e9)
+    assert report["in_use"] == [entries[1].name] and entries[1].is_dir()
+    assert report["removed"] == {"figures": ["d" * 64], "features": [entries[0].name], "scores": ["a" * 24]}
+    assert report["bytes_after"] == _tree_bytes(root) == total - aged[0][2] - aged[2][2] - aged[3][2]
+    assert report["fits"] == (report["bytes_after"] <= cuts[3])
+
+    # Nothing prunable can bring the cache under its inputs: everything goes and the report says it does not fit.
+    report = prune_cache(root=str(root), max_gb=0)
+    assert report["fits"] is False and report["bytes_after"] == _tree_bytes(root) == inputs
+
+
+def test_the_size_rule_through_the_command_line(cache, capsys):
+    root, _, _, _, entries = cache
+    aged = _aged_items(root, entries)
+    total = _tree_bytes(root)
+    budget = (total - aged[0][2]) / 1e9
+    assert data_main(["prune", "--max-gb", str(budget), "--root", str(root)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["removed"]["figures"] == ["d" * 64] and report["fits"] is True
+    assert report["removed"]["features"] == [] and report["removed"]["scores"] == []
+    for argv, problem in ((["prune", "--root", str(root)], "say what to prune"),
+                          (["prune", "--max-gb", "-2", "--root", str(root)], "--max-gb must be a number")):
+        assert data_main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1 and problem in err

@@ -9,6 +9,7 @@
     python -m prh_stitch.data verify --repair
     python -m prh_stitch.data cache
     python -m prh_stitch.data prune --unused-days 30 --dry-run
+    python -m prh_stitch.data prune --max-gb 20
 
 Each subcommand prints one JSON object: the written series (:func:`~prh_stitch.data.commands.write_shards`),
 the scan report (:func:`~prh_stitch.data.commands.check_shards`), the feature-store entry
@@ -67,10 +68,11 @@ def build_parser():
     cache = _subparser("List what the cache holds: bytes per folder, feature store entries and their last use.")
     cache.add_function_arguments(cache_inventory, None)
     commands.add_subcommand("cache", cache, help="list what the cache holds and when each entry was last used")
-    prune = _subparser("Delete feature store entries, scores and figures not used for some days (computed again "
-                       "when next needed).")
+    prune = _subparser("Delete feature store entries, scores and figures not used for some days, or the least "
+                       "recently used until the cache fits a size (computed again when next needed).")
     prune.add_function_arguments(prune_cache, None)
-    commands.add_subcommand("prune", prune, help="delete cached features, scores and figures not used for N days")
+    commands.add_subcommand("prune", prune,
+                            help="delete cached features, scores and figures not used for N days, or down to a size")
     return parser
 
 
