@@ -292,6 +292,22 @@ def part_encoders(ctx: Ctx) -> None:
     t_store, fs = ctx.timed(lambda: FeatureStore(work / "feat_tp").get(
         eff, urls, [-1], batch_size=bs, num_workers=workers, progress=False, device=dev))
     r.check("throughput extraction kept every sample", len(fs) == n, f"{len(fs)} of {n}")
+    # One run of n mixes fixed costs (workers starting, hashing, the merge) with the per-image rate: a run of 4n on
+    # as many shards of the same size separates them, and the same 4n with the forward replaced by zeros gives the
+    # data path's own rate (read, decode, transform in the workers, batches to the main process, parts written).
+    n4 = 4 * n
+    urls4 = write_scene_shards(work / "shards_tp4", n4, max(1, n // 8), seed=2)
+    t_store4, fs4 = ctx.timed(lambda: FeatureStore(work / "feat_tp4").get(
+        eff, urls4, [-1], batch_size=bs, num_workers=workers, progress=False, device=dev))
+    r.check("throughput extraction of 4n kept every sample", len(fs4) == n4, f"{len(fs4)} of {n4}")
+    width = next(iter(fs4.features.values())).shape[1]
+    eff.encode = lambda inputs, layers, pooling=None: [torch.zeros(len(inputs), width) for _ in layers]
+    try:
+        t_data4, _ = ctx.timed(lambda: FeatureStore(work / "feat_tp4_zeros").get(
+            eff, urls4, [-1], batch_size=bs, num_workers=workers, progress=False, device="cpu"))
+    finally:
+        del eff.encode  # the class's encode again
+    marginal = (n4 - n) / (t_store4 - t_store) if t_store4 > t_store else float("inf")
     images = [image for _, image, _, _ in scenes(n, seed=1, size=224, split="train")]
     framework_batches = [to_device(eff.collate([eff.transform(im) for im in images[i:i + bs]]), dev)
                          for i in range(0, n, bs)]
@@ -323,10 +339,16 @@ def part_encoders(ctx: Ctx) -> None:
     rates = {"store_get_img_s": n / t_store, "encode_img_s": n / t_encode, "bare_model_img_s": n / t_bare,
              "bare_model_bf16_autocast_img_s": n / t_bf16, "store_vs_bare": t_store / t_bare,
              "encode_vs_bare": t_encode / t_bare, "n": n, "batch_size": bs, "num_workers": workers,
+             "store_get_4n_img_s": n4 / t_store4, "store_marginal_img_s": marginal,
+             "store_fixed_s": t_store - n / marginal, "data_path_4n_img_s": n4 / t_data4,
              "store_report": fs.info.get("extraction")}
     r.value("throughput", rates)
     print(f"  efficientnet_lite0, {n} scenes at 224 px, batch {bs}, {workers} workers, on {dev.type}:")
     print(f"    FeatureStore.get (tar -> decode -> transform -> encode -> store) {n / t_store:9.0f} img/s  ({t_store:.2f} s)")
+    print(f"    the same, {n4} scenes                                       {n4 / t_store4:9.0f} img/s  ({t_store4:.2f} s)")
+    print(f"      per image beyond the first {n} (fixed costs left out)       {marginal:9.0f} img/s  "
+          f"(fixed {t_store - n / marginal:.2f} s)")
+    print(f"    the data path alone, {n4} scenes (forward replaced by zeros)  {n4 / t_data4:9.0f} img/s  ({t_data4:.2f} s)")
     print(f"    encoder.encode on pre-made batches already on the device      {n / t_encode:9.0f} img/s  ({t_encode:.3f} s)")
     print(f"    bare model(x) on the same images, fp32                        {n / t_bare:9.0f} img/s  ({t_bare:.3f} s)")
     if ctx.cuda:
