@@ -82,22 +82,29 @@ def _agree_on_rank(rank, world, rendezvous, out):
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         ranks = Ranks.from_torch()
+        trainer = Ranks.from_trainer(SimpleNamespace(world_size=world))
         first = ranks.exchange({"rank": rank})
+        assert trainer.exchange({"rank": rank}) == first
         try:
             ranks.agree(UserError("bad shard") if rank == 1 else None)
             outcome = "no error"
         except Exception as exc:  # noqa: BLE001 - what each rank raised is the result
             outcome = f"{type(exc).__name__}: {exc}"
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"ranks": [ranks.rank, ranks.world], "first": first,
-                                                             "outcome": outcome}))
+        Path(out, f"rank{rank}.json").write_text(json.dumps({
+            "ranks": [ranks.rank, ranks.world], "trainer": [trainer.rank, trainer.world], "first": first,
+            "outcome": outcome}))
     finally:
         dist.destroy_process_group()
 
 
 def test_over_torch_distributed_every_rank_raises_when_one_fails(tmp_path):
-    torch.multiprocessing.spawn(_agree_on_rank, args=(3, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=3)
+    # Forked, not spawned: nothing here needs a fresh interpreter, and forked ranks run the code under test as
+    # this process has it (mutation testing swaps functions in memory).
+    torch.multiprocessing.start_processes(_agree_on_rank, args=(3, str(tmp_path / "rendezvous"), str(tmp_path)),
+                                          nprocs=3, start_method="fork")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     assert [r["ranks"] for r in results] == [[0, 3], [1, 3], [2, 3]]
+    assert [r["trainer"] for r in results] == [[0, 3], [1, 3], [2, 3]]
     assert all(r["first"] == [{"rank": 0}, {"rank": 1}, {"rank": 2}] for r in results)
     assert [r["outcome"] for r in results] == ["UserError: feature extraction failed on rank 1: bad shard",
                                                 "UserError: bad shard",
