@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from prh_stitch.data.extraction_units import Ranks, UnitDone, unit_batches
+from prh_stitch.data.extraction_units import Ranks, UnitDone, _label, unit_batches
 from prh_stitch.data.store_entry import BadFeatures, EntryMismatch, IncompleteShards
 from prh_stitch.encoders import build_encoder
 from prh_stitch.errors import UserError
@@ -198,3 +198,10 @@ def test_a_unit_end_with_nothing_pending_sends_no_empty_batch():
     assert _summary(unit_batches(items, 2, encoder)) == [("batch", ["k0", "k1"], [False, False]),
                                                          ("done", (0, 0)), ("done", (0, 1))]
     assert list(unit_batches([], 2, encoder)) == []
+
+
+def test_a_samples_label_is_its_metadatas_number_else_minus_one():
+    assert [_label({"label": 4}), _label({"label": 2.0}), _label({"label": 0})] == [4, 2, 0]
+    # No label, a label that is not a number, metadata that is not a mapping: -1 (the store's "no label").
+    assert [_label({}), _label({"label": "cat"}), _label({"label": None}), _label(["label", 3]), _label(None),
+            _label("label")] == [-1] * 6
