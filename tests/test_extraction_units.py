@@ -140,7 +140,7 @@ def _summary(events):
         if kind == "batch":
             out.append(("batch", item["key"], item["repeat"]))
         else:
-            out.append(("done", (item.shard, item.block)))
+            out.append((kind, (item.shard, item.block)))
     return out
 
 

@@ -208,8 +208,7 @@ def unit_batches(items: Iterable[Any], batch_size: int, encoder: FrozenEncoder) 
             seen = set()
             yield "done", item
         elif by_caption and item["caption"] in seen:
-            item.pop("image", None)
-            batch.append(dict(item, repeat=True))
+            batch.append(dict(item, repeat=True))  # only its key, caption, label and unit leave the worker
         else:
             seen.add(item["caption"])
             batch.append(dict(prepare(item), repeat=False))
