@@ -190,6 +190,23 @@ def test_two_tower_names_and_options_fail_with_one_clear_line(zoo):
         build_encoder(f"openclip:local-dir:{root}/oc")
     with pytest.raises(ValueError, match="name pretrained weights after '@'"):
         build_encoder("openclip:ViT-B-32#vision")
+    # The classes themselves read one modality: the other tower is refused before anything is loaded (the path
+    # does not exist, and the error is about the tower).
+    from prh_stitch.encoders.hf_backend import HFTextEncoder
+    from prh_stitch.encoders.hf_vision import HFVisionEncoder
+
+    with pytest.raises(ValueError, match=r"encoder 'hf:/missing/clip#vision' is a vision tower; build it with the hf:"):
+        HFTextEncoder("/missing/clip#vision")
+    with pytest.raises(ValueError, match=r"encoder 'hf:/missing/clip#text' is a text tower; build it with the hf:"):
+        HFVisionEncoder("/missing/clip#text")
+    # The tower that the class reads loads as through the backend.
+    text = HFTextEncoder(f"{root}/clip#text")
+    same = build_encoder(zoo["clip_text"])
+    assert text.layer_names == same.layer_names and text.modality == "text"
+    batch = text.collate([text.transform("a red circle")])
+    torch.testing.assert_close(text.encode(batch, [-1])[0], same.encode(batch, [-1])[0], rtol=0, atol=0)
+    vision = HFVisionEncoder(f"{root}/clip#vision")
+    assert vision.layer_names == build_encoder(zoo["clip_vision"]).layer_names and vision.modality == "image"
 
 
 # ---------------------------------------------------------------------------------------------- loading options

@@ -16,9 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from torch import Tensor, nn
 
 from prh_stitch.encoders.base import FrozenEncoder
-from prh_stitch.encoders.hf_loading import (
-    LoadingOptions, load_hf_model, pick_tower, placed_by_device_map, split_tower,
-)
+from prh_stitch.encoders.hf_loading import LoadingOptions, load_tower, split_tower
 from prh_stitch.encoders.pooling import get_pooler
 
 PROJECTION_LAYER = "projection"
@@ -71,15 +69,13 @@ class HFTextEncoder(KeepsDeviceMapPlacement, FrozenEncoder):
         super().__init__(name or f"hf:{model_name_or_path}")
         from transformers import AutoTokenizer
 
-        path, tower = split_tower(model_name_or_path)
+        path, _ = split_tower(model_name_or_path)
         self.model_name_or_path = model_name_or_path
-        options = LoadingOptions(torch_dtype, device_map, revision, trust_remote_code, attn_implementation)
         if model is None:
-            full = load_hf_model(path, pretrained, checkpoint, options)
-            self._placed_by_device_map = placed_by_device_map(full, device_map)
-            model, projection = pick_tower(full, path, tower)
-            if tower == "vision":
-                raise ValueError(f"encoder {self.name!r} is a vision tower; build it with the hf: backend")
+            model, projection, self._placed_by_device_map = load_tower(
+                model_name_or_path, pretrained, checkpoint,
+                LoadingOptions(torch_dtype, device_map, revision, trust_remote_code, attn_implementation), "text",
+                self.name)
         if tokenizer is None:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)

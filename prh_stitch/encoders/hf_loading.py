@@ -118,3 +118,20 @@ def placed_by_device_map(model: nn.Module, device_map: Any) -> bool:
     """True when the config placed the model (``device_map``; accelerate records a multi-device placement in
     ``hf_device_map``, a one-device map leaves no trace): moving it whole would undo, or break, that placement."""
     return device_map is not None or bool(getattr(model, "hf_device_map", None))
+
+
+def load_tower(model_name_or_path: str, pretrained: bool, checkpoint: Optional[str], options: LoadingOptions,
+               modality: str, encoder_name: str) -> Tuple[nn.Module, Optional[nn.Module], bool]:
+    """(tower, projection, placed by ``device_map``) for an encoder of ``modality`` (``image`` or ``text``).
+
+    A ``#vision`` / ``#text`` suffix naming the other modality's tower is refused before anything is loaded: the
+    ``hf:`` backend picks the encoder class by the tower, these classes cannot read the other one.
+    """
+    path, tower = split_tower(model_name_or_path)
+    other = "text" if modality == "image" else "vision"
+    if tower == other:
+        raise ValueError(f"encoder {encoder_name!r} is a {other} tower; build it with the hf: backend")
+    full = load_hf_model(path, pretrained, checkpoint, options)
+    model, projection = pick_tower(full, path, tower)
+    return model, projection, placed_by_device_map(full, options.device_map)
+

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from prh_stitch.encoders.base import FrozenEncoder
 from prh_stitch.encoders.hf_backend import PROJECTION_LAYER, HFTextEncoder, KeepsDeviceMapPlacement, check_head_pooling
-from prh_stitch.encoders.hf_loading import LoadingOptions, load_hf_model, pick_tower, placed_by_device_map, split_tower
+from prh_stitch.encoders.hf_loading import (
+    LoadingOptions, load_hf_model, load_tower, pick_tower, placed_by_device_map, split_tower,
+)
 from prh_stitch.encoders.pooling import get_pooler
 
 
@@ -60,15 +62,13 @@ class HFVisionEncoder(KeepsDeviceMapPlacement, FrozenEncoder):
         super().__init__(name or f"hf:{model_name_or_path}")
         from transformers import AutoImageProcessor
 
-        path, tower = split_tower(model_name_or_path)
+        path, _ = split_tower(model_name_or_path)
         self.model_name_or_path = model_name_or_path
         if model is None:
-            full = load_hf_model(path, pretrained, checkpoint,
-                                 LoadingOptions(torch_dtype, device_map, revision, trust_remote_code, attn_implementation))
-            self._placed_by_device_map = placed_by_device_map(full, device_map)
-            model, projection = pick_tower(full, path, tower)
-            if tower == "text":
-                raise ValueError(f"encoder {self.name!r} is a text tower; build it with the hf: backend")
+            model, projection, self._placed_by_device_map = load_tower(
+                model_name_or_path, pretrained, checkpoint,
+                LoadingOptions(torch_dtype, device_map, revision, trust_remote_code, attn_implementation), "image",
+                self.name)
         if image_processor is None:
             try:
                 image_processor = AutoImageProcessor.from_pretrained(path, revision=revision,
