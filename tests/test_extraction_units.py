@@ -76,6 +76,30 @@ def test_ranks_of_a_trainer_are_one_process_unless_several_run():
     assert (ranks.rank, ranks.world, ranks.exchange("x")) == (0, 1, ["x"])
 
 
+def test_in_an_initialised_group_ranks_exchange_through_it_and_a_one_process_trainer_never_does(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        sent = []
+        gather = dist.all_gather_object
+
+        def counted(gathered, obj, *args, **kwargs):
+            sent.append(obj)
+            return gather(gathered, obj, *args, **kwargs)
+
+        monkeypatch.setattr(dist, "all_gather_object", counted)
+        ranks = Ranks.from_torch()
+        assert (ranks.rank, ranks.world) == (0, 1)
+        assert ranks.exchange({"rank": 0}) == [{"rank": 0}] and sent == [{"rank": 0}]
+        one = Ranks.from_trainer(SimpleNamespace(world_size=1))  # one process: no collective, even with a group
+        assert one.exchange("x") == ["x"] and sent == [{"rank": 0}]
+        several = Ranks.from_trainer(SimpleNamespace(world_size=2))  # several: the group's collective
+        assert several.exchange("y") == ["y"] and sent == [{"rank": 0}, "y"]
+    finally:
+        dist.destroy_process_group()
+
+
 def _agree_on_rank(rank, world, rendezvous, out):
     import torch.distributed as dist
 
