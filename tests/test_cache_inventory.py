@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from prh_stitch.alignment.score_cache import ScoreCache
-from prh_stitch.cache_inventory import DAY, cache_inventory, entry_last_used, prune_cache
+from prh_stitch.cache_inventory import DAY, _Item, _remove, cache_inventory, entry_last_used, prune_cache
 from prh_stitch.cli.data import main as data_main
 from prh_stitch.data.features import FeatureStore
 from prh_stitch.data.shards import expand_urls, write_shards
@@ -221,3 +221,14 @@ def test_the_size_rule_through_the_command_line(cache, capsys):
         assert data_main(argv) == 2
         out, err = capsys.readouterr()
         assert out == "" and len(err.strip().splitlines()) == 1 and problem in err
+
+
+def test_pruning_deletes_only_the_items_own_files_and_a_file_gone_meanwhile_is_no_error(cache):
+    root = cache[0]
+    stray = root / "scores" / f"{'b' * 24}.png"  # not part of the score record (figures have .png files, scores not)
+    stray.write_bytes(b"someone else's")
+    report = prune_cache(0, str(root), only=["scores"])
+    assert sorted(report["removed"]["scores"]) == ["a" * 24, "b" * 24] and stray.read_bytes() == b"someone else's"
+    # Another prune (or a repair) deleted the files between the listing and the deletion: nothing to do, no error.
+    gone = _Item("figures", "e" * 64, 0.0, 10, (root / "figures" / "gone.json", root / "figures" / "gone.png"))
+    assert _remove(gone, dry_run=False) is True
