@@ -232,3 +232,20 @@ def test_pruning_deletes_only_the_items_own_files_and_a_file_gone_meanwhile_is_n
     # Another prune (or a repair) deleted the files between the listing and the deletion: nothing to do, no error.
     gone = _Item("figures", "e" * 64, 0.0, 10, (root / "figures" / "gone.json", root / "figures" / "gone.png"))
     assert _remove(gone, dry_run=False) is True
+
+
+def test_hidden_folders_and_loose_files_are_neither_listed_nor_counted_as_folders(cache):
+    root = cache[0]
+    (root / ".tmp").mkdir()
+    (root / ".tmp" / "half-written").write_bytes(b"x" * 100)
+    (root / "notes.txt").write_text("a file beside the folders")
+    report = cache_inventory(str(root))
+    assert set(report["folders"]) == {"features", "scenes", "scores", "figures"}
+    assert report["bytes"] == sum(_tree_bytes(root / name) for name in report["folders"])
+
+
+def test_asking_for_no_rule_names_both(cache):
+    with pytest.raises(UserError) as raised:
+        prune_cache(root=str(cache[0]))
+    assert str(raised.value) == ("say what to prune: --unused-days N (not used for N days), --max-gb G (least "
+                                 "recently used until the cache holds G gigabytes), or both")
