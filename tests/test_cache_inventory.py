@@ -249,3 +249,19 @@ def test_asking_for_no_rule_names_both(cache):
         prune_cache(root=str(cache[0]))
     assert str(raised.value) == ("say what to prune: --unused-days N (not used for N days), --max-gb G (least "
                                  "recently used until the cache holds G gigabytes), or both")
+
+
+def test_the_prune_report_states_its_rules(cache):
+    from datetime import datetime
+
+    root = cache[0]
+    before = time.time()
+    report = prune_cache(30, str(root), dry_run=True, max_gb=2)
+    cutoff = datetime.fromisoformat(report["cutoff"]).timestamp()
+    assert report["root"] == str(root) and report["unused_days"] == 30 and report["dry_run"] is True
+    assert before - 30 * DAY - 1 <= cutoff <= time.time() - 30 * DAY
+    assert report["max_bytes"] == 2_000_000_000 and report["fits"] is True  # gigabytes of 10^9 bytes
+    only_size = prune_cache(root=str(root), dry_run=True, max_gb=0.5)
+    assert only_size["unused_days"] is None and only_size["cutoff"] is None and only_size["max_bytes"] == 500_000_000
+    only_age = prune_cache(7, str(root), dry_run=True)
+    assert only_age["max_bytes"] is None and only_age["fits"] is None
