@@ -124,38 +124,41 @@ class _Item:
     folder: str  # features, scores or figures
     name: str
     last_used: float
-    bytes: int
     paths: Tuple[Path, ...]
 
 
 def _items(root: Path, only: List[str]) -> List[_Item]:
     items = []
     if "features" in only:
-        for entry in _entries(root / "features"):
-            items.append(_Item("features", entry.name, entry_last_used(entry), _bytes(entry), (entry,)))
+        items += [_Item("features", entry.name, entry_last_used(entry), (entry,))
+                  for entry in _entries(root / "features")]
     for name in ("scores", "figures"):
         if name in only:
             for key, index in _keyed(root / name):
                 # The index first: without it the item is absent, so a reader never meets half an item.
                 files = (index,) + (tuple(index.with_suffix(s) for s in SUFFIXES) if name == "figures" else ())
-                present = tuple(f for f in files if f.is_file())
-                items.append(_Item(name, key, index.stat().st_mtime, sum(f.stat().st_size for f in present), present))
+                items.append(_Item(name, key, index.stat().st_mtime, files))
     return items
 
 
-def _remove(item: _Item, dry_run: bool) -> bool:
-    """Delete one item (not when ``dry_run``); False when another process holds it (a feature entry's lock)."""
+def _remove(item: _Item, dry_run: bool) -> Optional[int]:
+    """Delete one item (not when ``dry_run``); its bytes, or None when another process holds it (a feature entry's
+    lock). Sizes are measured here, item by item, so pruning by age never walks what it keeps."""
     if item.folder != "features":
-        for path in item.paths:
-            if not dry_run:
-                path.unlink(missing_ok=True)
-        return True
+        size = sum(path.stat().st_size for path in item.paths if path.is_file())
+        if not dry_run:
+            for path in item.paths:
+                path.unlink(missing_ok=True)  # gone meanwhile (another prune): nothing to do
+        return size
     # Not waited for: a holder is using the entry right now; deleting under the lock, a reader that comes later
     # finds no entry and extracts it again (a process that has it memory-mapped keeps its pages).
     with entry_lock(item.paths[0], wait=False) as held:
-        if held and not dry_run:
+        if not held:
+            return None
+        size = _bytes(item.paths[0])
+        if not dry_run:
             shutil.rmtree(item.paths[0])
-        return held
+        return size
 
 
 def prune_cache(unused_days: Optional[float] = None, root: Optional[str] = None, only: Optional[List[str]] = None,
@@ -175,8 +178,8 @@ def prune_cache(unused_days: Optional[float] = None, root: Optional[str] = None,
         max_gb: keep the cache folder at most this many gigabytes (10^9 bytes), least recently used first
 
     Returns:
-        root, the rules, what was (or would be) deleted per folder, the bytes freed, the cache's bytes after,
-        whether it fits ``max_gb``, entries left alone as in use.
+        root, the rules, what was (or would be) deleted per folder, the bytes freed, entries left alone as in use;
+        with ``max_gb``, the cache's bytes after and whether they fit.
     """
     if unused_days is None and max_gb is None:
         raise UserError("say what to prune: --unused-days N (not used for N days), --max-gb G (least recently used "
@@ -196,18 +199,19 @@ def prune_cache(unused_days: Optional[float] = None, root: Optional[str] = None,
     report: Dict[str, Any] = {"root": str(folder), "unused_days": unused_days,
                               "cutoff": None if cutoff is None else _iso(cutoff), "max_bytes": budget,
                               "dry_run": dry_run, "removed": removed, "freed_bytes": 0, "in_use": []}
-    total = sum(_bytes(child) for child in _folders(folder))
+    total = None if budget is None else sum(_bytes(child) for child in _folders(folder))
     # Oldest first, so the size rule deletes the least recently used; ties in a fixed order.
     for item in sorted(_items(folder, only), key=lambda i: (i.last_used, i.folder, i.name)):
         too_old = cutoff is not None and item.last_used < cutoff
         too_big = budget is not None and total - report["freed_bytes"] > budget
         if not (too_old or too_big):
             continue
-        if not _remove(item, dry_run):
+        size = _remove(item, dry_run)
+        if size is None:
             report["in_use"].append(item.name)
             continue
         removed[item.folder].append(item.name)
-        report["freed_bytes"] += item.bytes
-    report["bytes_after"] = total - report["freed_bytes"]
+        report["freed_bytes"] += size
+    report["bytes_after"] = None if total is None else total - report["freed_bytes"]
     report["fits"] = None if budget is None else report["bytes_after"] <= budget
     return report

@@ -230,8 +230,8 @@ def test_pruning_deletes_only_the_items_own_files_and_a_file_gone_meanwhile_is_n
     report = prune_cache(0, str(root), only=["scores"])
     assert sorted(report["removed"]["scores"]) == ["a" * 24, "b" * 24] and stray.read_bytes() == b"someone else's"
     # Another prune (or a repair) deleted the files between the listing and the deletion: nothing to do, no error.
-    gone = _Item("figures", "e" * 64, 0.0, 10, (root / "figures" / "gone.json", root / "figures" / "gone.png"))
-    assert _remove(gone, dry_run=False) is True
+    gone = _Item("figures", "e" * 64, 0.0, (root / "figures" / "gone.json", root / "figures" / "gone.png"))
+    assert _remove(gone, dry_run=False) == 0
 
 
 def test_hidden_folders_and_loose_files_are_neither_listed_nor_counted_as_folders(cache):
@@ -264,4 +264,4 @@ def test_the_prune_report_states_its_rules(cache):
     only_size = prune_cache(root=str(root), dry_run=True, max_gb=0.5)
     assert only_size["unused_days"] is None and only_size["cutoff"] is None and only_size["max_bytes"] == 500_000_000
     only_age = prune_cache(7, str(root), dry_run=True)
-    assert only_age["max_bytes"] is None and only_age["fits"] is None
+    assert only_age["max_bytes"] is None and only_age["fits"] is None and only_age["bytes_after"] is None

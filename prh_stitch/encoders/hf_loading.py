@@ -134,4 +134,3 @@ def load_tower(model_name_or_path: str, pretrained: bool, checkpoint: Optional[s
     full = load_hf_model(path, pretrained, checkpoint, options)
     model, projection = pick_tower(full, path, tower)
     return model, projection, placed_by_device_map(full, options.device_map)
-
